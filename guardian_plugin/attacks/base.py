@@ -1,0 +1,169 @@
+"""Shared base of the data-free stealing attacks: exact query accounting, a budget, refusal handling,
+seeds, progress, and periodic clone evaluation.
+
+Subclasses implement :meth:`Attack.step` (one iteration; it calls :meth:`Attack.query` for every image
+it sends) and may override :meth:`Attack.after_refusal` to keep training on what they already have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from guardian_plugin.attacks.target import QueryRefused, QueryTarget
+from guardian_plugin.registry import Registry
+
+ATTACKS: Registry = Registry("attack")
+
+
+class BudgetExhausted(Exception):
+    pass
+
+
+def recover_logits(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Soft-label logit recovery: l_i = log p_i - mean_j log p_j."""
+    lp = probs.clamp_min(eps).log()
+    return lp - lp.mean(1, keepdim=True)
+
+
+@dataclass
+class AttackResult:
+    attack: str
+    queries: int
+    clone_accuracy: float
+    history: List[dict] = field(default_factory=list)  # [{queries, clone_accuracy, seconds}]
+    refused_at: Optional[int] = None
+    seconds: float = 0.0
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Attack:
+    """One data-free attack against a :class:`QueryTarget` with a query budget."""
+
+    name = "attack"
+    label_modes = ("soft",)
+
+    def __init__(self, target: QueryTarget, clone: nn.Module, *, budget: int, image_shape, label_mode: str = "soft",
+                 device: str | torch.device = "cpu", seed: int = 0,
+                 evaluate: Optional[Callable[[nn.Module], float]] = None, eval_every: int = 0,
+                 progress: bool = True, **params):
+        if label_mode not in self.label_modes:
+            raise ValueError(f"{self.name} supports label modes {self.label_modes}, not {label_mode!r}")
+        self.target = target
+        self.device = torch.device(device)
+        self.clone = clone.to(self.device)
+        self.budget = int(budget)
+        self.image_shape = tuple(image_shape)  # (C, H, W)
+        self.label_mode = label_mode
+        self.seed = seed
+        self.evaluate = evaluate
+        self.eval_every = eval_every or max(self.budget // 10, 1)
+        self.progress = progress
+        self.params = params
+        self.queries = 0  # the attack's own count; must equal the target's
+        self.refused = False
+        self.refused_at: Optional[int] = None
+        self.history: List[dict] = []
+        self._next_eval = self.eval_every
+        self._t0 = 0.0
+        self._bar = None
+        torch.manual_seed(seed)
+        self.setup()
+
+    # --------------------------------------------------------------------------------- hooks
+    def setup(self) -> None:
+        """Build generators and optimisers (subclasses)."""
+
+    def step(self) -> None:
+        """One iteration (subclasses). Raise BudgetExhausted / QueryRefused through query()."""
+        raise NotImplementedError
+
+    def after_refusal(self) -> None:
+        """Train on what the attack already has once the target stops answering (optional)."""
+
+    # ------------------------------------------------------------------------------- helpers
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.queries
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Send a batch; returns probabilities, or argmax one-hots in hard-label mode. Counts queries."""
+        if self.refused:
+            raise QueryRefused("already refused")
+        if x.shape[0] > self.remaining:
+            raise BudgetExhausted()
+        try:
+            probs = self.target.query(x.detach())
+        except QueryRefused:
+            self.refused, self.refused_at = True, self.queries
+            raise
+        self.queries += x.shape[0]
+        if self._bar is not None:
+            self._bar.update(x.shape[0])
+        if self.queries >= self._next_eval:
+            self._record()
+            self._next_eval += self.eval_every
+        probs = probs.to(self.device)
+        if self.label_mode == "hard":
+            return nn.functional.one_hot(probs.argmax(1), probs.shape[1]).float()
+        return probs
+
+    def _record(self) -> None:
+        if self.evaluate is None:
+            return
+        was = self.clone.training
+        acc = float(self.evaluate(self.clone))
+        self.clone.train(was)
+        self.history.append({"queries": self.queries, "clone_accuracy": acc, "seconds": time.time() - self._t0})
+        if self._bar is not None:
+            self._bar.set_postfix(cacc=f"{acc:.3f}")
+
+    def noise(self, n: int, nz: int) -> torch.Tensor:
+        return torch.randn(n, nz, device=self.device)
+
+    # ---------------------------------------------------------------------------------- run
+    def run(self) -> AttackResult:
+        self._t0 = time.time()
+        self._bar = tqdm(total=self.budget, desc=self.name, unit="q", disable=not self.progress, leave=False)
+        try:
+            while self.remaining > 0 and not self.refused:
+                try:
+                    self.step()
+                except BudgetExhausted:
+                    break
+                except QueryRefused:
+                    break
+            if self.refused:
+                self.after_refusal()
+        finally:
+            self._bar.close()
+            self._bar = None
+        if self.evaluate is not None and (not self.history or self.history[-1]["queries"] != self.queries or self.refused):
+            self._record()
+        acc = self.history[-1]["clone_accuracy"] if self.history else math.nan
+        return AttackResult(self.name, self.queries, acc, self.history, self.refused_at, time.time() - self._t0,
+                            self.seed, {"label_mode": self.label_mode, **{k: v for k, v in self.params.items()
+                                                                          if isinstance(v, (int, float, str, bool))}})
+
+
+def build_attack(name: str, *args, **kw) -> Attack:
+    _import_all()
+    return ATTACKS.get(name)(*args, **kw)
+
+
+def _import_all() -> None:
+    import importlib
+    import pkgutil
+
+    import guardian_plugin.attacks as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name not in ("base", "target"):
+            importlib.import_module(f"guardian_plugin.attacks.{m.name}")

@@ -1,0 +1,101 @@
+"""DFME, data-free model extraction (Truong et al., CVPR 2021).
+
+Facts followed (../shared/reference/attacks-and-defenses.md): GeneratorA (nz=256, tanh output used as
+an already-normalised victim input); per iteration one generator step driven by a zeroth-order
+estimate of the victim's gradient (m random unit directions over the whole image, eps=1e-3, on the
+pre-tanh output), then five clone steps on fresh generator batches with an L1 loss on recovered
+logits. Generator Adam 1e-4; clone SGD 0.1, momentum 0.9, wd 5e-4, lr x0.3 at 10/30/50% of the
+budget. Queries per iteration: batch * ((m + 1) + clone_steps).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from guardian_plugin.attacks.base import ATTACKS, Attack, recover_logits
+from guardian_plugin.nets import GeneratorA
+
+
+@ATTACKS.register("dfme")
+class DFME(Attack):
+    name = "dfme"
+    label_modes = ("soft",)
+
+    def setup(self):
+        p = self.params
+        self.nz = int(p.get("nz", 256))
+        self.batch = int(p.get("batch_size", 256))
+        self.m = int(p.get("m", 1))
+        self.eps = float(p.get("eps", 1e-3))
+        self.clone_steps = int(p.get("clone_steps", 5))
+        c, h, _ = self.image_shape
+        self.generator = GeneratorA(self.nz, c, h).to(self.device)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
+        self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=float(p.get("lr_s", 0.1)), momentum=0.9,
+                                     weight_decay=5e-4)
+        self.milestones = [int(self.budget * f) for f in (0.1, 0.3, 0.5)]
+        self.checkpoint_every = int(p.get("checkpoint_every", 0))
+        self.checkpoints = []  # generator state dicts, for the detector's dfme source
+        self._next_ckpt = self.checkpoint_every
+
+    def _lr(self):
+        lr = float(self.params.get("lr_s", 0.1)) * 0.3 ** sum(self.queries >= m for m in self.milestones)
+        for g in self.opt_s.param_groups:
+            g["lr"] = lr
+
+    def _disagreement(self, x, victim_logits):
+        return F.l1_loss(self.clone(x), victim_logits, reduction="none").flatten(1).mean(1)
+
+    def generator_step(self):
+        self.generator.train()
+        self.clone.eval()
+        z = self.noise(self.batch, self.nz)
+        pre_x = self.generator(z, pre_x=True)
+        x0 = pre_x.detach()
+        dim = x0[0].numel()
+        u = torch.randn(self.m, *x0.shape, device=self.device)
+        u = u / u.flatten(2).norm(dim=2).view(self.m, -1, 1, 1, 1)
+        pts = torch.cat([torch.tanh(x0 + self.eps * u).flatten(0, 1), torch.tanh(x0)])
+        with torch.no_grad():
+            v = recover_logits(self.query(pts))
+            loss = -self._disagreement(pts, v)  # the generator maximises disagreement
+        l_u = loss[: self.m * self.batch].view(self.m, self.batch)
+        l_0 = loss[self.m * self.batch:]
+        diff = ((l_u - l_0) / self.eps).view(self.m, self.batch, 1, 1, 1)
+        grad = dim * (diff * u).mean(0) / self.batch
+        self.opt_g.zero_grad()
+        pre_x.backward(grad)
+        self.opt_g.step()
+
+    def clone_step(self):
+        self.generator.eval()
+        self.clone.train()
+        with torch.no_grad():
+            x = self.generator(self.noise(self.batch, self.nz))
+        v = recover_logits(self.query(x))
+        loss = F.l1_loss(self.clone(x), v)
+        self.opt_s.zero_grad()
+        loss.backward()
+        self.opt_s.step()
+
+    def step(self):
+        self._lr()
+        self.generator_step()
+        for _ in range(self.clone_steps):
+            self.clone_step()
+        if self.checkpoint_every and self.queries >= self._next_ckpt:
+            self.checkpoints.append(copy.deepcopy(self.generator.state_dict()))
+            self._next_ckpt += self.checkpoint_every
+
+    @torch.no_grad()
+    def sample(self, n: int, state_dict=None) -> torch.Tensor:
+        """Victim-normalised images from the generator (or one of its checkpoints)."""
+        g = self.generator
+        if state_dict is not None:
+            g = copy.deepcopy(self.generator)
+            g.load_state_dict(state_dict)
+        g.eval()
+        return torch.cat([g(self.noise(min(512, n - i), self.nz)) for i in range(0, n, 512)])

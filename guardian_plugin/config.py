@@ -1,0 +1,106 @@
+"""Typed guard configuration: YAML in, validated objects out, errors that name the file and field.
+
+Example (every key optional but ``detector``)::
+
+    detector: examples/mnist/artifacts/detector   # artifact directory
+    ledger: sqlite:///var/lib/guardian/ledger.db  # memory:// | sqlite:///path | redis://host:6379/0
+    namespace: mnist                               # separates protected models in one store
+    rule: {tau: auto, rho: 0.5}                    # auto: the binomial bound in docs/refusal-rule.md
+    response: {policy: dpreds, d: 0.5}
+    identity:
+      headers: [X-Client-Id]                       # first present header wins, case-insensitive
+      api_key_header: null                         # e.g. X-Api-Key: stored only as a salted hash
+      salt: ""                                     # or env GUARDIAN_ID_SALT
+      missing: anonymous                           # or reject (HTTP 401)
+    device: cpu
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from guardian_plugin.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RuleConfig(_Strict):
+    tau: Union[int, Literal["auto"]] = "auto"
+    rho: float = Field(0.5, ge=0.0, lt=1.0)
+    # assumptions behind tau: auto
+    assumed_fpr: float = Field(0.05, gt=0.0, lt=0.5)
+    max_false_refusal: float = Field(1e-6, gt=0.0, lt=1.0)
+
+    @field_validator("tau")
+    @classmethod
+    def _tau(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("tau must be >= 1 or 'auto'")
+        return v
+
+    def resolve_tau(self) -> int:
+        if self.tau != "auto":
+            return int(self.tau)
+        from guardian_plugin.ledger.base import default_tau
+
+        return default_tau(self.rho, self.assumed_fpr, self.max_false_refusal)
+
+
+class ResponseConfig(_Strict):
+    policy: str = "dpreds"
+    d: float = Field(0.5, ge=0.0)
+
+    def params(self) -> Dict[str, Any]:
+        return {"d": self.d} if self.policy == "dpreds" else {}
+
+
+class IdentityConfig(_Strict):
+    headers: List[str] = ["X-Client-Id"]
+    api_key_header: Optional[str] = None
+    salt: str = ""
+    missing: Literal["anonymous", "reject"] = "anonymous"
+    anonymous_id: str = "anonymous"
+
+
+class GuardConfig(_Strict):
+    detector: str
+    ledger: str = "sqlite://guardian-ledger.db"
+    namespace: str = "default"
+    rule: RuleConfig = RuleConfig()
+    response: ResponseConfig = ResponseConfig()
+    identity: IdentityConfig = IdentityConfig()
+    device: str = "cpu"
+
+
+def _format_errors(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+
+
+def parse_config(raw: Any, source: str = "<config>", base_dir: str | None = None) -> GuardConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        cfg = GuardConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_errors(e)}") from None
+    if base_dir and not os.path.isabs(cfg.detector):
+        cfg.detector = os.path.normpath(os.path.join(base_dir, cfg.detector))
+    return cfg
+
+
+def load_config(path: str) -> GuardConfig:
+    """Read a guard YAML file; relative ``detector`` paths are taken relative to the file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_config(raw, path, base_dir=os.path.dirname(os.path.abspath(path)))

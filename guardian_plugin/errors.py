@@ -1,0 +1,17 @@
+"""Exceptions that name what went wrong and where."""
+
+
+class GuardianError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(GuardianError):
+    """A configuration file or value is invalid; the message names the file and the field."""
+
+
+class ArtifactError(GuardianError):
+    """A detector artifact is missing, corrupt or of an unknown format; the message names the file."""
+
+
+class LedgerUnavailable(GuardianError):
+    """The per-client store cannot be reached."""

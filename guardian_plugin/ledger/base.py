@@ -1,0 +1,141 @@
+"""Per-client counters and the refusal rule (paper III-E).
+
+A client is refused from the moment ``queries >= tau`` and ``flagged / queries > rho`` hold after an
+update, and stays refused (sticky) until an operator resets or unblocks it. An operator may also block
+a client by hand. Backends apply the rule inside the same atomic update that adds the counts, so many
+workers (processes, hosts) sharing one store agree on the query at which a client was refused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, List, Optional
+
+
+@dataclass(frozen=True)
+class RefusalRule:
+    """Refuse once ``queries >= tau`` and ``flagged / queries > rho`` (both inclusive as written)."""
+
+    tau: int = 20
+    rho: float = 0.5
+
+    def __post_init__(self):
+        if self.tau < 1:
+            raise ValueError(f"tau must be >= 1, got {self.tau}")
+        if not 0.0 <= self.rho < 1.0:
+            raise ValueError(f"rho must be in [0, 1), got {self.rho}")
+
+    def triggered(self, queries: int, flagged: int) -> bool:
+        return queries >= self.tau and queries > 0 and flagged / queries > self.rho
+
+
+def false_refusal_probability(tau: int, rho: float, fpr: float, horizon: int = 10_000) -> float:
+    """Upper bound on the chance that a benign client is ever refused.
+
+    A benign client's queries are flagged independently with probability ``fpr``; the rule is checked
+    after every query from ``tau`` on, so the chance of a false refusal is at most the union bound
+    ``sum_{n=tau}^{horizon} P(Binomial(n, fpr) > rho * n)``. The terms shrink geometrically, so a
+    finite horizon loses nothing measurable.
+    """
+    from scipy.stats import binom
+
+    total = 0.0
+    for n in range(tau, horizon + 1):
+        k = math.floor(rho * n)  # flagged > rho*n  <=>  flagged >= floor(rho*n) + 1
+        term = float(binom.sf(k, n, fpr))
+        total += term
+        if n > tau + 50 and term < 1e-15:
+            break
+    return min(total, 1.0)
+
+
+def default_tau(rho: float = 0.5, fpr: float = 0.05, max_false_refusal: float = 1e-6) -> int:
+    """Smallest tau whose false-refusal bound (see above) is at most ``max_false_refusal``.
+
+    ``fpr`` is the per-query false-positive rate assumed for benign traffic. The default 5% is five
+    times the calibrated 1% target: real images a detector never saw (other cameras, other content)
+    are flagged more often than the calibration set, and the bound must hold for them too.
+    """
+    for tau in range(1, 100_000):
+        if false_refusal_probability(tau, rho, fpr) <= max_false_refusal:
+            return tau
+    raise ValueError("no tau below 100000 meets the bound")
+
+
+@dataclass
+class ClientState:
+    client_id: str
+    queries: int = 0
+    flagged: int = 0
+    refused: bool = False
+    blocked: bool = False
+    refused_at_query: Optional[int] = None
+    first_seen: Optional[float] = None
+    last_seen: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def flagged_share(self) -> float:
+        return self.flagged / self.queries if self.queries else 0.0
+
+    @property
+    def denied(self) -> bool:
+        return self.refused or self.blocked
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["flagged_share"] = self.flagged_share
+        return d
+
+
+class Ledger(ABC):
+    """Interchangeable per-client store. ``namespace`` separates protected models sharing a store."""
+
+    scheme: str = ""
+
+    def __init__(self, rule: RefusalRule, namespace: str = "default"):
+        self.rule = rule
+        self.namespace = namespace
+
+    @abstractmethod
+    def record(self, client_id: str, queries: int, flagged: int) -> ClientState:
+        """Atomically add counts, apply the rule, and return the state after the update."""
+
+    def record_many(self, updates: Iterable[tuple]) -> List[ClientState]:
+        """``updates``: (client_id, queries, flagged) triples; one state per triple, in order."""
+        return [self.record(c, q, f) for c, q, f in updates]
+
+    @abstractmethod
+    def get(self, client_id: str) -> ClientState:
+        """The client's state (zeros for an unknown client)."""
+
+    def is_denied(self, client_id: str) -> bool:
+        return self.get(client_id).denied
+
+    @abstractmethod
+    def clients(self) -> List[ClientState]:
+        """Every known client of this namespace."""
+
+    @abstractmethod
+    def reset(self, client_id: str) -> None:
+        """Forget the client's counts and refusal."""
+
+    @abstractmethod
+    def set_blocked(self, client_id: str, blocked: bool) -> ClientState:
+        """Block (or unblock) by hand. Unblocking also lifts a rule refusal and keeps the counts."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def now() -> float:
+    return time.time()

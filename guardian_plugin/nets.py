@@ -1,0 +1,177 @@
+"""Network architectures shared by the victim example, the detector and the attacks.
+
+Everything here is plain torch and sized for 28-64 px images; larger inputs use torchvision models
+through :func:`build_classifier`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from guardian_plugin.registry import Registry
+
+CLASSIFIERS: Registry = Registry("classifier architecture")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.short is None else self.short(x)))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet for 28-64 px inputs: stem conv, three stages of ``blocks`` basic blocks, global pool.
+
+    ``width`` is the first stage's channels (doubled per stage). Batch norm runs in eval mode at
+    inference, so one sample's output never depends on the rest of its batch.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, blocks: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for i, cout in enumerate((width, width * 2, width * 4)):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, cout, stride=2 if (i > 0 and b == 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class LeNet5(nn.Module):
+    """The classic small CNN, a cheap clone architecture for the MNIST example."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.LazyLinear(256), nn.ReLU(), nn.Linear(256, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@CLASSIFIERS.register("small_resnet")
+def _small_resnet(in_channels=1, num_classes=10, width=16, blocks=1, **_):
+    return SmallResNet(in_channels, num_classes, width, blocks)
+
+
+@CLASSIFIERS.register("lenet5")
+def _lenet(in_channels=1, num_classes=10, image_size=28, **_):
+    m = LeNet5(in_channels, num_classes)
+    m(torch.zeros(1, in_channels, image_size, image_size))  # materialise the lazy layer
+    return m
+
+
+def _torchvision(arch):
+    def make(in_channels=3, num_classes=10, **_):
+        import torchvision
+
+        m = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        return m
+
+    return make
+
+
+for _arch in ("resnet18", "resnet34", "resnet50"):
+    CLASSIFIERS.register(_arch)(_torchvision(_arch))
+
+
+def build_classifier(arch: str, **kw) -> nn.Module:
+    return CLASSIFIERS.get(arch)(**kw)
+
+
+# ----------------------------------------------------------------------------------------- GANs
+class DCGANGenerator(nn.Module):
+    """DCGAN-style generator for ``size`` in {28, 32, 64}: transposed convolutions (the upsampling
+    whose checkerboard artefacts the detector learns). Output in [0, 1] pixel space."""
+
+    def __init__(self, nz: int = 64, channels: int = 1, size: int = 28, width: int = 64):
+        super().__init__()
+        if size not in (28, 32, 64):
+            raise ValueError(f"DCGANGenerator supports 28, 32 or 64 px, got {size}")
+        self.nz, self.size = nz, size
+        s0 = 7 if size == 28 else 4 if size == 32 else 8
+        self.s0 = s0
+        self.fc = nn.Sequential(nn.Linear(nz, width * 4 * s0 * s0), nn.BatchNorm1d(width * 4 * s0 * s0), nn.ReLU())
+        ups = [
+            nn.ConvTranspose2d(width * 4, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.ReLU(),
+            nn.ConvTranspose2d(width * 2, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        ]
+        if size == 32:
+            ups += [nn.ConvTranspose2d(width, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        ups += [nn.Conv2d(width, channels, 3, 1, 1), nn.Sigmoid()]
+        self.net = nn.Sequential(*ups)
+        self.width = width
+
+    def forward(self, z):
+        return self.net(self.fc(z).view(z.shape[0], self.width * 4, self.s0, self.s0))
+
+
+class DCGANDiscriminator(nn.Module):
+    """Strided-conv discriminator with no batch-coupling layer (no batch norm, no minibatch stddev):
+    each sample's output depends on that sample alone, so one backward pass over a batch gives every
+    sample's own input gradient. Input: [0, 1] pixel images; returns one logit per sample."""
+
+    def __init__(self, channels: int = 1, width: int = 64):
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        self.net = nn.Sequential(
+            sn(nn.Conv2d(channels, width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(width, width * 2, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(width * 2, width * 4, 3, 2, 1)), nn.LeakyReLU(0.2),
+        )
+        self.fc = sn(nn.Linear(width * 4, 1))
+
+    def forward(self, x):
+        h = self.net(x * 2 - 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)).squeeze(1)
+
+
+class GeneratorA(nn.Module):
+    """The DFME / DisGUIDE / Dual Students generator ("GeneratorA"): nearest-neighbour upsampling and
+    convolutions, tanh output in [-1, 1] fed to the victim as an already-normalised input."""
+
+    def __init__(self, nz: int = 256, channels: int = 1, size: int = 28, ngf: int = 64):
+        super().__init__()
+        self.nz = nz
+        self.s0 = size // 4
+        self.l1 = nn.Linear(nz, ngf * 2 * self.s0 * self.s0)
+        self.ngf = ngf
+        self.bn0 = nn.BatchNorm2d(ngf * 2)
+        self.conv1 = nn.Conv2d(ngf * 2, ngf * 2, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ngf * 2)
+        self.conv2 = nn.Conv2d(ngf * 2, ngf, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ngf)
+        self.conv3 = nn.Conv2d(ngf, channels, 3, 1, 1)
+        self.bn3 = nn.BatchNorm2d(channels, affine=False)
+
+    def forward(self, z, pre_x: bool = False):
+        x = self.bn0(self.l1(z).view(z.shape[0], self.ngf * 2, self.s0, self.s0))
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.leaky_relu(self.bn1(self.conv1(x)), 0.2)
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.leaky_relu(self.bn2(self.conv2(x)), 0.2)
+        x = self.bn3(self.conv3(x))
+        return x if pre_x else torch.tanh(x)

@@ -1,0 +1,51 @@
+"""Output policies: what a client receives for a row, given the victim's probabilities.
+
+Deceptive Predictions (DPreds, paper eq. 7): add the same constant ``d`` to every class probability and
+renormalise, ``p' = (p + d) / (1 + K d)``. The ranking of the classes (and so the argmax) is kept, while
+the information in the probability values (what distillation learns from) is flattened.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from guardian_plugin.registry import Registry
+
+RESPONSE_POLICIES: Registry = Registry("response policy")
+
+
+def dpreds(probs: torch.Tensor, d: float = 0.5) -> torch.Tensor:
+    """Deceptive Predictions over the last dimension. ``probs`` rows must sum to one."""
+    if d < 0:
+        raise ValueError(f"DPreds perturbation d must be >= 0, got {d}")
+    k = probs.shape[-1]
+    return (probs + d) / (1.0 + k * d)
+
+
+@RESPONSE_POLICIES.register("dpreds")
+class DPreds:
+    """Answer flagged rows with DPreds(d); benign rows unchanged."""
+
+    def __init__(self, d: float = 0.5):
+        if d < 0:
+            raise ValueError(f"DPreds perturbation d must be >= 0, got {d}")
+        self.d = float(d)
+
+    def __call__(self, probs: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+        if not bool(flagged.any()):
+            return probs
+        out = probs.clone()
+        out[flagged] = dpreds(probs[flagged], self.d)
+        return out
+
+
+@RESPONSE_POLICIES.register("passthrough")
+class Passthrough:
+    """Answer every row unchanged (detector + refusal only: the paper's "w/o DPreds" row)."""
+
+    def __call__(self, probs: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+        return probs
+
+
+def build_policy(name: str, **params):
+    return RESPONSE_POLICIES.get(name)(**params)
