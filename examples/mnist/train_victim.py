@@ -1,0 +1,62 @@
+"""Train the MNIST example victim on the 4,000-digit train split; write its state dict and TorchScript.
+
+    python -m examples.mnist.train_victim [--device cpu|cuda] [--out examples/mnist/artifacts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from guardian_plugin.training.common import resolve_device
+from guardian_plugin.training.data import MNIST_MEAN, MNIST_STD, mnist_splits, normalise, to_float
+from guardian_plugin.training.victim import train_classifier
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VICTIM = {"arch": "small_resnet", "arch_params": {"width": 16, "blocks": 1}, "num_classes": 10,
+          "mean": list(MNIST_MEAN), "std": list(MNIST_STD), "channels": 1, "size": 28}
+
+
+def load_victim(directory: str = os.path.join(HERE, "artifacts"), device="cpu") -> torch.nn.Module:
+    from guardian_plugin.nets import build_classifier
+
+    path = os.path.join(directory, "victim.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run `python -m examples.mnist.train_victim`")
+    m = build_classifier(VICTIM["arch"], in_channels=1, num_classes=10, **VICTIM["arch_params"])
+    m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return m.eval().to(device)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(HERE, "artifacts"))
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    device = resolve_device(a.device)
+    t0 = time.time()
+    s = mnist_splits(seed=0)
+    xtr, ytr = normalise(to_float(s["train"][0]), MNIST_MEAN, MNIST_STD), torch.from_numpy(s["train"][1])
+    xte, yte = normalise(to_float(s["test"][0]), MNIST_MEAN, MNIST_STD), torch.from_numpy(s["test"][1])
+    model, hist = train_classifier(xtr, ytr, xte, yte, arch=VICTIM["arch"], arch_params=VICTIM["arch_params"],
+                                   epochs=a.epochs, seed=a.seed, device=device)
+    model = model.cpu().eval()
+    os.makedirs(a.out, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(a.out, "victim.pt"))
+    torch.jit.trace(model, torch.zeros(1, 1, 28, 28)).save(os.path.join(a.out, "victim.torchscript.pt"))
+    info = {**VICTIM, "seed": a.seed, "split_seed": 0, "epochs": a.epochs, "test_accuracy": hist[-1]["test_accuracy"],
+            "history": hist, "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+            "command": "python -m examples.mnist.train_victim"}
+    with open(os.path.join(a.out, "victim.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"victim test accuracy {info['test_accuracy']:.4f} ({info['seconds']} s) -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

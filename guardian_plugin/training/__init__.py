@@ -1,0 +1,1 @@
+"""Offline detector training: data sources, synthetic sources, sub-detector training, calibration."""

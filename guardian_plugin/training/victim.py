@@ -1,0 +1,46 @@
+"""Train the example victim (a small classifier) on the defender's labelled data."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from guardian_plugin.nets import build_classifier
+from guardian_plugin.training.common import accuracy, seed_everything
+
+
+def random_shift(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels (zero padding), per sample."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    i = torch.randint(0, 2 * pad + 1, (b,))
+    j = torch.randint(0, 2 * pad + 1, (b,))
+    return torch.stack([xp[k, :, i[k]:i[k] + h, j[k]:j[k] + w] for k in range(b)])
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, *,
+                     arch: str = "small_resnet", arch_params: dict | None = None, num_classes: int = 10,
+                     epochs: int = 15, batch_size: int = 64, lr: float = 0.05, seed: int = 0, device="cpu",
+                     progress: bool = True):
+    """SGD + cosine schedule with random shifts. ``x`` is already normalised. Returns (model, history)."""
+    seed_everything(seed)
+    model = build_classifier(arch, in_channels=x.shape[1], num_classes=num_classes, image_size=x.shape[-1],
+                             **(arch_params or {})).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    history = []
+    for ep in tqdm(range(epochs), desc="victim", disable=not progress):
+        model.train()
+        perm = torch.randperm(len(x))
+        for k in range(0, len(x), batch_size):
+            idx = perm[k:k + batch_size]
+            xb, yb = random_shift(x[idx]).to(device), y[idx].to(device)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        history.append({"epoch": ep + 1, "test_accuracy": accuracy(model, x_test, y_test, device)})
+    return model.eval(), history
