@@ -15,21 +15,56 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, List, Optional
 
 
+MAX_WINDOW = 100_000
+
+
 @dataclass(frozen=True)
 class RefusalRule:
-    """Refuse once ``queries >= tau`` and ``flagged / queries > rho`` (both inclusive as written)."""
+    """Refuse once ``queries >= tau`` and ``flagged / queries > rho`` (both inclusive as written).
+
+    Optional sliding window (beyond the paper; ``window=0`` turns it off): also refuse once the client
+    has made at least ``window`` queries and more than ``window_rho`` (default: ``rho``) of its last
+    ``window`` queries were flagged, so a long run of real queries cannot dilute synthetic ones. Within
+    one update of ``(queries, flagged)`` the flagged queries are taken to come first (see
+    :func:`window_push`), the reading least likely to refuse.
+    """
 
     tau: int = 20
     rho: float = 0.5
+    window: int = 0
+    window_rho: Optional[float] = None
 
     def __post_init__(self):
         if self.tau < 1:
             raise ValueError(f"tau must be >= 1, got {self.tau}")
         if not 0.0 <= self.rho < 1.0:
             raise ValueError(f"rho must be in [0, 1), got {self.rho}")
+        if not 0 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"window must be in [0, {MAX_WINDOW}] (0 = off), got {self.window}")
+        if self.window_rho is None:
+            object.__setattr__(self, "window_rho", self.rho)
+        elif not 0.0 <= self.window_rho < 1.0:
+            raise ValueError(f"window_rho must be in [0, 1), got {self.window_rho}")
 
     def triggered(self, queries: int, flagged: int) -> bool:
         return queries >= self.tau and queries > 0 and flagged / queries > self.rho
+
+    def window_triggered(self, bits: str) -> bool:
+        """The sliding-window rule on a client's window string (see :func:`window_push`)."""
+        return self.window > 0 and len(bits) >= self.window and bits.count("1") / self.window > self.window_rho
+
+
+def window_push(bits: str, queries: int, flagged: int, size: int) -> str:
+    """A client's sliding window after one update: ``'1'`` per flagged query, ``'0'`` per other one,
+    oldest first, at most ``size`` long. Within one update the flagged queries come first (so the
+    window holds the fewest flagged queries the counts allow). Every backend applies exactly this
+    (the Redis backend in Lua)."""
+    if size <= 0:
+        return ""
+    if queries >= size:
+        ones = max(0, flagged - (queries - size))
+        return "1" * ones + "0" * (size - ones)
+    return (bits + "1" * flagged + "0" * (queries - flagged))[-size:]
 
 
 def false_refusal_probability(tau: int, rho: float, fpr: float, horizon: int = 10_000) -> float:

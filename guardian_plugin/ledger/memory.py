@@ -6,7 +6,7 @@ import threading
 from dataclasses import replace
 from typing import Dict, List
 
-from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule, now
+from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule, now, window_push
 
 
 class MemoryLedger(Ledger):
@@ -16,6 +16,7 @@ class MemoryLedger(Ledger):
         super().__init__(rule, namespace)
         self._lock = threading.Lock()
         self._states: Dict[str, ClientState] = {}
+        self._windows: Dict[str, str] = {}  # sliding-window bits per client (rule.window > 0)
 
     def record(self, client_id: str, queries: int, flagged: int) -> ClientState:
         if queries < 0 or flagged < 0 or flagged > queries:
@@ -29,10 +30,16 @@ class MemoryLedger(Ledger):
             s.queries += queries
             s.flagged += flagged
             s.last_seen = t
-            if not s.refused and self.rule.triggered(s.queries, s.flagged):
+            hit = self.rule.triggered(s.queries, s.flagged)
+            if self.rule.window:
+                w = window_push(self._windows.get(client_id, ""), queries, flagged, self.rule.window)
+                self._windows[client_id] = w
+                s.extra = {"window": len(w), "window_flagged": w.count("1")}
+                hit = hit or self.rule.window_triggered(w)
+            if not s.refused and hit:
                 s.refused = True
                 s.refused_at_query = s.queries
-            return replace(s)
+            return replace(s, extra=dict(s.extra))
 
     def get(self, client_id: str) -> ClientState:
         with self._lock:
@@ -46,6 +53,7 @@ class MemoryLedger(Ledger):
     def reset(self, client_id: str) -> None:
         with self._lock:
             self._states.pop(client_id, None)
+            self._windows.pop(client_id, None)
 
     def set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         with self._lock:
