@@ -3,7 +3,8 @@
 - ``memory://``                      one process only
 - ``sqlite:///abs/path/ledger.db``   (default) one file shared by all workers on a host;
   ``sqlite://relative/path.db`` is relative to the working directory
-- ``redis://host:6379/0``            shared by all hosts (see guardian_plugin.ledger.redis)
+- ``redis://host:6379/0``            shared by all hosts (see guardian_plugin.ledger.redis);
+  ``rediss://`` for TLS; ``?retention=30d`` forgets idle clients
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def _redis(uri, rule, namespace, **kw):
     except ImportError as e:  # module or redis-py missing
         raise ConfigError(f"ledger {uri!r}: the redis backend needs `pip install redis` ({e})") from e
     return RedisLedger(uri, rule, namespace, **kw)
+
+
+register_scheme("rediss")(_redis)  # TLS
 
 
 def sqlite_path(uri: str) -> str:
