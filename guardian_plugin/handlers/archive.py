@@ -1,0 +1,154 @@
+"""Rewriting TorchServe model archives (.mar): ``guardian protect`` and its building block.
+
+A .mar built by torch-model-archiver is a zip file: the model's files at the top level and
+``MAR-INF/MANIFEST.json``, whose ``model.handler`` names the handler (a built-in name such as
+``image_classifier``, or the handler file the archiver copied in) and whose ``model.configFile``
+names the model-config.yaml the worker reads into ``context.model_yaml_config``.
+
+``protect`` keeps every file of the archive, switches the handler to
+``guardian_plugin.handlers.GuardedHandler``, records the original handler under
+``handler: guardian: wrap:``, copies the detector artifact to ``guardian/detector/`` inside the
+archive and writes the guard settings beside it. No code of the original archive changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Dict, Optional, Tuple
+
+import yaml
+
+from guardian_plugin.config import parse_config
+from guardian_plugin.errors import ConfigError, GuardianError
+
+MANIFEST = "MAR-INF/MANIFEST.json"
+GUARDED_HANDLER = "guardian_plugin.handlers.GuardedHandler"
+GUARDED_IMAGE_CLASSIFIER = "guardian_plugin.handlers.GuardedImageClassifier"
+DETECTOR_DIR = "guardian/detector"
+DEFAULT_MODEL_CONFIG = "model-config.yaml"
+
+
+class ArchiveError(GuardianError):
+    """The input is not a model archive this tool can rewrite."""
+
+
+def read_archive(path: str) -> Tuple[dict, Dict[str, bytes]]:
+    """(manifest, {name: bytes}) of a zip-format .mar."""
+    if not os.path.isfile(path):
+        raise ArchiveError(f"{path}: no such archive")
+    if not zipfile.is_zipfile(path):
+        raise ArchiveError(f"{path}: not a zip-format model archive (build it with torch-model-archiver's "
+                           "default --archive-format)")
+    with zipfile.ZipFile(path) as z:
+        files = {i.filename: z.read(i) for i in z.infolist() if not i.is_dir()}
+    if MANIFEST not in files:
+        raise ArchiveError(f"{path}: {MANIFEST} is missing: not a TorchServe model archive")
+    try:
+        manifest = json.loads(files[MANIFEST])
+        manifest["model"]["handler"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArchiveError(f"{path}: {MANIFEST} is not a valid manifest ({e})") from None
+    return manifest, files
+
+
+def write_archive(path: str, manifest: dict, files: Dict[str, bytes]) -> str:
+    files = dict(files)
+    files[MANIFEST] = json.dumps(manifest, indent=2).encode()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in sorted(files):
+            z.writestr(name, files[name])
+    os.replace(tmp, path)
+    return path
+
+
+def model_config(manifest: dict, files: Dict[str, bytes]) -> Tuple[str, dict]:
+    """(file name, parsed model-config.yaml) of an archive; an empty mapping when it has none."""
+    name = manifest["model"].get("configFile") or DEFAULT_MODEL_CONFIG
+    raw = files.get(name)
+    if raw is None:
+        return name, {}
+    try:
+        cfg = yaml.safe_load(raw) or {}
+    except yaml.YAMLError as e:
+        raise ArchiveError(f"{name} inside the archive is not valid YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ArchiveError(f"{name} inside the archive is not a mapping")
+    return name, cfg
+
+
+def rewrite_archive(in_mar: str, out_mar: str, handler: Optional[str] = None, handler_config: Optional[dict] = None,
+                    extra_files: Optional[Dict[str, bytes]] = None) -> dict:
+    """Copy an archive, switching its handler, merging keys into model-config's ``handler:`` section and
+    adding files. Returns the new manifest."""
+    manifest, files = read_archive(in_mar)
+    cfg_name, cfg = model_config(manifest, files)
+    if handler_config:
+        section = cfg.get("handler") or {}
+        if not isinstance(section, dict):
+            raise ArchiveError(f"{cfg_name}: `handler:` is not a mapping")
+        section.update(handler_config)
+        cfg["handler"] = section
+        files[cfg_name] = yaml.safe_dump(cfg, sort_keys=False).encode()
+        manifest["model"]["configFile"] = cfg_name
+    if handler:
+        manifest["model"]["handler"] = handler
+    files.update(extra_files or {})
+    write_archive(out_mar, manifest, files)
+    return manifest
+
+
+def _detector_files(detector_dir: str) -> Dict[str, bytes]:
+    from guardian_plugin.detector import load_detector
+
+    load_detector(detector_dir)  # fails now, naming the file, rather than in every worker later
+    out = {}
+    for root, _, names in os.walk(detector_dir):
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            rel = os.path.relpath(p, detector_dir).replace(os.sep, "/")
+            with open(p, "rb") as f:
+                out[f"{DETECTOR_DIR}/{rel}"] = f.read()
+    return out
+
+
+def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] = None, ledger: Optional[str] = None,
+            namespace: Optional[str] = None, output: str = "auto", max_image_pixels: Optional[int] = None) -> dict:
+    """Rewrite ``in_mar`` into a guarded ``out_mar`` (see the module docstring). Returns a summary."""
+    manifest, _ = read_archive(in_mar)
+    original = manifest["model"]["handler"]
+    if original.startswith("guardian_plugin.handlers."):
+        raise ArchiveError(f"{in_mar} is already guarded (handler {original})")
+    if ":" in original:
+        raise ArchiveError(f"{in_mar}: handler {original!r} is a function entry point; the guard wraps handler "
+                           "classes (preprocess/inference/postprocess), see docs/torchserve.md")
+    guard: dict = {}
+    if config:
+        if not os.path.exists(config):
+            raise ConfigError(f"{config}: no such config file")
+        with open(config) as f:
+            try:
+                guard = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{config}: not valid YAML ({e})") from None
+        if not isinstance(guard, dict):
+            raise ConfigError(f"{config}: expected a mapping at the top level")
+    guard = dict(guard)
+    guard["detector"] = DETECTOR_DIR
+    if ledger:
+        guard["ledger"] = ledger
+    if namespace:
+        guard["namespace"] = namespace
+    elif guard.get("namespace", "default") == "default":
+        guard["namespace"] = manifest["model"].get("modelName") or "default"
+    cfg = parse_config(guard, config or "guard settings")  # validate now; names the bad field
+    settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
+    settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive
+    if max_image_pixels:
+        settings["max_image_pixels"] = int(max_image_pixels)
+    new = rewrite_archive(in_mar, out_mar, GUARDED_HANDLER, {"guardian": settings}, _detector_files(detector_dir))
+    return {"archive": out_mar, "model": new["model"].get("modelName"), "handler": GUARDED_HANDLER,
+            "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace}

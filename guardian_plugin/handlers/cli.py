@@ -1,0 +1,33 @@
+"""`guardian protect`: guard an existing TorchServe model archive without touching its code."""
+
+from __future__ import annotations
+
+
+def _protect(args) -> int:
+    from guardian_plugin.handlers.archive import protect
+
+    s = protect(args.archive, args.detector, args.output, config=args.config, ledger=args.ledger,
+                namespace=args.namespace, output=args.model_output, max_image_pixels=args.max_image_pixels)
+    print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
+          f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "protect", help="guard an existing TorchServe .mar (handler wrapped, detector embedded)",
+        description="Rewrite a TorchServe model archive so that its own handler runs behind Model-Guardian: "
+                    "the manifest's handler becomes guardian_plugin.handlers.GuardedHandler, the original "
+                    "handler is kept and delegated to, and the detector artifact and guard settings are "
+                    "embedded (model-config.yaml, `handler: guardian:`).")
+    p.add_argument("archive", help="the .mar to protect (zip format, as torch-model-archiver writes it)")
+    p.add_argument("--detector", required=True, help="detector artifact directory (detector.yaml + weights)")
+    p.add_argument("--config", help="guard settings YAML (ledger, namespace, rule, response, identity); "
+                                    "its `detector:` key is replaced by the embedded artifact")
+    p.add_argument("-o", "--output", required=True, help="the protected .mar to write")
+    p.add_argument("--ledger", help="ledger URI, overriding the config (e.g. sqlite:///var/lib/guardian/ledger.db)")
+    p.add_argument("--namespace", help="ledger namespace (default: the config's, else the archive's model name)")
+    p.add_argument("--model-output", choices=["auto", "logits", "probabilities"], default="auto",
+                   help="what the original handler's inference returns (default: detected per batch)")
+    p.add_argument("--max-image-pixels", type=int, help="answer larger images with 400 before decoding them")
+    p.set_defaults(func=_protect)

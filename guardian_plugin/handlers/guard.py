@@ -1,0 +1,307 @@
+"""The guarded request path inside a TorchServe worker, shared by both handler classes.
+
+:class:`HandlerGuard` drives an *inner* handler's own ``preprocess``, ``inference`` and ``postprocess``
+(TorchServe's template methods, see ``BaseHandler.handle``) and puts the Guardian between inference
+and postprocess::
+
+    per request: client id from headers (401 when missing and configured so)
+                 refused by the ledger?               -> 403, no inference
+                 image larger than max_image_pixels?  -> 400, not decoded
+    live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400)
+                 inner.inference
+                 Guardian.inspect(preprocessed, probabilities, client ids)
+                 flagged rows' outputs replaced so that the inner postprocess yields DPreds(p)
+                 inner.postprocess
+
+What the inner inference returns decides how a flagged row is rewritten (setting ``output``):
+
+- ``logits`` (TorchServe's ImageClassifier and every handler whose postprocess applies softmax): the
+  probabilities are ``softmax(z)`` and a flagged row becomes ``log(DPreds(p))``; since DPreds(p) sums to
+  one, ``softmax(log q) = q``, so the original postprocess outputs DPreds(p) with the same top-k order.
+- ``probabilities`` (inference already applies softmax; postprocess only ranks and labels): the row is
+  replaced by DPreds(p) itself.
+- ``auto`` (default): per batch, ``probabilities`` when every row is non-negative and sums to 1
+  (within 1e-3), ``logits`` otherwise. A softmax output always passes that test and a logit vector
+  practically never does, so the choice follows what the handler actually returns.
+
+Rows the guard did not flag are handed to the postprocess bit for bit as inference returned them, so
+benign clients get exactly the unprotected handler's answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from guardian_plugin.guardian import Guardian
+from guardian_plugin.identity import MissingIdentity, client_id
+
+log = logging.getLogger("guardian_plugin.handlers")
+
+PROB_TOLERANCE = 1e-3
+
+
+class RequestError(Exception):
+    """One request's error: HTTP ``code`` and a JSON body."""
+
+    def __init__(self, code: int, kind: str, message: str):
+        super().__init__(message)
+        self.code, self.kind, self.message = code, kind, message
+
+    def body(self) -> dict:
+        return {"code": self.code, "type": self.kind, "message": self.message}
+
+
+PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 500: "Internal Server Error"}
+
+
+# ---------------------------------------------------------------------------------- input checks
+def _payload(row):
+    if isinstance(row, dict):
+        return row.get("data") if row.get("data") is not None else row.get("body")
+    return row
+
+
+def _image_bytes(payload, strict: bool = False) -> Optional[bytes]:
+    """The image bytes a vision handler would decode (text is base64, decoded leniently the way
+    VisionHandler does, or strictly), or None when the payload is neither bytes nor decodable text."""
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        try:
+            return base64.b64decode("".join(payload.split()) if strict else payload, validate=strict)
+        except (binascii.Error, ValueError):
+            return None
+    return None
+
+
+def precheck(row, max_pixels: int) -> None:
+    """Reject, before any decoding, an empty request and an image with too many pixels."""
+    payload = _payload(row)
+    if payload is None or (isinstance(payload, (bytes, bytearray, str, list, dict)) and len(payload) == 0):
+        raise RequestError(400, "EmptyInput", "the request carries no input: send an image in the body")
+    raw = _image_bytes(payload)
+    if raw is None:
+        return
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:  # reads the header only
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise RequestError(400, "ImageTooLarge", f"the image is too large: {e}") from None
+    except Exception:
+        return  # not an image PIL can identify: the handler's own preprocess decides (and explains)
+    if w * h > max_pixels:
+        raise RequestError(400, "ImageTooLarge",
+                           f"the image is {w}x{h} = {w * h} pixels; at most {max_pixels} are accepted")
+
+
+def diagnose(row, exc: BaseException) -> RequestError:
+    """A clear 400 for a row the handler's own preprocess could not turn into a tensor."""
+    payload = _payload(row)
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(payload, str) and _image_bytes(payload, strict=True) is None:
+        return RequestError(400, "BadBase64", f"the body is text but not valid base64 ({detail})")
+    raw = _image_bytes(payload)
+    if raw is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(exc, UnidentifiedImageError):
+            return RequestError(400, "NotAnImage", "the body is not an image in a format PIL reads (PNG, JPEG, ...)")
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                im.load()
+        except UnidentifiedImageError:
+            return RequestError(400, "NotAnImage", "the body is not an image in a format PIL reads (PNG, JPEG, ...)")
+        except Exception as e:
+            return RequestError(400, "CorruptImage", f"the image is truncated or corrupt ({type(e).__name__}: {e})")
+    return RequestError(400, "BadInput", f"the input could not be preprocessed ({detail})")
+
+
+# ------------------------------------------------------------------------------------ output kind
+def looks_like_probabilities(out: torch.Tensor) -> bool:
+    o = out.detach().float()
+    return bool((o >= 0).all()) and bool(((o.sum(1) - 1.0).abs() <= PROB_TOLERANCE).all())
+
+
+def output_kind(out: torch.Tensor, setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "probabilities" if looks_like_probabilities(out) else "logits"
+
+
+def to_probabilities(out: torch.Tensor, kind: str) -> torch.Tensor:
+    o = out.detach().float()
+    return o if kind == "probabilities" else torch.softmax(o, 1)
+
+
+def rewrite_flagged(out: torch.Tensor, new_probs: torch.Tensor, flagged: torch.Tensor, kind: str) -> torch.Tensor:
+    """``out`` with flagged rows replaced so the original postprocess yields ``new_probs`` there."""
+    if not bool(flagged.any()):
+        return out
+    rows = new_probs[flagged].to(torch.float64)
+    rows = rows if kind == "probabilities" else rows.log()
+    res = out.clone()  # a normal tensor even when ``out`` is an inference tensor
+    res[flagged.to(res.device)] = rows.to(dtype=res.dtype, device=res.device)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ guard
+class HandlerGuard:
+    """Runs a TorchServe handler's template methods with the Guardian in between."""
+
+    def __init__(self, inner, guardian: Guardian, identity, output: str = "auto", max_image_pixels: int = 4096 * 4096):
+        self.inner = inner
+        self.guardian = guardian
+        self.identity = identity
+        self.output = output
+        self.max_image_pixels = max_image_pixels
+        self._kind_logged = None
+
+    # -- helpers
+    def _headers(self, context, i: int) -> dict:
+        try:
+            return context.get_all_request_header(i) or {}
+        except (IndexError, AttributeError, TypeError):
+            return {}
+
+    def _preprocess(self, rows: List[int], data) -> Tuple[List[Tuple[List[int], torch.Tensor]], Dict[int, RequestError]]:
+        """Groups (row indices, preprocessed batch) and per-row errors."""
+        errors: Dict[int, RequestError] = {}
+        try:
+            x = self.inner.preprocess([data[i] for i in rows])
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == len(rows):
+                return [(list(rows), x)], errors
+        except Exception:  # some row is bad: find which, row by row
+            pass
+        by_shape: Dict[tuple, List[Tuple[int, torch.Tensor]]] = {}
+        for i in rows:
+            try:
+                xi = self.inner.preprocess([data[i]])
+            except Exception as e:  # noqa: BLE001 - any failure of the handler's own decoding is a bad input
+                errors[i] = diagnose(data[i], e)
+                continue
+            if not isinstance(xi, torch.Tensor) or xi.dim() == 0 or xi.shape[0] != 1:
+                raise TypeError("the guarded handler's preprocess must return a batched tensor "
+                                f"(one row per request), got {type(xi).__name__}")
+            by_shape.setdefault(tuple(xi.shape[1:]), []).append((i, xi))
+        groups = [([i for i, _ in items], torch.cat([t for _, t in items])) for items in by_shape.values()]
+        return groups, errors
+
+    def _infer(self, idx: List[int], x: torch.Tensor, errors: Dict[int, RequestError]):
+        """(indices, inputs, outputs) groups; a failing batch is retried row by row."""
+        try:
+            return [(idx, x, self.inner.inference(x))]
+        except Exception:
+            if len(idx) == 1:
+                raise
+        out = []
+        for j, i in enumerate(idx):
+            try:
+                out.append(([i], x[j:j + 1], self.inner.inference(x[j:j + 1])))
+            except Exception as e:  # noqa: BLE001
+                errors[i] = RequestError(400, "BadInput", f"the model could not process this input ({type(e).__name__}: {e})")
+        return out
+
+    # -- the request path
+    def handle(self, data: Sequence, context) -> list:
+        t_start = time.perf_counter()
+        n = len(data)
+        responses: List[object] = [None] * n
+        errors: Dict[int, RequestError] = {}
+        ids: List[Optional[str]] = [None] * n
+        for i in range(n):
+            try:
+                ids[i] = client_id(self._headers(context, i), self.identity)
+            except MissingIdentity as e:
+                errors[i] = RequestError(401, "MissingIdentity", str(e))
+        known = [i for i in range(n) if ids[i] is not None]
+        refused_rows = 0
+        if known:
+            for i, r in zip(known, self.guardian.refused([ids[i] for i in known])):
+                if r:
+                    refused_rows += 1
+                    errors[i] = RequestError(403, "ClientRefused",
+                                             f"client {ids[i]!r} is refused: too many of its queries were flagged "
+                                             "as synthetic (model-stealing) inputs")
+        live = [i for i in known if i not in errors]
+        for i in list(live):
+            try:
+                precheck(data[i], self.max_image_pixels)
+            except RequestError as e:
+                errors[i] = e
+        live = [i for i in live if i not in errors]
+
+        queries = flagged_n = 0
+        guard_ms = 0.0
+        if live:
+            groups, pre_errors = self._preprocess(live, data)
+            errors.update(pre_errors)
+            for idx, x in groups:
+                for gidx, gx, out in self._infer(idx, x, errors):
+                    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(gidx):
+                        raise TypeError("the guarded handler's inference must return a (batch, classes) tensor, "
+                                        f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+                    kind = output_kind(out, self.output)
+                    if kind != self._kind_logged:
+                        log.info("guardian: the handler's inference returns %s", kind)
+                        self._kind_logged = kind
+                    probs = to_probabilities(out, kind)
+                    res = self.guardian.inspect(gx, probs, [ids[i] for i in gidx], refused=[False] * len(gidx))
+                    flagged = torch.tensor(res.flagged, dtype=torch.bool)
+                    post = self.inner.postprocess(rewrite_flagged(out, res.probs, flagged, kind))
+                    if not isinstance(post, list) or len(post) != len(gidx):
+                        raise TypeError("the guarded handler's postprocess must return one entry per request")
+                    for i, p in zip(gidx, post):
+                        responses[i] = p
+                    queries += len(gidx)
+                    flagged_n += int(flagged.sum())
+                    guard_ms += res.guard_ms
+
+        for i, e in errors.items():
+            responses[i] = json.dumps(e.body())
+            context.set_response_status(e.code, PHRASES.get(e.code, e.kind), idx=i)
+            context.set_response_content_type(i, "application/json")
+        self._metrics(context, queries, flagged_n, refused_rows,
+                      sum(1 for e in errors.values() if e.code == 400), guard_ms,
+                      (time.perf_counter() - t_start) * 1000.0)
+        return responses
+
+    def _metrics(self, context, queries, flagged, refused, bad, guard_ms, handler_ms):
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            metrics.add_counter("GuardianQueries", queries)
+            metrics.add_counter("GuardianFlagged", flagged)
+            metrics.add_counter("GuardianRefused", refused)
+            metrics.add_counter("GuardianBadInput", bad)
+            if queries:
+                metrics.add_time("GuardianGuardTime", round(guard_ms, 3))
+            metrics.add_time("HandlerTime", round(handler_ms, 2))
+        except Exception as e:  # metrics never break a request
+            log.debug("guardian: metrics failed: %s", e)
+
+
+def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
+    """A HandlerGuard from the archive's ``handler: guardian:`` settings."""
+    from guardian_plugin.handlers.settings import read_settings
+
+    props = context.system_properties
+    cfg_yaml = model_yaml_config if model_yaml_config is not None else getattr(context, "model_yaml_config", None)
+    settings, cfg = read_settings(cfg_yaml, props.get("model_dir") or ".")
+    guardian = Guardian.from_config(cfg)
+    device = getattr(inner, "device", None)
+    if device is not None and str(cfg.device) == "cpu" and str(device) != "cpu":
+        log.info("guardian: detector on %s, model on %s", cfg.device, device)
+    log.info("guardian: detector %s, ledger %s (namespace %s), rule tau=%d rho=%.2f", cfg.detector, cfg.ledger,
+             cfg.namespace, guardian.ledger.rule.tau, guardian.ledger.rule.rho)
+    return HandlerGuard(inner, guardian, cfg.identity, settings.output, settings.max_image_pixels)
