@@ -5,7 +5,9 @@ Example (every key optional but ``detector``)::
     detector: examples/mnist/artifacts/detector   # artifact directory
     ledger: sqlite:///var/lib/guardian/ledger.db  # memory:// | sqlite:///path | redis://host:6379/0
     namespace: mnist                               # separates protected models in one store
+    ledger_failure: closed                         # store down: closed (HTTP 503) | open (serve, log, keep counts)
     rule: {tau: auto, rho: 0.5}                    # auto: the binomial bound in docs/refusal-rule.md
+                                                   # optional sliding window: window: 200, window_rho: 0.5
     response: {policy: dpreds, d: 0.5}
     identity:
       headers: [X-Client-Id]                       # first present header wins, case-insensitive
@@ -36,6 +38,10 @@ class RuleConfig(_Strict):
     # assumptions behind tau: auto
     assumed_fpr: float = Field(0.05, gt=0.0, lt=0.5)
     max_false_refusal: float = Field(1e-6, gt=0.0, lt=1.0)
+    # optional sliding window (docs/ledger.md): also refuse when more than window_rho (default rho) of
+    # the last `window` queries were flagged; 0 = off
+    window: int = Field(0, ge=0, le=100_000)
+    window_rho: Optional[float] = Field(None, ge=0.0, lt=1.0)
 
     @field_validator("tau")
     @classmethod
@@ -50,6 +56,11 @@ class RuleConfig(_Strict):
         from guardian_plugin.ledger.base import default_tau
 
         return default_tau(self.rho, self.assumed_fpr, self.max_false_refusal)
+
+    def to_rule(self):
+        from guardian_plugin.ledger.base import RefusalRule
+
+        return RefusalRule(self.resolve_tau(), self.rho, window=self.window, window_rho=self.window_rho)
 
 
 class ResponseConfig(_Strict):
@@ -72,6 +83,7 @@ class GuardConfig(_Strict):
     detector: str
     ledger: str = "sqlite://guardian-ledger.db"
     namespace: str = "default"
+    ledger_failure: Literal["closed", "open"] = "closed"  # see guardian_plugin.ledger.resilient
     rule: RuleConfig = RuleConfig()
     response: ResponseConfig = ResponseConfig()
     identity: IdentityConfig = IdentityConfig()

@@ -63,8 +63,9 @@ class Guardian:
         cfg = load_config(config) if isinstance(config, str) else config
         detector = load_detector(cfg.detector, device=cfg.device)
         if ledger is None:
-            rule = RefusalRule(cfg.rule.resolve_tau(), cfg.rule.rho)
-            ledger = open_ledger(cfg.ledger, rule, cfg.namespace)
+            from guardian_plugin.ledger.resilient import ResilientLedger
+
+            ledger = ResilientLedger(open_ledger(cfg.ledger, cfg.rule.to_rule(), cfg.namespace), cfg.ledger_failure)
         policy = build_policy(cfg.response.policy, **cfg.response.params())
         return cls(detector, ledger, policy, cfg.device)
 
