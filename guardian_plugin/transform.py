@@ -174,6 +174,20 @@ def _load_torchscript(path: str, what: str) -> nn.Module:
         raise ArtifactError(f"{what}: {path} is not a loadable TorchScript file ({e})") from e
 
 
+@TRANSFORMS.register("stylegan1-discriminator")
+def _stylegan1(spec: dict, ctx: TransformContext) -> TransformModel:
+    """StyleGAN v1 discriminator with LGrad-compatible weights (`weights:` a local state-dict file;
+    `resolution:` 256). [0,1] pixels -> [-1,1] RGB, resized to the resolution; see stylegan1.py."""
+    from guardian_plugin.stylegan1 import StyleGAN1Input, load_stylegan1
+
+    weights = spec.get("weights")
+    if not weights:
+        raise ConfigError("transform 'stylegan1-discriminator' needs `weights:` (a local PyTorch state-dict file of "
+                          "the StyleGAN v1 discriminator, e.g. LGrad's karras2019stylegan-bedrooms-256x256_discriminator.pth)")
+    disc = load_stylegan1(ctx.path(weights), spec)
+    return TransformModel("stylegan1-discriminator", StyleGAN1Input(disc, ctx.channels))
+
+
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
