@@ -38,7 +38,8 @@ class InputMapping(BaseModel):
 
     mean: List[float] = [0.0]
     std: List[float] = [1.0]
-    fit: str = "center_crop"  # or "resize": how a larger input meets the detector's size
+    fit: str = "center_crop"  # or "resize" (bilinear, antialiased) or "area" (block average): how a
+    # larger input meets the detector's size
 
     @field_validator("std")
     @classmethod
@@ -50,8 +51,8 @@ class InputMapping(BaseModel):
     @field_validator("fit")
     @classmethod
     def _fit(cls, v):
-        if v not in ("center_crop", "resize"):
-            raise ValueError("fit must be center_crop or resize")
+        if v not in ("center_crop", "resize", "area"):
+            raise ValueError("fit must be center_crop, resize or area")
         return v
 
 
@@ -141,6 +142,8 @@ class Detector(nn.Module):
         if self.spec.input.fit == "center_crop" and h >= size and w >= size:
             top, left = (h - size) // 2, (w - size) // 2
             return pix[..., top:top + size, left:left + size]
+        if self.spec.input.fit == "area":
+            return F.interpolate(pix, size=(size, size), mode="area")
         return F.interpolate(pix, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
     def representations(self, pix: torch.Tensor) -> Dict[str, torch.Tensor]:
