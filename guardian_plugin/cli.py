@@ -15,6 +15,8 @@ from typing import List, Optional
 FEATURES = [
     "guardian_plugin.handlers.cli",  # protect (TorchServe archives)
     "guardian_plugin.ledger.cli",  # clients list|show|reset|block|unblock
+    "guardian_plugin.training.cli",  # train-detector
+    "guardian_plugin.evaluation.cli",  # evaluate (attack suite, paper tables)
 ]
 
 

@@ -15,11 +15,24 @@ RESPONSE_POLICIES: Registry = Registry("response policy")
 
 
 def dpreds(probs: torch.Tensor, d: float = 0.5) -> torch.Tensor:
-    """Deceptive Predictions over the last dimension. ``probs`` rows must sum to one."""
+    """Deceptive Predictions over the last dimension. ``probs`` rows must sum to one.
+
+    In exact arithmetic every order is kept. In floating point, two probabilities closer than the
+    resolution of the result (about 1e-16 x 1/K in float64, 1e-7 x 1/K in float32) can become equal:
+    an order is never inverted, and the top class is kept by construction (should rounding tie it with
+    another class, it is nudged up by one unit in the last place), so argmax never changes.
+    """
     if d < 0:
         raise ValueError(f"DPreds perturbation d must be >= 0, got {d}")
     k = probs.shape[-1]
-    return (probs + d) / (1.0 + k * d)
+    q = (probs + d) / (1.0 + k * d)
+    top = probs.argmax(-1, keepdim=True)
+    lost = q.argmax(-1, keepdim=True) != top
+    if bool(lost.any()):
+        qt = q.gather(-1, top)
+        bumped = torch.nextafter(q.max(-1, keepdim=True).values, torch.full_like(qt, 2.0))
+        q = q.scatter(-1, top, torch.where(lost, bumped, qt))
+    return q
 
 
 @RESPONSE_POLICIES.register("dpreds")

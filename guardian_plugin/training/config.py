@@ -1,0 +1,126 @@
+"""The detector training configuration (``guardian train-detector --config CFG``), validated with
+errors that name the file and field. See examples/mnist/detector-config.yaml for a full example."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guardian_plugin.errors import ConfigError
+from guardian_plugin.training.augment import AugmentConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RealEntry(_Strict):
+    """Real images: ``kind`` mnist (split train|test), photos (group train|calibrate|evaluate, n),
+    folder (path), cifar10 (root, train: bool; a local copy, nothing is downloaded)."""
+
+    name: str
+    kind: str
+    split: Optional[str] = None
+    group: Optional[str] = None
+    n: Optional[int] = None
+    path: Optional[str] = None
+    root: Optional[str] = None
+    train: bool = True
+    range: Optional[Tuple[int, int]] = None
+    seed: int = 0
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        if v not in ("mnist", "photos", "folder", "cifar10"):
+            raise ValueError("kind must be one of mnist, photos, folder, cifar10")
+        return v
+
+
+class RealConfig(_Strict):
+    train: List[RealEntry]
+    calibrate: List[RealEntry]
+    evaluate: List[RealEntry]
+
+
+class SourceEntry(_Strict):
+    kind: str
+    n: int = Field(3000, ge=10)
+    params: Dict = {}
+
+
+class VictimConfig(_Strict):
+    arch: str = "small_resnet"
+    arch_params: Dict = {}
+    num_classes: int = 10
+    weights: str
+
+
+class TransformTrain(_Strict):
+    epochs: int = 10
+    width: int = 32
+    nz: int = 64
+    seed: int = 1
+
+
+class DetectorTrain(_Strict):
+    transform: str = "discriminator"
+    per_source_transform: Dict[str, str] = {}
+    transform_params: Dict[str, Dict] = {}   # e.g. {"torchvision:resnet18": {"weights": "/path.pth"}}
+    arch: str = "small_resnet"
+    arch_params: Dict = {"width": 16, "blocks": 1}
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    lr_step: int = Field(5, ge=1)      # multiply the lr by lr_gamma every lr_step epochs
+    lr_gamma: float = Field(0.9, gt=0, le=1)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class TrainConfig(_Strict):
+    seed: int = 0
+    device: str = "auto"
+    channels: int = 1
+    size: int = 28
+    mean: List[float]
+    std: List[float]
+    victim: Optional[VictimConfig] = None
+    real: RealConfig
+    generative_data: str = Field(..., description="name of the real.train entry the GAN/diffusion sources learn from")
+    sources: Dict[str, SourceEntry]
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    discriminator: TransformTrain = TransformTrain()
+    detector: DetectorTrain = DetectorTrain()
+    target_fpr: float = Field(0.01, gt=0, lt=0.5)
+    cache: str = ".cache/guardian"
+
+    @model_validator(mode="after")
+    def _names(self):
+        names = [e.name for e in self.real.train]
+        if self.generative_data not in names:
+            raise ValueError(f"generative_data {self.generative_data!r} is not a real.train entry ({names})")
+        if not self.sources:
+            raise ValueError("sources: at least one synthetic source is needed")
+        return self
+
+
+def load_train_config(path: str) -> Tuple[TrainConfig, str]:
+    """(config, directory it was read from): relative paths in it are taken relative to that directory."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{path}: {msg}") from None
+    return cfg, os.path.dirname(os.path.abspath(path))

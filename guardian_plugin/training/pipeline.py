@@ -1,0 +1,371 @@
+"""``guardian train-detector``: the offline pipeline that builds a DFMS-Detector artifact.
+
+1. real images in three disjoint splits: train (the real class), calibrate (thresholds), evaluate
+2. synthetic sources (cached by their settings), each split into train / test
+3. transformation models (the discriminator is a GAN trained here on the defender's data)
+4. one sub-detector per source: equal numbers of real and synthetic training images, augmentation
+   before the transform, Adam with a step decay
+5. thresholds: the largest common per-sub-detector quantile level whose ENSEMBLE false-positive rate
+   is at most ``target_fpr`` on every calibration group
+6. report.json (DAcc per source and sub-detector, FPR per held-out real group, ROC-AUC), roc.png,
+   and the artifact directory that Guardian.from_artifact loads
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from guardian_plugin.detector import (FORMAT_VERSION, Detector, DetectorSpec, ImageSpec, InputMapping, SubDetector,
+                                      SubDetectorSpec, save_detector)
+from guardian_plugin.training.augment import augment
+from guardian_plugin.training.common import resolve_device, seed_everything
+from guardian_plugin.training.config import RealEntry, TrainConfig
+from guardian_plugin.training.data import image_folder, mnist_splits, photo_crops, to_float, to_uint8
+from guardian_plugin.training.sources import SourceContext, build_source
+from guardian_plugin.transform import TransformContext, TransformModel, build_transform
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ data
+def load_real(e: RealEntry, cfg: TrainConfig, base_dir: str) -> np.ndarray:
+    if e.kind == "mnist":
+        if cfg.channels != 1 or cfg.size != 28:
+            raise ValueError(f"real entry {e.name!r}: mnist is 1 x 28 x 28, the config says {cfg.channels} x {cfg.size}")
+        x = mnist_splits(seed=0)[e.split or "train"][0]
+    elif e.kind == "photos":
+        x = photo_crops(e.group or "train", e.n or 1000, cfg.size, cfg.channels, seed=e.seed)
+    elif e.kind == "folder":
+        x = image_folder(_path(e.path, base_dir), cfg.size, cfg.channels)
+    else:  # cifar10, from a local copy only
+        import torchvision
+
+        ds = torchvision.datasets.CIFAR10(_path(e.root, base_dir), train=e.train, download=False)
+        x = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
+        if cfg.channels == 1:
+            x = to_uint8(to_float(x).mean(1, keepdim=True))
+        if cfg.size != 32:
+            x = to_uint8(F.interpolate(to_float(x), size=(cfg.size, cfg.size), mode="bilinear", antialias=True))
+    if e.range is not None:
+        x = x[e.range[0]:e.range[1]]
+    if e.n is not None and e.kind != "photos":
+        x = x[: e.n]
+    return x
+
+
+def _path(p: str | None, base_dir: str) -> str:
+    if not p:
+        raise ValueError("a path is required")
+    return p if os.path.isabs(p) else os.path.join(base_dir, p)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def load_victim(cfg: TrainConfig, base_dir: str, device) -> torch.nn.Module:
+    from guardian_plugin.nets import build_classifier
+
+    path = _path(cfg.victim.weights, base_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"victim weights {path} are missing (train the victim first)")
+    m = build_classifier(cfg.victim.arch, in_channels=cfg.channels, num_classes=cfg.victim.num_classes,
+                         image_size=cfg.size, **cfg.victim.arch_params)
+    m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return m.eval().to(device)
+
+
+# --------------------------------------------------------------------------------- training
+def scores_of(detector: Detector, x_u8: np.ndarray, batch: int = 256, device="cpu") -> np.ndarray:
+    """(N, K) sub-detector logits for uint8 pixel images."""
+    out = []
+    for k in range(0, len(x_u8), batch):
+        out.append(detector.scores(to_float(x_u8[k:k + batch]).to(device)).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(detector.subs)), np.float32)
+
+
+def train_subdetector(name: str, transform: TransformModel, real: np.ndarray, fake: np.ndarray, cfg: TrainConfig,
+                      device, seed: int, progress: bool = True) -> Tuple[SubDetector, List[dict]]:
+    d = cfg.detector
+    seed_everything(seed)
+    sub = SubDetector(d.arch, cfg.channels, cfg.size, **d.arch_params).to(device)
+    opt = torch.optim.Adam(sub.parameters(), lr=d.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=d.lr_step, gamma=d.lr_gamma)
+    x = np.concatenate([real, fake])
+    y = torch.cat([torch.zeros(len(real)), torch.ones(len(fake))])
+    gen = torch.Generator().manual_seed(seed)
+    hist = []
+    bar = tqdm(range(d.epochs), desc=f"sub-detector {name}", disable=not progress)
+    for ep in bar:
+        sub.train()
+        perm = torch.randperm(len(x), generator=gen)
+        tot = correct = 0
+        loss_sum = 0.0
+        for k in range(0, len(x), d.batch_size):
+            idx = perm[k:k + d.batch_size]
+            xb = augment(to_float(x[idx.numpy()]), d.augment, gen).to(device)
+            rep = transform(xb)
+            logit = sub(rep)
+            yb = y[idx].to(device)
+            loss = F.binary_cross_entropy_with_logits(logit, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int(((logit > 0).float() == yb).sum())
+            tot += len(idx)
+        sched.step()
+        hist.append({"epoch": ep + 1, "loss": loss_sum / tot, "train_accuracy": correct / tot})
+        bar.set_postfix(loss=f"{loss_sum / tot:.4f}", acc=f"{correct / tot:.3f}")
+    return sub.eval(), hist
+
+
+def calibrate(cal_scores: Dict[str, np.ndarray], target_fpr: float) -> Tuple[np.ndarray, float, Dict[str, float]]:
+    """Per-sub-detector thresholds at one common quantile level ``a`` (each threshold is the
+    (1 - a)-quantile of that sub-detector's pooled calibration scores), with ``a`` the largest level at
+    which the ensemble's FPR is <= target on EVERY calibration group. Returns (thresholds, a, fpr per group)."""
+    pooled = np.concatenate(list(cal_scores.values()))
+
+    def thresholds(a: float) -> np.ndarray:
+        return np.quantile(pooled, 1.0 - a, axis=0, method="higher").astype(np.float32)  # as served
+
+    def fprs(thr) -> Dict[str, float]:
+        return {g: float((s >= thr).any(1).mean()) for g, s in cal_scores.items()}
+
+    lo, hi = 0.0, target_fpr
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if max(fprs(thresholds(mid)).values()) <= target_fpr:
+            lo = mid
+        else:
+            hi = mid
+    thr = thresholds(lo)
+    if lo == 0.0:  # even the maxima flag too much: put each threshold just above its maximum
+        thr = np.nextafter(pooled.max(0).astype(np.float32), np.float32(np.inf))
+    return thr, lo, fprs(thr)
+
+
+def _roc(real: np.ndarray, fake: np.ndarray):
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.r_[np.zeros(len(real)), np.ones(len(fake))]
+    s = np.r_[real, fake]
+    fpr, tpr, _ = roc_curve(y, s)
+    return float(roc_auc_score(y, s)), fpr, tpr
+
+
+# -------------------------------------------------------------------------------------- run
+def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | None = None, progress: bool = True,
+                   config_path: str | None = None) -> dict:
+    t_start = time.time()
+    timings: Dict[str, float] = {}
+    dev = resolve_device(device or cfg.device)
+    seed_everything(cfg.seed)
+    cache = _path(cfg.cache, base_dir)
+    os.makedirs(cache, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
+
+    # 1. real data
+    t = time.time()
+    real = {split: {e.name: load_real(e, cfg, base_dir) for e in getattr(cfg.real, split)}
+            for split in ("train", "calibrate", "evaluate")}
+    timings["real_data"] = time.time() - t
+    victim = load_victim(cfg, base_dir, dev) if cfg.victim else None
+    victim_hash = _file_hash(_path(cfg.victim.weights, base_dir)) if cfg.victim else None
+
+    # 2. synthetic sources (cached)
+    gen_data = to_float(real["train"][cfg.generative_data])
+    sctx = SourceContext(gen_data, victim, cfg.mean, cfg.std, cfg.victim.num_classes if cfg.victim else 10,
+                         dev, cfg.seed, progress)
+    fake_train, fake_test, source_info = {}, {}, {}
+    for name, s in cfg.sources.items():
+        key = _hash({"kind": s.kind, "n": s.n, "params": s.params, "seed": cfg.seed, "victim": victim_hash,
+                     "data": [e.model_dump() for e in cfg.real.train if e.name == cfg.generative_data],
+                     "size": cfg.size, "channels": cfg.channels})
+        path = os.path.join(cache, f"source-{name}-{key}.npz")
+        t = time.time()
+        if os.path.exists(path):
+            x = np.load(path)["x"]
+            info = json.loads(str(np.load(path)["info"]))
+            info["cached"] = True
+        else:
+            sctx.info = {}
+            x = build_source(s.kind)(sctx, s.n, **s.params)
+            info = {**sctx.info.get(s.kind, {}), "seconds": round(time.time() - t, 1)}
+            np.savez_compressed(path, x=x, info=json.dumps(info))
+            info["cached"] = False
+        timings[f"source_{name}"] = time.time() - t
+        perm = np.random.RandomState(cfg.seed).permutation(len(x))
+        n_test = int(round(len(x) * cfg.test_fraction))
+        fake_test[name], fake_train[name] = x[perm[:n_test]], x[perm[n_test:]]
+        source_info[name] = {**info, "kind": s.kind, "train": len(fake_train[name]), "test": n_test, "cache": path}
+
+    # 3. transformation models
+    t = time.time()
+    names = {src: cfg.detector.per_source_transform.get(src, cfg.detector.transform) for src in cfg.sources}
+    tctx = TransformContext(cfg.channels, cfg.size, artifact_dir=out_dir, victim=victim,
+                            victim_mean=cfg.mean, victim_std=cfg.std)
+    transform_specs: Dict[str, dict] = {}
+    transforms: Dict[str, TransformModel] = {}
+    for tname in sorted(set(names.values())):
+        spec = dict(cfg.detector.transform_params.get(tname, {}))
+        if tname == "discriminator":
+            spec = {"weights": "transform_discriminator.pt", "width": cfg.discriminator.width}
+            dpath = _train_discriminator(cfg, gen_data, cache, dev, progress)
+            shutil.copyfile(dpath, os.path.join(out_dir, spec["weights"]))
+        elif tname == "victim":
+            if victim is None:
+                raise ValueError("transform 'victim' needs `victim:` in the config")
+            spec = {"weights": "transform_victim.torchscript.pt", "mean": cfg.mean, "std": cfg.std}
+            torch.jit.trace(victim.cpu().eval(), torch.zeros(1, cfg.channels, cfg.size, cfg.size)).save(
+                os.path.join(out_dir, spec["weights"]))
+            victim.to(dev)
+        transform_specs[tname] = spec
+        transforms[tname] = build_transform(tname, spec, tctx).to(dev)
+    timings["transforms"] = time.time() - t
+
+    # 4. sub-detectors: each gets as many real training images as it has synthetic ones
+    real_pool = np.concatenate(list(real["train"].values()))
+    subs, sub_specs, histories = [], [], {}
+    for i, (src, x_fake) in enumerate(fake_train.items()):
+        t = time.time()
+        rng = np.random.RandomState(cfg.seed + 100 + i)
+        n = len(x_fake)
+        idx = rng.choice(len(real_pool), n, replace=n > len(real_pool))
+        sub, hist = train_subdetector(src, transforms[names[src]], real_pool[idx], x_fake, cfg, dev,
+                                      cfg.seed + 10 + i, progress)
+        subs.append(sub)
+        histories[src] = hist
+        sub_specs.append(SubDetectorSpec(name=src, source=cfg.sources[src].kind, transform=names[src],
+                                         arch=cfg.detector.arch, arch_params=cfg.detector.arch_params,
+                                         weights=f"subdetector_{src}.pt", threshold=0.0))
+        timings[f"subdetector_{src}"] = time.time() - t
+
+    spec = DetectorSpec(format_version=FORMAT_VERSION, image=ImageSpec(channels=cfg.channels, size=cfg.size),
+                        input=InputMapping(mean=cfg.mean, std=cfg.std), target_fpr=cfg.target_fpr,
+                        transforms=transform_specs, subdetectors=sub_specs)
+    detector = Detector(spec, transforms, subs).to(dev)
+
+    # 5. calibration on held-out real images
+    t = time.time()
+    cal_scores = {g: scores_of(detector, x, device=dev) for g, x in real["calibrate"].items()}
+    thr, level, cal_fpr = calibrate(cal_scores, cfg.target_fpr)
+    for s, v in zip(spec.subdetectors, thr):
+        s.threshold = float(v)
+    detector.thresholds.copy_(torch.from_numpy(thr))
+    timings["calibration"] = time.time() - t
+
+    # 6. evaluation on data no step above has seen
+    t = time.time()
+    ev_real = {g: scores_of(detector, x, device=dev) for g, x in real["evaluate"].items()}
+    ev_fake = {src: scores_of(detector, x, device=dev) for src, x in fake_test.items()}
+    margin = lambda s: (s - thr).max(1)  # noqa: E731  ensemble score: flagged iff >= 0
+    report = {
+        "format_version": FORMAT_VERSION,
+        "seed": cfg.seed,
+        "target_fpr": cfg.target_fpr,
+        "quantile_level": level,
+        "thresholds": {s.name: s.threshold for s in spec.subdetectors},
+        "calibration_fpr": cal_fpr,
+        "fpr": {g: {"ensemble": float((s >= thr).any(1).mean()),
+                    **{n: float((s[:, k] >= thr[k]).mean()) for k, n in enumerate(detector.names)}, "n": len(s)}
+                for g, s in ev_real.items()},
+        "dacc": {src: {"ensemble": float((s >= thr).any(1).mean()),
+                       **{n: float((s[:, k] >= thr[k]).mean()) for k, n in enumerate(detector.names)}, "n": len(s)}
+                 for src, s in ev_fake.items()},
+        "roc_auc": {},
+        "sources": source_info,
+        "transforms": names,
+        "data": {split: {g: int(len(x)) for g, x in d.items()} for split, d in real.items()},
+        "training_history": histories,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "device": str(dev),
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "guardian_plugin": __import__("guardian_plugin").__version__},
+        "config": cfg.model_dump(),
+        "config_path": config_path,
+    }
+    curves = {}
+    for src, s in ev_fake.items():
+        report["roc_auc"][src] = {}
+        for g, r in ev_real.items():
+            auc, fpr, tpr = _roc(margin(r), margin(s))
+            report["roc_auc"][src][g] = auc
+            curves[(src, g)] = (fpr, tpr, auc)
+    timings["evaluation"] = time.time() - t
+    report["timings_s"]["evaluation"] = round(timings["evaluation"], 1)
+    report["timings_s"]["total"] = round(time.time() - t_start, 1)
+
+    save_detector(out_dir, spec, [s.cpu() for s in subs])
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    _plot_roc(curves, os.path.join(out_dir, "roc.png"), cfg.target_fpr)
+    return report
+
+
+def _train_discriminator(cfg: TrainConfig, data01: torch.Tensor, cache: str, dev, progress: bool) -> str:
+    from guardian_plugin.training.gan import train_dcgan
+
+    d = cfg.discriminator
+    key = _hash({**d.model_dump(), "n": len(data01), "sum": float(data01.sum()), "shape": list(data01.shape)})
+    path = os.path.join(cache, f"transform-discriminator-{key}.pt")
+    if not os.path.exists(path):
+        _, disc, _ = train_dcgan(data01, epochs=d.epochs, width=d.width, nz=d.nz, seed=d.seed, device=dev,
+                                 progress=progress, desc="transform GAN")
+        torch.save(disc.cpu().state_dict(), path)
+    return path
+
+
+def _plot_roc(curves, path: str, target_fpr: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({g for _, g in curves})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.2), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for (src, gg), (fpr, tpr, auc) in sorted(curves.items()):
+            if gg == g:
+                ax.plot(fpr, tpr, label=f"{src} (AUC {auc:.4f})")
+        ax.axvline(target_fpr, ls=":", c="grey", label=f"target FPR {target_fpr:g}")
+        ax.set_xscale("log")
+        ax.set_xlim(1e-3, 1)
+        ax.set_xlabel(f"false-positive rate on held-out real '{g}'")
+        ax.set_ylabel("detection rate (ensemble)")
+        ax.set_title(f"ensemble ROC vs real '{g}'")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_summary(report: dict) -> None:
+    print(f"target FPR {report['target_fpr']:.2%} (calibration: "
+          + ", ".join(f"{g} {v:.2%}" for g, v in report["calibration_fpr"].items()) + ")")
+    print("held-out real (FPR):  " + ", ".join(f"{g} {v['ensemble']:.2%} (n={v['n']})" for g, v in report["fpr"].items()))
+    for src, v in report["dacc"].items():
+        per = ", ".join(f"{k} {x:.1%}" for k, x in v.items() if k not in ("ensemble", "n"))
+        aucs = ", ".join(f"{g} {a:.4f}" for g, a in report["roc_auc"][src].items())
+        print(f"source {src:10s} DAcc ensemble {v['ensemble']:.2%} (n={v['n']}; {per}); ROC-AUC vs {aucs}")
+    print(f"total {report['timings_s']['total']:.0f} s: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings_s"].items() if k != "total"))

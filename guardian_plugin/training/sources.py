@@ -1,0 +1,99 @@
+"""Synthetic sources for the detector's fake classes, one registry entry each.
+
+A source turns the training context into ``n`` uint8 pixel images (N, C, H, W). Every source can be
+replaced by an ImageFolder of images the defender already has: ``{kind: folder, path: DIR}``.
+
+- ``dfme``       simulate DFME against the defender's own victim (zeroth-order generator training)
+                 and sample its generator at several checkpoints
+- ``gan``        a DCGAN trained on the defender's real data
+- ``diffusion``  a small DDPM trained on the defender's real data (diffusers), sampled with DDIM
+- ``folder``     images from a directory
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+
+from guardian_plugin.registry import Registry
+from guardian_plugin.training.data import denormalise, image_folder, to_uint8
+
+SOURCES: Registry = Registry("synthetic source")
+log = logging.getLogger(__name__)
+
+
+class SourceContext:
+    """What sources may use: real training images in [0, 1], the victim and its normalisation."""
+
+    def __init__(self, real01: torch.Tensor, victim=None, mean=None, std=None, num_classes: int = 10,
+                 device="cpu", seed: int = 0, progress: bool = True):
+        self.real01 = real01
+        self.victim = victim
+        self.mean, self.std = mean, std
+        self.num_classes = num_classes
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+        self.channels, self.size = real01.shape[1], real01.shape[-1]
+        self.info: dict = {}  # what the source measured (written to report.json)
+
+
+@SOURCES.register("dfme")
+def dfme_source(ctx: SourceContext, n: int, budget: int = 200_000, checkpoints: int = 4, batch_size: int = 256,
+                clone_arch: str = "lenet5", **params) -> np.ndarray:
+    """DFME against the victim (no defence), generator sampled at ``checkpoints`` evenly spaced points."""
+    if ctx.victim is None:
+        raise ValueError("source 'dfme' needs the victim model (config: victim)")
+    from guardian_plugin.attacks.dfme import DFME
+    from guardian_plugin.attacks.target import InProcessTarget
+    from guardian_plugin.nets import build_classifier
+
+    target = InProcessTarget(ctx.victim, ctx.num_classes, device=ctx.device)
+    clone = build_classifier(clone_arch, in_channels=ctx.channels, num_classes=ctx.num_classes, image_size=ctx.size)
+    every = max(budget // checkpoints, 1)
+    atk = DFME(target, clone, budget=budget, image_shape=(ctx.channels, ctx.size, ctx.size), device=ctx.device,
+               seed=ctx.seed, progress=ctx.progress, batch_size=batch_size, checkpoint_every=every, **params)
+    atk.run()
+    ckpts = atk.checkpoints or [atk.generator.state_dict()]
+    per = [n // len(ckpts) + (1 if i < n % len(ckpts) else 0) for i in range(len(ckpts))]
+    imgs = [denormalise(atk.sample(k, sd).cpu(), ctx.mean, ctx.std) for k, sd in zip(per, ckpts) if k]
+    ctx.info["dfme"] = {"queries": atk.queries, "checkpoints": len(ckpts), "target_queries": target.queries}
+    return to_uint8(torch.cat(imgs))
+
+
+@SOURCES.register("gan")
+def gan_source(ctx: SourceContext, n: int, epochs: int = 20, width: int = 32, nz: int = 64, **params) -> np.ndarray:
+    from guardian_plugin.training.gan import sample_generator, train_dcgan
+
+    g, _, hist = train_dcgan(ctx.real01, epochs=epochs, width=width, nz=nz, seed=ctx.seed, device=ctx.device,
+                             progress=ctx.progress, desc="gan source", **params)
+    ctx.info["gan"] = {"epochs": epochs, "history": hist[-1:]}
+    return to_uint8(sample_generator(g, n, seed=ctx.seed + 1, device=ctx.device))
+
+
+@SOURCES.register("diffusion")
+def diffusion_source(ctx: SourceContext, n: int, steps: int = 1500, width: int = 16, sample_steps: int = 50,
+                     **params) -> np.ndarray:
+    from guardian_plugin.training.diffusion import sample_ddim, train_ddpm
+
+    unet, hist = train_ddpm(ctx.real01, steps=steps, width=width, seed=ctx.seed, device=ctx.device,
+                            progress=ctx.progress, **params)
+    ctx.info["diffusion"] = {"train_steps": steps, "sample_steps": sample_steps, "history": hist[-1:]}
+    return to_uint8(sample_ddim(unet, n, ctx.size, ctx.channels, steps=sample_steps, seed=ctx.seed + 1,
+                                device=ctx.device, progress=ctx.progress))
+
+
+@SOURCES.register("folder")
+def folder_source(ctx: SourceContext, n: int, path: str = "", **_) -> np.ndarray:
+    x = image_folder(path, ctx.size, ctx.channels)
+    if len(x) < n:
+        log.warning("folder source %s has %d images, fewer than the %d asked for", path, len(x), n)
+    idx = np.random.RandomState(ctx.seed).permutation(len(x))[:n]
+    return x[idx]
+
+
+def build_source(kind: str) -> Callable[..., np.ndarray]:
+    return SOURCES.get(kind)
