@@ -143,12 +143,36 @@ def to_probabilities(out: torch.Tensor, kind: str) -> torch.Tensor:
     return o if kind == "probabilities" else torch.softmax(o, 1)
 
 
-def rewrite_flagged(out: torch.Tensor, new_probs: torch.Tensor, flagged: torch.Tensor, kind: str) -> torch.Tensor:
-    """``out`` with flagged rows replaced so the original postprocess yields ``new_probs`` there."""
+def _keep_order(v: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, floor: float) -> torch.Tensor:
+    """``v`` (float64 rows) made strictly decreasing in the order of ``p`` (the unprotected probabilities)
+    by gaps of 3 ulps of ``dtype``, so that after rounding to ``dtype`` (and, for logits, the
+    postprocess's monotone softmax) the classes keep exactly the unprotected ranking.
+
+    DPreds keeps the ranking in exact arithmetic, but it adds the same ``d`` to every probability: in
+    float32, tail probabilities a few 1e-9 apart become equal and a top-k could list them in another
+    order. Only such near-ties move, each by a few ulps (at most about 1e-6 in all)."""
+    order = torch.sort(p.to(torch.float64), dim=1, descending=True, stable=True).indices
+    vs = torch.gather(v, 1, order)
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    for r in range(vs.shape[1] - 2, -1, -1):
+        below = vs[:, r + 1]
+        scale = below.abs().clamp_min(floor) if floor > 0 else below.abs()
+        vs[:, r] = torch.maximum(vs[:, r], below + 3 * eps * scale)
+    return torch.empty_like(v).scatter_(1, order, vs)
+
+
+def rewrite_flagged(out: torch.Tensor, probs: torch.Tensor, new_probs: torch.Tensor, flagged: torch.Tensor,
+                    kind: str) -> torch.Tensor:
+    """``out`` with flagged rows replaced so the original postprocess yields ``new_probs`` there, in the
+    unprotected ranking (``probs``); unflagged rows are left bit for bit."""
     if not bool(flagged.any()):
         return out
-    rows = new_probs[flagged].to(torch.float64)
-    rows = rows if kind == "probabilities" else rows.log()
+    q = new_probs[flagged].to(torch.float64)
+    p = probs[flagged]
+    if kind == "probabilities":
+        rows = _keep_order(q, p, out.dtype, 0.0)
+    else:  # softmax(log q) = q for q summing to one
+        rows = _keep_order(q.clamp_min(1e-300).log(), p, out.dtype, 1.0)
     res = out.clone()  # a normal tensor even when ``out`` is an inference tensor
     res[flagged.to(res.device)] = rows.to(dtype=res.dtype, device=res.device)
     return res
@@ -257,7 +281,7 @@ class HandlerGuard:
                     probs = to_probabilities(out, kind)
                     res = self.guardian.inspect(gx, probs, [ids[i] for i in gidx], refused=[False] * len(gidx))
                     flagged = torch.tensor(res.flagged, dtype=torch.bool)
-                    post = self.inner.postprocess(rewrite_flagged(out, res.probs, flagged, kind))
+                    post = self.inner.postprocess(rewrite_flagged(out, probs, res.probs, flagged, kind))
                     if not isinstance(post, list) or len(post) != len(gidx):
                         raise TypeError("the guarded handler's postprocess must return one entry per request")
                     for i, p in zip(gidx, post):

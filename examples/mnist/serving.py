@@ -1,0 +1,111 @@
+"""The MNIST example over TorchServe, shared by the demo, the TorchServe tests and the benchmark:
+real and generator-synthesised query images as a client sends them, and the pieces of the archives."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARTIFACTS = os.path.join(ROOT, "examples", "mnist", "artifacts")
+DETECTOR = os.environ.get("GUARDIAN_TEST_DETECTOR") or os.path.join(ARTIFACTS, "detector")
+VICTIM_TS = os.path.join(ARTIFACTS, "victim.torchscript.pt")
+MNIST_HANDLER = os.path.join(ROOT, "examples", "mnist", "mnist_handler.py")
+MNIST_MEAN, MNIST_STD = [0.1307], [0.3081]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def png(a: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def real_digits(n: int, offset: int = 0):
+    """(PNG bytes list, labels) of held-out MNIST test digits."""
+    from guardian_plugin.training.data import mnist_splits
+
+    x, y = mnist_splits()["test"]
+    return [png(x[i, 0]) for i in range(offset, offset + n)], [int(v) for v in y[offset:offset + n]]
+
+
+def generator_images(n: int, seed: int = 0) -> list:
+    """PNG bytes of DFME-generator (GeneratorA) outputs, mapped from the victim's normalised space to
+    8-bit pixels as an attacker's HTTP client sends them."""
+    from guardian_plugin.nets import GeneratorA
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    gen = GeneratorA(nz=256, channels=1, size=28).train()
+    with torch.no_grad():
+        x = gen(torch.randn(max(n, 2), 256, generator=g))[:n]
+    pix = (x * MNIST_STD[0] + MNIST_MEAN[0]).clamp(0, 1)
+    a = (pix * 255).round().to(torch.uint8).numpy()
+    return [png(a[i, 0]) for i in range(n)]
+
+
+def to_rgb(png_bytes: bytes) -> bytes:
+    """A 28 px grayscale digit as the 256 px RGB image an ImageNet-style client sends (padded to 32 px,
+    scaled 8x): ImageClassifier's Resize(256) + CenterCrop(224) then shows the model the 28 px digit,
+    scaled 8x, with no resampling blur."""
+    a = np.array(Image.open(io.BytesIO(png_bytes)).convert("RGB"))
+    a = np.pad(a, ((2, 2), (2, 2), (0, 0))).repeat(8, 0).repeat(8, 1)
+    return png(a)
+
+
+class ImageNetInputDigits(nn.Module):
+    """The MNIST victim behind an ImageNet-style input (3 x 224 x 224, ImageNet normalisation), so that
+    TorchServe's built-in ``image_classifier`` handler can serve it unchanged."""
+
+    def __init__(self, victim: nn.Module):
+        super().__init__()
+        self.victim = victim
+        self.register_buffer("in_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("in_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        pix = (x * self.in_std + self.in_mean).mean(1, keepdim=True)
+        pix = F.interpolate(pix, size=(28, 28), mode="area")  # 224 = 8 x 28: block averages
+        return self.victim((pix - 0.1307) / 0.3081)
+
+
+def imagenet_victim(path: str) -> str:
+    victim = torch.jit.load(VICTIM_TS, map_location="cpu").eval()
+    m = ImageNetInputDigits(victim).eval()
+    traced = torch.jit.trace(m, torch.zeros(1, 3, 224, 224))
+    traced.save(path)
+    return path
+
+
+def imagenet_detector(src: str, dst: str) -> str:
+    """A copy of the detector artifact whose input mapping reads ImageNet-normalised 224 px inputs."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    p = os.path.join(dst, "detector.yaml")
+    with open(p) as f:
+        spec = yaml.safe_load(f)
+    spec["input"] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "fit": "area"}
+    with open(p, "w") as f:
+        yaml.safe_dump(spec, f, sort_keys=False)
+    return dst
+
+
+def guard_yaml(path: str, ledger: str, tau: int, rho: float = 0.5, missing: str = "anonymous") -> str:
+    with open(path, "w") as f:
+        yaml.safe_dump({"ledger": ledger, "rule": {"tau": tau, "rho": rho},
+                        "identity": {"headers": ["X-Client-Id"], "missing": missing}}, f)
+    return path
+
+
+def topk(resp) -> list:
+    """[(label, probability), ...] in the response's order."""
+    return list(json.loads(resp.text).items())

@@ -1,0 +1,244 @@
+"""The TorchServe drop-in against a REAL TorchServe 0.12 (2 workers per guarded model, batching on),
+with the example's committed victim and detector artifact.
+
+One server for the module: the unprotected example archive (its own handler file) and its
+`guardian protect`ed copy; a `--handler image_classifier` archive and its protected copy; an archive
+whose handler is the literal string guardian_plugin.handlers.GuardedImageClassifier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from examples.mnist import serving as ex  # noqa: E402
+from guardian_plugin.handlers.archive import (  # noqa: E402
+    GUARDED_HANDLER, GUARDED_IMAGE_CLASSIFIER, _detector_files, protect, read_archive, rewrite_archive)
+from guardian_plugin.torchserve.server import TorchServe, build_archive  # noqa: E402
+
+D, K = 0.5, 10  # DPreds d (the default) and the number of classes
+WORKERS, BATCH, DELAY_MS = 2, 8, 50
+TAU = 4
+
+
+def _need_artifacts():
+    missing = [p for p in (ex.VICTIM_TS, os.path.join(ex.DETECTOR, "detector.yaml")) if not os.path.exists(p)]
+    if missing:
+        pytest.fail(f"example artifacts missing: {missing}; regenerate them with `make train-example` "
+                    "(they are committed, so a checkout has them)")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    _need_artifacts()
+    w = tmp_path_factory.mktemp("torchserve")
+    store, build = str(w / "store"), str(w / "build")
+    ledger = f"sqlite:///{w}/state/ledger.db"
+    guard = ex.guard_yaml(str(w / "guard.yaml"), ledger, tau=TAU)
+
+    mnist = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)  # its own handler file
+    protect(mnist, ex.DETECTOR, os.path.join(store, "mnist_g.mar"), config=guard)
+
+    rgb_pt = ex.imagenet_victim(str(w / "rgb_victim.pt"))
+    rgb = build_archive("rgb", rgb_pt, "image_classifier", store)  # a built-in handler name
+    det_rgb = ex.imagenet_detector(ex.DETECTOR, str(w / "detector_imagenet"))
+    protect(rgb, det_rgb, os.path.join(store, "rgb_g.mar"), config=guard)
+
+    base = build_archive("literal", ex.VICTIM_TS, "image_classifier", build)
+    rewrite_archive(base, os.path.join(store, "literal.mar"), handler=GUARDED_IMAGE_CLASSIFIER, handler_config={
+        "image_processing": {"resize": None, "center_crop": None, "mean": ex.MNIST_MEAN, "std": ex.MNIST_STD},
+        "topk": 10,
+        "guardian": {"guard": {"detector": "guardian/detector", "ledger": ledger, "namespace": "literal",
+                               "rule": {"tau": TAU}, "identity": {"headers": ["X-Client-Id"], "missing": "reject"}}},
+    }, extra_files=_detector_files(ex.DETECTOR))
+
+    ts = TorchServe(store, str(w / "server")).start()
+    try:
+        models = {"mnist": 1, "rgb": 1, "mnist_g": WORKERS, "rgb_g": WORKERS, "literal": WORKERS}
+        for name, workers in models.items():
+            ts.register(f"{name}.mar", name, workers=workers, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
+    except Exception:
+        print(ts.log_tail(80))
+        ts.stop()
+        raise
+    digits, labels = ex.real_digits(16)
+    fakes = ex.generator_images(16, seed=1)
+    state = {"ts": ts, "store": store, "w": w, "digits": digits, "labels": labels, "fakes": fakes}
+    yield state
+    state["ts"].stop()  # the restart test replaces the server
+    ts.stop()
+
+
+def post(ts, model, body, client=None, headers=None):
+    h = dict(headers or {})
+    if client is not None:
+        h["X-Client-Id"] = client
+    return ts.predict(model, body, h)
+
+
+def relation(r0, r1) -> str:
+    """'benign' when the protected response equals the unprotected one exactly, 'flagged' when it is
+    DPreds of it (same labels, same order); fails otherwise."""
+    assert r0.status_code == 200 and r1.status_code == 200, (r0.status_code, r0.text, r1.status_code, r1.text)
+    a, b = ex.topk(r0), ex.topk(r1)
+    assert [l for l, _ in a] == [l for l, _ in b], f"label order differs: {a} vs {b}"
+    if a == b:
+        return "benign"
+    for (_, pa), (_, pb) in zip(a, b):
+        assert pb == pytest.approx((pa + D) / (1 + K * D), abs=2e-6), (a, b)
+    return "flagged"
+
+
+def test_literal_handler_string_loads_and_serves(served):
+    ts = served["ts"]
+    manifest, _ = read_archive(os.path.join(served["store"], "literal.mar"))
+    assert manifest["model"]["handler"] == "guardian_plugin.handlers.GuardedImageClassifier"
+    correct = 0
+    for i, (img, y) in enumerate(zip(served["digits"][:8], served["labels"][:8])):
+        r = post(ts, "literal", img, client=f"lit-{i}")
+        assert r.status_code == 200, r.text
+        probs = dict(ex.topk(r))
+        assert sorted(probs) == [str(k) for k in range(10)]
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        correct += max(probs, key=probs.get) == str(y)
+        # the same preprocessing as the example's own handler: benign answers are identical
+        assert relation(post(ts, "mnist", img), r) == "benign"
+    assert correct >= 7
+    # identity configured as `missing: reject`: no client header -> 401 with a JSON reason
+    r = post(ts, "literal", served["digits"][0])
+    assert r.status_code == 401 and json.loads(r.text)["type"] == "MissingIdentity"
+
+
+@pytest.mark.parametrize("plain,guarded,rgb", [("mnist", "mnist_g", False), ("rgb", "rgb_g", True)],
+                         ids=["own-handler-file", "builtin-image_classifier"])
+def test_protect_exact_for_benign_dpreds_for_flagged(served, plain, guarded, rgb):
+    ts = served["ts"]
+    manifest, files = read_archive(os.path.join(served["store"], f"{guarded}.mar"))
+    assert manifest["model"]["handler"] == GUARDED_HANDLER
+    assert any(n.startswith("guardian/detector/") for n in files)
+    conv = ex.to_rgb if rgb else (lambda b: b)
+    seen = {"digit": [], "fake": []}
+    # one request at a time: both servers run batches of one, so even the float bits must agree
+    for kind in ("digit", "fake"):
+        for i, img in enumerate(served["digits" if kind == "digit" else "fakes"][:10]):
+            body = conv(img)
+            seen[kind].append(relation(post(ts, plain, body), post(ts, guarded, body, client=f"{guarded}-{kind}-{i}")))
+    assert seen["digit"].count("benign") >= 8, seen  # real held-out digits pass
+    assert seen["fake"].count("flagged") >= 9, seen  # generator images are flagged
+    # concurrent requests, batched by the server: same relation (batch composition may move the
+    # victim's float output by ~1e-5 on either server, so compare to that tolerance here)
+    bodies = [conv(b) for b in served["digits"][10:16] + served["fakes"][10:16]]
+    with ThreadPoolExecutor(12) as pool:
+        r0 = list(pool.map(lambda b: post(ts, plain, b), bodies))
+        r1 = list(pool.map(lambda ib: post(ts, guarded, ib[1], client=f"{guarded}-conc-{ib[0]}"), enumerate(bodies)))
+    kinds = []
+    for a, b in zip(r0, r1):
+        assert a.status_code == b.status_code == 200
+        la, lb = ex.topk(a), ex.topk(b)
+        pa, pb = np.array([p for _, p in la]), np.array([p for _, p in lb])
+        if np.allclose(pa, pb, atol=1e-4):
+            kinds.append("benign")
+        else:
+            assert np.allclose(pb, (pa + D) / (1 + K * D), atol=1e-4), (la, lb)
+            kinds.append("flagged")
+    assert kinds[6:].count("flagged") >= 5 and kinds[:6].count("benign") >= 4, kinds
+
+
+def _refuse(ts, model, client, fakes):
+    for i, img in enumerate(fakes):
+        r = post(ts, model, img, client=client)
+        if r.status_code == 403:
+            return i
+        assert r.status_code == 200, r.text
+    raise AssertionError(f"{client} was never refused after {len(fakes)} generator queries")
+
+
+def test_batch_mixing_refused_and_benign_client(served):
+    ts = served["ts"]
+    at = _refuse(ts, "mnist_g", "attacker-1", served["fakes"])
+    assert TAU <= at <= TAU + 2  # refused right after tau flagged queries
+    body = json.loads(post(ts, "mnist_g", served["fakes"][0], client="attacker-1").text)
+    assert body["type"] == "ClientRefused" and "refused" in body["message"]
+    # interleaved concurrent requests: the server batches them (batch_size 8, 50 ms delay)
+    jobs = [("attacker-1" if i % 2 == 0 else f"benign-mix-{i}", served["digits"][i]) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda j: post(ts, "mnist_g", j[1], client=j[0]), jobs))
+    for (client, _), r in zip(jobs, rs):
+        if client == "attacker-1":
+            assert r.status_code == 403 and json.loads(r.text)["type"] == "ClientRefused"
+        else:
+            assert r.status_code == 200 and len(ex.topk(r)) == 10
+    # header names are case-insensitive
+    assert post(ts, "mnist_g", served["digits"][0], headers={"x-client-id": "attacker-1"}).status_code == 403
+
+
+def _bad_inputs(digit_png: bytes):
+    from PIL import Image
+    import io
+
+    big = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(big, "PNG")  # 25 Mpx of zeros: ~25 kB on the wire
+    return {
+        "empty body": (b"", {}),
+        "not an image": (b"this is not an image at all", {}),
+        "truncated png": (digit_png[: len(digit_png) // 2], {}),
+        "enormous image": (big.getvalue(), {}),
+        "bad base64": ("%%% definitely not base64 %%%".encode(), {"Content-Type": "text/plain"}),
+    }
+
+
+@pytest.mark.parametrize("model", ["mnist_g", "rgb_g"])
+def test_bad_inputs_get_400_and_worker_keeps_serving(served, model):
+    ts = served["ts"]
+    good = served["digits"][3] if model == "mnist_g" else ex.to_rgb(served["digits"][3])
+    for what, (body, headers) in _bad_inputs(served["digits"][3]).items():
+        r = post(ts, model, body, client=f"bad-{model}-{what}", headers=headers)
+        assert r.status_code == 400, (what, r.status_code, r.text)
+        msg = json.loads(r.text)
+        assert msg["code"] == 400 and msg["message"], (what, msg)
+        ok = post(ts, model, good, client=f"good-after-{model}-{what}")
+        assert ok.status_code == 200, (what, ok.text)
+    # bad and good requests in one batch: each gets its own status
+    bad = _bad_inputs(served["digits"][3])
+    jobs = [(bad["not an image"][0], 400), (good, 200), (bad["truncated png"][0], 400), (good, 200)]
+    with ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda ij: post(ts, model, ij[1][0], client=f"mixbad-{model}-{ij[0]}"), enumerate(jobs)))
+    assert [r.status_code for r in rs] == [c for _, c in jobs]
+
+
+def test_custom_metrics_at_the_metrics_endpoint(served):
+    ts = served["ts"]
+    _refuse(ts, "rgb_g", "attacker-metrics", [ex.to_rgb(f) for f in served["fakes"]])
+    text = ts.metrics()
+    values = {}
+    for line in text.splitlines():
+        for name in ("GuardianQueries", "GuardianFlagged", "GuardianRefused", "GuardianGuardTime"):
+            if line.startswith(name + "{") and 'ModelName="rgb_g"' in line:
+                values[name] = float(line.rsplit(" ", 1)[1])
+    assert set(values) == {"GuardianQueries", "GuardianFlagged", "GuardianRefused", "GuardianGuardTime"}, values
+    assert values["GuardianQueries"] >= TAU and values["GuardianFlagged"] >= TAU and values["GuardianRefused"] >= 1
+
+
+def test_refusal_persists_across_restart(served):
+    ts = served["ts"]
+    if post(ts, "mnist_g", served["fakes"][0], client="attacker-restart").status_code != 403:
+        _refuse(ts, "mnist_g", "attacker-restart", served["fakes"])
+    ts.stop()
+    ts2 = TorchServe(served["store"], str(served["w"] / "server2"))
+    served["ts"] = ts2  # the fixture stops whichever server is current
+    ts2.start()
+    ts2.register("mnist_g.mar", "mnist_g", workers=WORKERS, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
+    r = post(ts2, "mnist_g", served["digits"][0], client="attacker-restart")  # even a real digit
+    assert r.status_code == 403 and json.loads(r.text)["type"] == "ClientRefused"
+    assert post(ts2, "mnist_g", served["digits"][0], client="fresh-after-restart").status_code == 200
