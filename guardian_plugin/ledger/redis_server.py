@@ -31,12 +31,13 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(self, port: Optional[int] = None, durable: bool = True, data_dir: Optional[str] = None,
-                 binary: Optional[str] = None):
+                 binary: Optional[str] = None, appendfsync: str = "always"):
         self.binary = binary or shutil.which("redis-server")
         if not self.binary:
             raise RuntimeError("redis-server not found: install Debian's redis-server (scripts/setup.sh does)")
         self.port = port or free_port()
         self.durable = durable
+        self.appendfsync = appendfsync  # always | everysec (survives a redis-server crash, not a power cut)
         self._own_dir = data_dir is None
         self.dir = data_dir or tempfile.mkdtemp(prefix="guardian-redis-")
         self.proc: Optional[subprocess.Popen] = None
@@ -48,7 +49,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--logfile", os.path.join(self.dir, "redis.log")]
-        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        args += ["--appendonly", "yes", "--appendfsync", self.appendfsync] if self.durable else ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
