@@ -1,0 +1,203 @@
+"""The TorchServe adapter's pieces without a server: flagged-row rewriting, input checks, archive
+rewriting and the `guardian protect` command (real torch-model-archiver archives)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from guardian_plugin.errors import ConfigError  # noqa: E402
+from guardian_plugin.handlers import guard as g  # noqa: E402
+from guardian_plugin.handlers.archive import GUARDED_HANDLER, ArchiveError, protect, read_archive  # noqa: E402
+from guardian_plugin.handlers.settings import read_settings, resolve_ledger  # noqa: E402
+from guardian_plugin.responses import dpreds  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- flagged-row rewriting
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 12), st.floats(0.5, 30.0), st.integers(0, 2**31 - 1), st.sampled_from([0.1, 0.5, 2.0]))
+def test_rewrite_logits_gives_dpreds_in_the_same_order(b, k, spread, seed, d):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, k, generator=gen) * spread
+    p = torch.softmax(z, 1)
+    flagged = torch.rand(b, generator=gen) < 0.6
+    out = g.rewrite_flagged(z, p, dpreds(p, d), flagged, "logits")
+    post = torch.softmax(out, 1)  # what ImageClassifier's postprocess does
+    for i in range(b):
+        if flagged[i]:
+            assert torch.allclose(post[i].double(), dpreds(p[i].double(), d), atol=2e-6)
+            assert torch.equal(torch.topk(post[i], k).indices, torch.topk(p[i], k).indices)
+        else:
+            assert torch.equal(out[i], z[i])  # bit for bit
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 12), st.floats(0.5, 30.0), st.integers(0, 2**31 - 1))
+def test_rewrite_probabilities_gives_dpreds_in_the_same_order(b, k, spread, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(b, k, generator=gen) * spread, 1)
+    flagged = torch.ones(b, dtype=torch.bool)
+    out = g.rewrite_flagged(p, p, dpreds(p, 0.5), flagged, "probabilities")
+    assert torch.allclose(out.double(), dpreds(p.double(), 0.5), atol=2e-6)
+    assert torch.equal(torch.topk(out, k).indices, torch.topk(p, k).indices)
+
+
+def test_output_kind_auto():
+    z = torch.tensor([[2.0, -1.0, 0.5]])
+    assert g.output_kind(z, "auto") == "logits"
+    assert g.output_kind(torch.softmax(z, 1), "auto") == "probabilities"
+    assert g.output_kind(torch.softmax(z, 1), "logits") == "logits"
+    assert g.output_kind(torch.tensor([[0.2, 0.2, 0.2]]), "auto") == "logits"  # does not sum to one
+
+
+def test_rewrite_of_an_inference_tensor():
+    with torch.inference_mode():
+        z = torch.randn(3, 4)
+    p = torch.softmax(z, 1)
+    out = g.rewrite_flagged(z, p, dpreds(p), torch.tensor([True, False, True]), "logits")
+    assert torch.equal(out[1], z[1]) and not torch.equal(out[0], z[0])
+
+
+# -------------------------------------------------------------------------------------- input checks
+def _png(a):
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_precheck_and_diagnose():
+    digit = _png((np.random.RandomState(0).rand(28, 28) * 255).astype(np.uint8))
+    for row in ({"body": b""}, {"data": None, "body": None}, {"body": ""}):
+        with pytest.raises(g.RequestError) as e:
+            g.precheck(row, 1000)
+        assert e.value.code == 400 and e.value.kind == "EmptyInput"
+    big = io.BytesIO()
+    Image.new("L", (2000, 1000)).save(big, "PNG")
+    for body in (big.getvalue(), base64.b64encode(big.getvalue()).decode()):
+        with pytest.raises(g.RequestError) as e:
+            g.precheck({"body": body}, 1_000_000)
+        assert e.value.kind == "ImageTooLarge" and "2000x1000" in e.value.message
+    g.precheck({"body": digit}, 1000)  # 784 px: fine
+    g.precheck({"body": b"not an image"}, 1000)  # left to the handler's own preprocess
+    assert g.diagnose({"body": digit[: len(digit) // 2]}, OSError("x")).kind == "CorruptImage"
+    assert g.diagnose({"body": b"not an image"}, OSError("x")).kind == "NotAnImage"
+    assert g.diagnose({"body": "%% not base64 %%"}, ValueError("x")).kind == "BadBase64"
+    assert g.diagnose({"body": [1, 2]}, TypeError("x")).kind == "BadInput"
+
+
+# ------------------------------------------------------------------------------------------ archives
+@pytest.fixture(scope="module")
+def stub_detector(tmp_path_factory):
+    from guardian_plugin.detector import DetectorSpec, InputMapping, SubDetector, SubDetectorSpec, save_detector
+
+    d = tmp_path_factory.mktemp("det")
+    torch.manual_seed(0)
+    spec = DetectorSpec(format_version=1, input=InputMapping(mean=[0.1307], std=[0.3081]),
+                        subdetectors=[SubDetectorSpec(name="s", transform="identity", weights="s.pt",
+                                                      arch_params={"width": 4, "blocks": 1}, threshold=0.0)])
+    save_detector(str(d), spec, [SubDetector("small_resnet", 1, 28, width=4, blocks=1)])
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def mnist_mar(tmp_path_factory):
+    from examples.mnist import serving as ex
+    from guardian_plugin.torchserve.server import build_archive
+
+    if not os.path.exists(ex.VICTIM_TS):
+        pytest.fail(f"{ex.VICTIM_TS} is missing (committed example artifact)")
+    return build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, str(tmp_path_factory.mktemp("mar")))
+
+
+def test_protect_rewrites_manifest_and_embeds_detector(tmp_path, stub_detector, mnist_mar):
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(yaml.safe_dump({"ledger": "sqlite://guardian/mnist.db", "rule": {"tau": 7, "rho": 0.4},
+                                   "identity": {"api_key_header": "X-Api-Key", "missing": "reject"}}))
+    out = str(tmp_path / "out.mar")
+    s = protect(mnist_mar, stub_detector, out, config=str(cfg))
+    assert s["wraps"] == "mnist_handler.py" and s["namespace"] == "mnist"
+    manifest, files = read_archive(out)
+    _, orig_files = read_archive(mnist_mar)
+    assert manifest["model"]["handler"] == GUARDED_HANDLER
+    for name, data in orig_files.items():  # nothing of the original archive changed but the manifest
+        if name != "MAR-INF/MANIFEST.json":
+            assert files[name] == data
+    assert {"guardian/detector/detector.yaml", "guardian/detector/s.pt"} <= set(files)
+    mc = yaml.safe_load(files[manifest["model"]["configFile"]])
+    gs = mc["handler"]["guardian"]
+    assert gs["wrap"] == "mnist_handler.py" and gs["guard"]["rule"]["tau"] == 7
+    # what a worker reads back: detector inside the extracted archive, ledger under the state dir
+    os.environ["GUARDIAN_STATE_DIR"] = str(tmp_path / "state")
+    try:
+        settings_, gcfg = read_settings(mc, "/models/x")
+    finally:
+        del os.environ["GUARDIAN_STATE_DIR"]
+    assert gcfg.detector == "/models/x/guardian/detector"
+    from guardian_plugin.ledger import sqlite_path
+
+    assert sqlite_path(gcfg.ledger) == f"{tmp_path}/state/guardian/mnist.db"
+    assert gcfg.identity.api_key_header == "X-Api-Key" and gcfg.identity.missing == "reject"
+    with pytest.raises(ArchiveError, match="already guarded"):
+        protect(out, stub_detector, str(tmp_path / "again.mar"))
+
+
+def test_protect_errors_name_the_problem(tmp_path, stub_detector, mnist_mar):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rule: {rho: 2}\n")
+    with pytest.raises(ConfigError, match="rule.rho"):
+        protect(mnist_mar, stub_detector, str(tmp_path / "o.mar"), config=str(bad))
+    with pytest.raises(ArchiveError, match="not a zip"):
+        protect(str(bad), stub_detector, str(tmp_path / "o.mar"))
+    from guardian_plugin.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="detector.yaml"):
+        protect(mnist_mar, str(tmp_path), str(tmp_path / "o.mar"))
+    # a function entry point cannot be wrapped
+    manifest, files = read_archive(mnist_mar)
+    manifest["model"]["handler"] = "mnist_handler.py:handle"
+    from guardian_plugin.handlers.archive import write_archive
+
+    fn = write_archive(str(tmp_path / "fn.mar"), manifest, files)
+    with pytest.raises(ArchiveError, match="function entry point"):
+        protect(fn, stub_detector, str(tmp_path / "o.mar"))
+
+
+def test_guardian_protect_command(tmp_path, stub_detector, mnist_mar, capsys):
+    from guardian_plugin.cli import main
+
+    out = tmp_path / "p.mar"
+    assert main(["protect", mnist_mar, "--detector", stub_detector, "-o", str(out),
+                 "--ledger", f"sqlite:///{tmp_path}/l.db", "--max-image-pixels", "100000"]) == 0
+    assert "guardian_plugin.handlers.GuardedHandler" in capsys.readouterr().out
+    manifest, files = read_archive(str(out))
+    gs = yaml.safe_load(files[manifest["model"]["configFile"]])["handler"]["guardian"]
+    assert gs["max_image_pixels"] == 100000 and gs["guard"]["ledger"] == f"sqlite:///{tmp_path}/l.db"
+    assert main(["protect", str(out), "--detector", stub_detector, "-o", str(tmp_path / "q.mar")]) == 2
+
+
+def test_relative_ledger_is_never_the_worker_cwd(monkeypatch, tmp_path):
+    monkeypatch.setenv("GUARDIAN_STATE_DIR", str(tmp_path))
+    from guardian_plugin.ledger import sqlite_path
+
+    assert sqlite_path(resolve_ledger("sqlite://a/b.db")) == f"{tmp_path}/a/b.db"
+    assert sqlite_path(resolve_ledger("rel.db")) == f"{tmp_path}/rel.db"
+    assert sqlite_path(resolve_ledger("sqlite:///abs/x.db")) == "/abs/x.db"
+    assert resolve_ledger("memory://") == "memory://"
+    monkeypatch.setenv("GUARDIAN_LEDGER", "sqlite:///srv/l.db")
+    assert sqlite_path(resolve_ledger("sqlite://x.db")) == "/srv/l.db"
