@@ -1,0 +1,318 @@
+"""The protected example service under a real `bentoml serve` (2 worker processes, one SQLite ledger),
+then the Bento that `bentoml build` makes of it, restarted on the same ledger.
+
+Real held-out MNIST digits and DFME-generator images, the committed victim and detector. Expected
+answers come from the same victim in this process and the detector's own verdict on the same
+preprocessed tensor: an unflagged row must be the unprotected answer bit for bit, a flagged one DPreds
+of it. Everything talks to 127.0.0.1 on free ports; the servers are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("bentoml")
+requests = pytest.importorskip("requests")
+
+from guardian_plugin.guardian import Guardian  # noqa: E402
+from guardian_plugin.responses import dpreds  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+DETECTOR = os.environ.get("GUARDIAN_TEST_DETECTOR") or os.path.join(ROOT, "examples", "mnist", "artifacts", "detector")
+SERVICE = "bento.service:MNISTGuarded"
+TAU = 14  # bento/guard.yaml: tau auto at rho 0.5
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Server:
+    def __init__(self, target: str, env: dict, log_path: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [os.path.join(BIN, "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"bentoml serve not ready after 240 s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read()[-n:].decode("utf-8", "replace")
+
+    def text(self) -> str:
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bento_serve")
+    e = dict(os.environ)
+    e.update({
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GUARDIAN_TORCH_THREADS": "1",
+        "BENTOML_HOME": str(tmp / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
+        "GUARDIAN_LEDGER": f"sqlite:///{tmp}/ledger.db",
+    })
+    if os.environ.get("GUARDIAN_TEST_DETECTOR"):  # another artifact than the committed one
+        cfg = tmp / "guard.yaml"
+        cfg.write_text(f"detector: {DETECTOR}\nnamespace: mnist\n")
+        e["GUARDIAN_CONFIG"] = str(cfg)
+    e.pop("GUARDIAN_ID_SALT", None)
+    return {"env": e, "tmp": tmp, "ledger": str(tmp / "ledger.db")}
+
+
+@pytest.fixture(scope="module")
+def server(env):
+    s = Server(SERVICE, env["env"], str(env["tmp"] / "serve.log"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """The unprotected answers and the detector's verdicts, computed here with the same code."""
+    import PIL.Image
+
+    from bento.service import MNISTClassifier
+
+    torch.set_num_threads(1)
+    victim = MNISTClassifier()
+    guardian = Guardian.from_artifact(DETECTOR)
+
+    def answer(images):
+        """(unprotected probabilities, flagged) per image, each computed as a batch of one."""
+        from bento.client import png
+
+        out, flags = [], []
+        for a in images:
+            im = PIL.Image.open(io.BytesIO(png(a)))
+            x = victim.preprocess(im)
+            out.append(victim.predict_proba(x)[0].double().numpy())
+            flags.append(bool(guardian.detect(x)[0][0]))
+        return np.stack(out), flags
+
+    return answer
+
+
+def _classify(url, a, cid):
+    from bento.client import png
+
+    return requests.post(url + "/classify", files={"image": ("d.png", png(a), "image/png")},
+                         headers={"X-Client-Id": cid}, timeout=120)
+
+
+def _classify_batch(url, imgs, cid):
+    from bento.client import files
+
+    return requests.post(url + "/classify_batch", files=files(imgs), headers={"X-Client-Id": cid}, timeout=120)
+
+
+def _ledger(path, cid):
+    con = sqlite3.connect(path)
+    try:
+        row = con.execute("SELECT queries, flagged, refused FROM clients WHERE namespace='mnist' AND client_id=?",
+                          (cid,)).fetchone()
+    finally:
+        con.close()
+    return row
+
+
+def _check_rows(got, want, flags, exact=True):
+    """Flagged rows are DPreds of the unprotected answer (same top-1); unflagged rows are the unprotected
+    answer: bit for bit where the oracle computed the same batch (one image), else to float32 rounding
+    (a batched API's rows depend on which requests BentoML batched together, protected or not)."""
+    for g, p, f in zip(got, want, flags):
+        g = np.asarray(g, dtype=np.float64)
+        assert g.argmax() == p.argmax()
+        if f:
+            np.testing.assert_allclose(g, dpreds(torch.from_numpy(p), 0.5).numpy(), rtol=1e-6, atol=1e-9)
+            assert not np.allclose(g, p, rtol=1e-3)
+        elif exact:
+            assert g.tolist() == p.tolist()
+        else:
+            np.testing.assert_allclose(g, p, rtol=1e-4, atol=1e-7)
+
+
+# -------------------------------------------------------------------------------------- tests
+def test_real_digits_get_exactly_the_unprotected_answer(server, oracle, env):
+    from bento.client import real_digits
+
+    imgs, labels = real_digits(40)
+    want, flags = oracle(imgs)
+    assert sum(flags) <= 2, f"the detector flags {sum(flags)} of 40 real digits"
+    got = []
+    for a in imgs:
+        r = _classify(server.url, a, "benign")
+        assert r.status_code == 200, r.text
+        got.append(r.json())
+    _check_rows(got, want, flags)
+    assert np.mean(np.argmax(got, 1) == np.array(labels)) >= 0.9
+    assert _ledger(env["ledger"], "benign") == (40, sum(flags), 0)
+    # both worker processes answered, and both counted into the one ledger
+    workers = set(re.findall(r"entry_service:mnist_guarded:(\d+)\].*path=/classify,", server.text()))
+    assert workers == {"1", "2"}, workers
+
+
+def test_synthetic_queries_get_dpreds_with_the_same_top1(server, oracle, env):
+    from bento.client import synthetic_digits
+
+    imgs = synthetic_digits(12, seed=1)
+    want, flags = oracle(imgs)
+    assert all(flags), flags
+    got = []
+    for a in imgs[:6]:
+        r = _classify(server.url, a, "prober")
+        assert r.status_code == 200, r.text
+        got.append(r.json())
+    _check_rows(got, want[:6], flags[:6])
+    r = _classify_batch(server.url, imgs[6:], "prober")
+    assert r.status_code == 200, r.text
+    _check_rows(r.json(), want[6:], flags[6:], exact=False)
+    assert _ledger(env["ledger"], "prober")[:2] == (12, 12)
+
+
+def test_batch_rows_of_concurrent_clients_are_counted_apart(server, oracle, env):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bento.client import real_digits, synthetic_digits
+
+    real, _ = real_digits(24, offset=100)
+    fake = synthetic_digits(24, seed=2)
+    want_r, flags_r = oracle(real)
+    want_f, flags_f = oracle(fake)
+    jobs = [(real[i:i + 3], f"mix-real-{i // 3}") for i in range(0, 24, 3)]
+    jobs += [(fake[i:i + 3], f"mix-fake-{i // 3}") for i in range(0, 24, 3)]
+    with ThreadPoolExecutor(8) as ex:
+        resps = list(ex.map(lambda j: _classify_batch(server.url, *j), jobs))
+    for (imgs, cid), r in zip(jobs, resps):
+        assert r.status_code == 200, r.text
+    got_r = sum((r.json() for r in resps[:8]), [])
+    got_f = sum((r.json() for r in resps[8:]), [])
+    _check_rows(got_r, want_r, flags_r, exact=False)
+    _check_rows(got_f, want_f, flags_f, exact=False)
+    for k in range(8):
+        assert _ledger(env["ledger"], f"mix-real-{k}")[:2] == (3, sum(flags_r[3 * k:3 * k + 3]))
+        assert _ledger(env["ledger"], f"mix-fake-{k}")[:2] == (3, sum(flags_f[3 * k:3 * k + 3]))
+
+
+def test_bad_input_is_a_400_and_the_service_keeps_serving(server):
+    from bento.client import real_digits
+
+    for path, field in (("/classify", "image"), ("/classify_batch", "images")):
+        r = requests.post(server.url + path, files=[(field, ("x.png", b"definitely not a png", "image/png"))],
+                          headers={"X-Client-Id": "clumsy"}, timeout=60)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+    r = requests.post(server.url + "/classify", data=b"{}", headers={"Content-Type": "application/json",
+                                                                   "X-Client-Id": "clumsy"}, timeout=60)
+    assert r.status_code == 400
+    a = real_digits(1)[0][0]
+    assert _classify(server.url, a, "clumsy").status_code == 200
+    assert _classify_batch(server.url, [a, a], "clumsy").status_code == 200
+
+
+def test_metrics_endpoint_has_the_guard_counters(server):
+    text = requests.get(server.url + "/metrics", timeout=30).text
+
+    def value(name, **labels):
+        lab = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        m = re.search(rf"^{name}{{{re.escape(lab)}}} ([0-9.e+]+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    q = value("guardian_queries_total", api="classify", service="mnist_guarded")
+    f = value("guardian_flagged_total", api="classify", service="mnist_guarded")
+    qb = value("guardian_queries_total", api="classify_batch", service="mnist_guarded")
+    assert q is not None and q >= 40 + 6 + 1, text[-3000:]
+    assert f is not None and f >= 6
+    assert qb is not None and qb >= 6 + 48 + 2
+    assert value("guardian_guard_seconds_count", api="classify", service="mnist_guarded") >= 47
+
+
+def test_attacker_is_refused_and_stays_refused_in_the_built_bento(server, oracle, env):
+    """A DFME-style client through the HTTP QueryTarget: refused once tau queries are mostly flagged,
+    403 with a JSON reason from then on, also after the server is replaced by the built Bento."""
+    from bento.client import BentoTarget, real_digits, synthetic_digits
+    from guardian_plugin.attacks.target import QueryRefused
+
+    fake = synthetic_digits(2 * TAU, seed=3)
+    x = (torch.from_numpy(np.stack(fake)).float().div(255).unsqueeze(1) - 0.1307) / 0.3081
+    target = BentoTarget(server.url, client_id="dfme")
+    for i in range(0, 2 * TAU, 4):
+        try:
+            target.query(x[i:i + 4])
+        except QueryRefused:
+            break
+    assert target.refused_at is not None and TAU <= target.refused_at <= TAU + 4, target.refused_at
+    queries, flagged, refused = _ledger(env["ledger"], "dfme")
+    assert refused == 1 and queries == target.refused_at and flagged / queries > 0.5
+    r = _classify(server.url, fake[0], "dfme")
+    assert r.status_code == 403 and r.json()["error"] == "refused" and r.json()["client_id"] == "dfme"
+
+    # restart: the Bento that `bentoml build` makes of bento/, on the same ledger file
+    server.stop()
+    b = subprocess.run([os.path.join(BIN, "bentoml"), "build", "-f", "bento/bentofile.yaml", "-o", "tag", "."],
+                       cwd=ROOT, env=env["env"], capture_output=True, text=True, timeout=300)
+    assert b.returncode == 0, b.stdout[-2000:] + b.stderr[-2000:]
+    tag = b.stdout.strip().splitlines()[-1].replace("__tag__:", "").strip()
+    assert tag.startswith("mnist_guarded:"), b.stdout
+    built = Server(tag, env["env"], str(env["tmp"] / "serve-built.log"))
+    try:
+        assert "Starting production HTTP BentoServer from \"mnist_guarded:" in built.text()
+        r = _classify(built.url, fake[1], "dfme")
+        assert r.status_code == 403 and r.json()["error"] == "refused"
+        assert _classify_batch(built.url, fake[:2], "dfme").status_code == 403
+        assert _ledger(env["ledger"], "dfme")[0] == queries  # refused requests are not counted
+        # and it serves protected: real digits exact, synthetic ones with DPreds
+        real = real_digits(4, offset=200)[0]
+        imgs = real + synthetic_digits(4, seed=4)
+        want, flags = oracle(imgs)
+        r = _classify_batch(built.url, imgs, "after-restart")
+        assert r.status_code == 200, r.text
+        _check_rows(r.json(), want, flags, exact=False)
+        assert all(flags[4:])
+        r = _classify(built.url, real[0], "after-restart")
+        _check_rows([r.json()], want[:1], flags[:1])
+    finally:
+        built.stop()
