@@ -80,6 +80,11 @@ class TorchServe:
             "inference_address": f"http://127.0.0.1:{self.inference_port}",
             "management_address": f"http://127.0.0.1:{self.management_port}",
             "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
+            # gRPC listens on 7070/7071 by default: two servers on one host would collide
+            "grpc_inference_address": "127.0.0.1",
+            "grpc_management_address": "127.0.0.1",
+            "grpc_inference_port": str(free_port()),
+            "grpc_management_port": str(free_port()),
             "model_store": self.model_store,
             "metrics_mode": "prometheus",
             "model_metrics_auto_detect": "true",
