@@ -1,0 +1,136 @@
+"""Overhead of the guard on TorchServe: requests/s and p50/p99 latency of the MNIST example archive,
+unprotected vs `guardian protect`ed, in the same run (same server, same machine, same client load).
+
+    python benchmarks/torchserve_overhead.py [--requests 400] [--concurrency 8] [--rounds 2]
+
+Both models: 2 workers, batch_size 8, max_batch_delay 5 ms, one torch thread per worker. Benign
+traffic only (held-out digits, 8 client ids), so nobody is refused and the guard runs on every
+request. Rounds alternate unprotected / protected so drift on a shared machine hits both alike.
+Writes benchmarks/results/torchserve_overhead.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from examples.mnist import serving as ex  # noqa: E402
+from guardian_plugin.handlers.archive import protect  # noqa: E402
+from guardian_plugin.torchserve.server import TorchServe, build_archive  # noqa: E402
+
+OUT = os.path.join(ROOT, "benchmarks", "results", "torchserve_overhead.json")
+
+
+def load(url: str, bodies, n: int, concurrency: int, clients: int = 8):
+    """Send n requests with `concurrency` threads; returns (wall seconds, latencies ms, statuses)."""
+    local = threading.local()
+
+    def one(i):
+        s = getattr(local, "s", None)
+        if s is None:
+            s = local.s = requests.Session()
+        t = time.perf_counter()
+        r = s.post(url, data=bodies[i % len(bodies)], headers={"X-Client-Id": f"bench-{i % clients}"}, timeout=60)
+        return (time.perf_counter() - t) * 1000.0, r.status_code
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        res = list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t0
+    return wall, [l for l, _ in res], [c for _, c in res]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=400, help="requests per endpoint per round")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args(argv)
+    for p in (ex.VICTIM_TS, os.path.join(ex.DETECTOR, "detector.yaml")):
+        if not os.path.exists(p):
+            sys.exit(f"{p} is missing (committed example artifact; `make train-example` regenerates it)")
+
+    work = tempfile.mkdtemp(prefix="guardian-bench-")
+    store = os.path.join(work, "store")
+    mar = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)
+    guard = ex.guard_yaml(os.path.join(work, "guard.yaml"), f"sqlite:///{work}/ledger.db", tau=1_000_000)
+    protect(mar, ex.DETECTOR, os.path.join(store, "mnist_g.mar"), config=guard)
+    bodies, _ = ex.real_digits(200)
+    ts = TorchServe(store, os.path.join(work, "server")).start()
+    samples = {"unprotected": {"wall": 0.0, "lat": [], "n": 0, "errors": 0},
+               "protected": {"wall": 0.0, "lat": [], "n": 0, "errors": 0}}
+    try:
+        for name in ("mnist", "mnist_g"):
+            ts.register(f"{name}.mar", name, workers=2, batch_size=8, max_batch_delay_ms=5)
+        for model in ("mnist", "mnist_g"):  # warm-up: first batches load lazily
+            load(f"{ts.url}/predictions/{model}", bodies, args.warmup, args.concurrency)
+        for r in range(args.rounds):
+            for label, model in (("unprotected", "mnist"), ("protected", "mnist_g")):
+                wall, lat, codes = load(f"{ts.url}/predictions/{model}", bodies, args.requests, args.concurrency)
+                s = samples[label]
+                s["wall"] += wall
+                s["lat"] += lat
+                s["n"] += len(lat)
+                s["errors"] += sum(c != 200 for c in codes)
+                print(f"round {r + 1}: {label:11s} {len(lat) / wall:7.1f} req/s  p50 {np.percentile(lat, 50):6.1f} ms  "
+                      f"p99 {np.percentile(lat, 99):6.1f} ms", flush=True)
+        metrics = ts.metrics()
+    finally:
+        ts.stop()
+
+    res = {}
+    for label, s in samples.items():
+        res[label] = {"requests": s["n"], "errors": s["errors"], "requests_per_s": s["n"] / s["wall"],
+                      "p50_ms": float(np.percentile(s["lat"], 50)), "p99_ms": float(np.percentile(s["lat"], 99)),
+                      "mean_ms": float(np.mean(s["lat"]))}
+    u, p = res["unprotected"], res["protected"]
+    ratio = {"throughput_protected_over_unprotected": p["requests_per_s"] / u["requests_per_s"],
+             "p50_protected_over_unprotected": p["p50_ms"] / u["p50_ms"],
+             "p99_protected_over_unprotected": p["p99_ms"] / u["p99_ms"]}
+    guard_ms = [float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
+                if l.startswith("GuardianGuardTime{") and 'ModelName="mnist_g"' in l]
+    import torch
+
+    out = {
+        "benchmark": "torchserve_overhead", "results": res, "ratio": ratio,
+        "last_batch_guard_ms": guard_ms[0] if guard_ms else None,
+        "setup": {"model": "MNIST example SmallResNet(width 16) via examples/mnist/mnist_handler.py",
+                  "detector": os.path.relpath(ex.DETECTOR, ROOT), "workers_per_model": 2, "batch_size": 8,
+                  "max_batch_delay_ms": 5, "concurrency": args.concurrency, "requests_per_round": args.requests,
+                  "rounds": args.rounds, "warmup": args.warmup, "torch_threads_per_worker": 1},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "note": "2 shared CPU cores; client and server on the same machine"},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print()
+    print(f"{'':12s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
+    for label in ("unprotected", "protected"):
+        r = res[label]
+        print(f"{label:12s} {r['requests_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:7d}")
+    print(f"protected/unprotected: throughput x{ratio['throughput_protected_over_unprotected']:.2f}, "
+          f"p50 x{ratio['p50_protected_over_unprotected']:.2f}, p99 x{ratio['p99_protected_over_unprotected']:.2f}")
+    print(f"wrote {os.path.relpath(args.out, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
