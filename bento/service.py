@@ -76,7 +76,6 @@ class MNISTGuarded(MNISTClassifier):
     """The MNIST classifier protected by Model-Guardian (decorator form)."""
 
 
-MNISTUnprotected = bentoml.service(name="mnist_unprotected", workers=WORKERS, traffic={"timeout": 120})(
-    type("MNISTUnprotected", (MNISTClassifier,), {"__doc__": "The MNIST classifier, unprotected."}))
+MNISTUnprotected = bentoml.service(name="mnist_unprotected", workers=WORKERS, traffic={"timeout": 120})(MNISTClassifier)
 
 MNISTProtected = protect(MNISTUnprotected, GUARD_YAML, name="mnist_protected")

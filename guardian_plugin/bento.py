@@ -564,6 +564,8 @@ def _guard_call(settings, instance, api, value, probs, client_ids=None, cid=None
 
 # --------------------------------------------------------------------------- class decorator
 def _guard_class(cls: type, settings: GuardSettings) -> type:
+    """A subclass of ``cls`` (same name, module and doc) whose chosen API methods are guarded; the
+    user's class itself is never modified, so services built from it elsewhere stay as they were."""
     from _bentoml_sdk.method import APIMethod
 
     apis = {}
@@ -577,9 +579,11 @@ def _guard_class(cls: type, settings: GuardSettings) -> type:
         raise TypeError(f"guard(apis=...): {cls.__name__} has no @bentoml.api method {', '.join(missing)}")
     if not wanted:
         raise TypeError(f"guard: {cls.__name__} has no @bentoml.api method to protect")
+    if getattr(cls, GUARD_ATTR, None) is not None:
+        raise TypeError(f"guard: {cls.__name__} is already guarded")
+    cls = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                      "__doc__": cls.__doc__})
     for name in wanted:
-        if getattr(apis[name].func, "__guardian_original__", None) is not None:
-            raise TypeError(f"guard: {cls.__name__}.{name} is already guarded")
         setattr(cls, name, _wrap_api(apis[name], settings))
     settings.api_names = list(wanted)
     settings.service_name = settings.service_name or cls.__name__
@@ -669,10 +673,7 @@ def protect(target, config=None, *, guardian=None, preprocess="preprocess", apis
     deco = guard(config, guardian=guardian, preprocess=preprocess, apis=apis)
     if not isinstance(target, Service):
         return deco(target)
-    inner = target.inner
-    sub = type(inner.__name__, (inner,), {"__module__": inner.__module__, "__qualname__": inner.__qualname__,
-                                          "__doc__": inner.__doc__})
-    sub = deco(sub)
+    sub = deco(target.inner)
     svc = type(target)(
         name=name or target.name, config=dict(target.config), inner=sub, image=target.image,
         description=target.description, path_prefix=target.path_prefix,

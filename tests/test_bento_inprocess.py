@@ -312,3 +312,48 @@ def test_guard_goes_under_the_service_decorator():
         guard(guardian=lambda: None)(svc)
     with pytest.raises(TypeError, match="no @bentoml.api method nope"):
         guard(guardian=lambda: None, apis=["nope"])(type("W2", (Victim,), {}))
+
+
+def test_the_readme_example_works_as_written(tmp_path, monkeypatch):
+    """The README's BentoML block, saved as a module and run from the repository root."""
+    import importlib
+    import os
+    import re
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## BentoML", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) == 5
+    assert "@guard(" in code and "@bentoml.service" in code
+    (tmp_path / "readme_service.py").write_text(code)
+    detector = os.environ.get("GUARDIAN_TEST_DETECTOR")
+    if detector:  # another artifact than the committed one
+        (tmp_path / "guard.yaml").write_text(f"detector: {detector}\nnamespace: mnist\n")
+        monkeypatch.setenv("GUARDIAN_CONFIG", str(tmp_path / "guard.yaml"))
+    monkeypatch.setenv("GUARDIAN_LEDGER", f"sqlite:///{tmp_path}/ledger.db")
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(root)
+    mod = importlib.import_module("readme_service")
+    svc = mod.MNIST
+    assert isinstance(svc, bentoml.Service) and [m for m, _ in svc.middlewares] == [GuardianMiddleware]
+    sys.modules.pop("readme_service", None)
+
+    from bento.client import real_digits, synthetic_digits
+
+    real = real_digits(1, offset=300)[0][0]
+    fake = synthetic_digits(1, seed=9)[0]
+    victim = svc.inner()
+    x_real = victim.preprocess(PIL.Image.fromarray(real))
+    x_fake = victim.preprocess(PIL.Image.fromarray(fake))
+    g = svc.inner.__guardian_guard__.runtime().guardian
+    assert not g.detect(x_real)[0][0] and g.detect(x_fake)[0][0]
+    with TestClient(svc.to_asgi()) as c:
+        r = _post_one(c, "/classify", real, "reader")
+        assert r.status_code == 200 and r.json() == victim.predict_proba(x_real)[0].tolist()
+        r = _post_one(c, "/classify", fake, "reader")
+        p = victim.predict_proba(x_fake)[0].double()
+        np.testing.assert_allclose(r.json(), dpreds(p, 0.5).numpy(), rtol=1e-12)
