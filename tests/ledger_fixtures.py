@@ -48,3 +48,15 @@ def core(s) -> tuple:
     """What every backend must agree on for a client."""
     return (s.client_id, s.queries, s.flagged, s.refused, s.blocked, s.refused_at_query,
             s.extra.get("window", 0), s.extra.get("window_flagged", 0))
+
+
+def tiny_detector(directory, threshold: float = 0.0, mean=(0.0,), std=(1.0,)) -> str:
+    """A one-sub-detector artifact (identity transform, random small ResNet) for tests of the
+    plumbing around the detector; ``threshold=-1e30`` flags every query, ``1e30`` none."""
+    from guardian_plugin.detector import DetectorSpec, InputMapping, SubDetector, SubDetectorSpec, save_detector
+
+    spec = DetectorSpec(format_version=1, input=InputMapping(mean=list(mean), std=list(std)),
+                        subdetectors=[SubDetectorSpec(name="s", transform="identity", weights="s.pt",
+                                                      threshold=threshold)])
+    save_detector(str(directory), spec, [SubDetector("small_resnet", 1, 28)])
+    return str(directory)

@@ -18,6 +18,7 @@ from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import RefusalRule
 from guardian_plugin.ledger.redis_server import RedisServer
 from guardian_plugin.ledger.resilient import ResilientLedger
+from ledger_fixtures import tiny_detector
 
 
 @pytest.fixture
@@ -181,15 +182,6 @@ def test_closed_mode_fails_fast_while_down(tmp_path):
         assert led.pending_counts() == (1, 0)
 
 
-def _tiny_detector(directory):
-    from guardian_plugin.detector import DetectorSpec, SubDetector, SubDetectorSpec, save_detector
-
-    spec = DetectorSpec(format_version=1, subdetectors=[SubDetectorSpec(name="s", transform="identity",
-                                                                        weights="s.pt", threshold=0.0)])
-    save_detector(str(directory), spec, [SubDetector("small_resnet", 1, 28)])
-    return str(directory)
-
-
 @pytest.mark.parametrize("mode", ["closed", "open"])
 def test_guardian_from_config_uses_the_mode(tmp_path, mode):
     """Guardian.from_config wraps the configured ledger; with the store down, closed mode raises
@@ -198,7 +190,7 @@ def test_guardian_from_config_uses_the_mode(tmp_path, mode):
 
     from guardian_plugin.guardian import Guardian, Verdict
 
-    det = _tiny_detector(tmp_path / "det")
+    det = tiny_detector(tmp_path / "det")
     with RedisServer(durable=True) as srv:
         cfg = parse_config({"detector": det, "ledger": srv.url, "namespace": "g", "ledger_failure": mode,
                             "rule": {"tau": 5, "rho": 0.5, "window": 7, "window_rho": 0.4}})
