@@ -189,12 +189,12 @@ def _bad_inputs(digit_png: bytes):
 
     big = io.BytesIO()
     Image.new("L", (5000, 5000)).save(big, "PNG")  # 25 Mpx of zeros: ~25 kB on the wire
-    return {
-        "empty body": (b"", {}),
-        "not an image": (b"this is not an image at all", {}),
-        "truncated png": (digit_png[: len(digit_png) // 2], {}),
-        "enormous image": (big.getvalue(), {}),
-        "bad base64": ("%%% definitely not base64 %%%".encode(), {"Content-Type": "text/plain"}),
+    return {  # name: (body, headers, the JSON `type` expected)
+        "empty body": (b"", {}, "EmptyInput"),
+        "not an image": (b"this is not an image at all", {}, "NotAnImage"),
+        "truncated png": (digit_png[: len(digit_png) // 2], {}, "CorruptImage"),
+        "enormous image": (big.getvalue(), {}, "ImageTooLarge"),
+        "bad base64": ("%%% definitely not base64 %%%".encode(), {"Content-Type": "text/plain"}, "BadBase64"),
     }
 
 
@@ -202,11 +202,11 @@ def _bad_inputs(digit_png: bytes):
 def test_bad_inputs_get_400_and_worker_keeps_serving(served, model):
     ts = served["ts"]
     good = served["digits"][3] if model == "mnist_g" else ex.to_rgb(served["digits"][3])
-    for what, (body, headers) in _bad_inputs(served["digits"][3]).items():
+    for what, (body, headers, kind) in _bad_inputs(served["digits"][3]).items():
         r = post(ts, model, body, client=f"bad-{model}-{what}", headers=headers)
         assert r.status_code == 400, (what, r.status_code, r.text)
         msg = json.loads(r.text)
-        assert msg["code"] == 400 and msg["message"], (what, msg)
+        assert msg["code"] == 400 and msg["type"] == kind and msg["message"], (what, msg)
         ok = post(ts, model, good, client=f"good-after-{model}-{what}")
         assert ok.status_code == 200, (what, ok.text)
     # bad and good requests in one batch: each gets its own status
