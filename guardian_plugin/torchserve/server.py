@@ -80,9 +80,6 @@ class TorchServe:
             "inference_address": f"http://127.0.0.1:{self.inference_port}",
             "management_address": f"http://127.0.0.1:{self.management_port}",
             "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
-            # gRPC is on by default at 7070/7071: a second TorchServe on the host would fail to bind
-            "grpc_inference_port": str(free_port()),
-            "grpc_management_port": str(free_port()),
             # gRPC listens on 7070/7071 by default: two servers on one host would collide
             "grpc_inference_address": "127.0.0.1",
             "grpc_management_address": "127.0.0.1",
