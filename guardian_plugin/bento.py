@@ -408,12 +408,13 @@ def _run_preprocess(settings, instance, api, value):
     fn = _resolve_preprocess(settings, instance, api)
     try:
         return fn(value)
-    except ValueError as e:  # the same input the method accepted; still answer 400, not 500
+    except ValueError as e:  # the client's input: 400, before the method runs
         raise BadInput(f"input cannot be preprocessed: {e}") from e
 
 
 def _wrap_api(method, settings: GuardSettings):
-    """A new APIMethod whose function runs the original one and then the guard."""
+    """A new APIMethod whose function takes the guard's view of the input (preprocess), runs the
+    original method, then the guard on its probabilities."""
     import bentoml
     from _bentoml_sdk.method import APIMethod
 
@@ -472,13 +473,15 @@ def _wrap_api(method, settings: GuardSettings):
         if is_async:
             async def wrapper(self, *args, **kwargs):
                 bound, tagged = _split((self, *args), kwargs)
+                x = await _to_thread(_preprocessed, settings, self, api, tagged.value)
                 probs = await func(*bound.args, **bound.kwargs)
-                return await _to_thread(_guard_call, settings, self, api, tagged.value, probs, tagged.client_ids)
+                return await _to_thread(_guard_call, settings, api, x, probs, tagged.client_ids)
         else:
             def wrapper(self, *args, **kwargs):
                 bound, tagged = _split((self, *args), kwargs)
+                x = _preprocessed(settings, self, api, tagged.value)
                 probs = func(*bound.args, **bound.kwargs)
-                return _guard_call(settings, self, api, tagged.value, probs, tagged.client_ids)
+                return _guard_call(settings, api, x, probs, tagged.client_ids)
     else:
         ctx_name = user_ctx or "ctx"
         if user_ctx is None:
@@ -508,15 +511,17 @@ def _wrap_api(method, settings: GuardSettings):
                 cid, value, refused = _prepare(self, args, kwargs)
                 if refused is not None:
                     return refused
+                x = await _to_thread(_preprocessed, settings, self, api, value)
                 probs = await func(self, *args, **kwargs)
-                return await _to_thread(_guard_call, settings, self, api, value, probs, None, cid)
+                return await _to_thread(_guard_call, settings, api, x, probs, None, cid)
         else:
             def wrapper(self, *args, **kwargs):
                 cid, value, refused = _prepare(self, args, kwargs)
                 if refused is not None:
                     return refused
+                x = _preprocessed(settings, self, api, value)
                 probs = func(self, *args, **kwargs)
-                return _guard_call(settings, self, api, value, probs, None, cid)
+                return _guard_call(settings, api, x, probs, None, cid)
 
     functools.update_wrapper(wrapper, func)
     del wrapper.__wrapped__  # BentoML and inspect must see the new signature, not the original's
@@ -555,11 +560,15 @@ async def _to_thread(fn, *args):
     return await anyio.to_thread.run_sync(functools.partial(fn, *args))
 
 
-def _guard_call(settings, instance, api, value, probs, client_ids=None, cid=None):
-    x = _run_preprocess(settings, instance, api, value)
-    xt = _as_input_tensor(x)
-    ids = list(client_ids) if client_ids is not None else [cid] * xt.shape[0]
-    return settings.runtime().guard(api, xt, probs, ids)
+def _preprocessed(settings, instance, api, value) -> torch.Tensor:
+    """The guard's view of the input, taken before the method runs: a ValueError of ``preprocess``
+    (input it cannot use) is a 400; a result that is no (B, C, H, W) tensor is a bug of the service (500)."""
+    return _as_input_tensor(_run_preprocess(settings, instance, api, value))
+
+
+def _guard_call(settings, api, x, probs, client_ids=None, cid=None):
+    ids = list(client_ids) if client_ids is not None else [cid] * x.shape[0]
+    return settings.runtime().guard(api, x, probs, ids)
 
 
 # --------------------------------------------------------------------------- class decorator

@@ -99,6 +99,8 @@ class Victim:
 
     def preprocess(self, images):
         imgs = images if isinstance(images, list) else [images]
+        if any(im.size != (28, 28) for im in imgs):
+            raise ValueError("images must be 28 x 28")
         return _pre([np.asarray(im.convert("L"), dtype=np.uint8) for im in imgs])
 
     def proba(self, x):  # row by row: the same answer whatever batch a row arrives in
@@ -277,6 +279,14 @@ def test_refused_client_gets_403_before_the_body_is_read(flag_all_artifact):
                    headers={"X-Client-Id": "bob"})
         assert r.status_code == 400
         assert _post_many(c, imgs[:2], "bob").status_code == 200
+        # input the service's preprocess rejects (ValueError): 400 before the method runs
+        n = len(svc.inner.log)
+        big = np.zeros((30, 30), np.uint8)
+        for path in ("/one", "/one_async"):
+            r = _post_one(c, path, big, "carl")
+            assert r.status_code == 400 and "28 x 28" in r.text, r.text
+        assert _post_many(c, [imgs[0], big], "carl").status_code == 400
+        assert len(svc.inner.log) == n and ledger.get("carl").queries == 0
 
 
 def test_missing_identity_is_rejected_when_configured(flag_all_artifact):
