@@ -1,5 +1,6 @@
-"""Clients of the example BentoML service: query images as a real client sends them, and an HTTP
-QueryTarget so the attack harness can run an attack against a served (protected) BentoML model.
+"""Clients of the example BentoML service: query images as a real client sends them, and the HTTP
+QueryTarget (guardian_plugin.bento.BentoTarget) set up for it, so the attack harness can run an attack
+against the served (protected) model.
 
     from bento.client import BentoTarget
     target = BentoTarget("http://127.0.0.1:3000", client_id="attacker")
@@ -14,8 +15,6 @@ import typing as t
 import numpy as np
 import torch
 from PIL import Image
-
-from guardian_plugin.attacks.target import QueryRefused, QueryTarget
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -57,33 +56,8 @@ def files(images: t.Sequence[np.ndarray], field: str = "images") -> list:
     return [(field, (f"{i}.png", png(a), "image/png")) for i, a in enumerate(images)]
 
 
-class BentoTarget(QueryTarget):
-    """The served model behind HTTP, as one client (``X-Client-Id``): every row is one query.
+def BentoTarget(url: str, client_id: str = "attacker", api: str = "classify_batch", **kw):
+    """guardian_plugin.bento.BentoTarget for the example service (MNIST normalisation, batch API)."""
+    from guardian_plugin.bento import BentoTarget as Target
 
-    Each batch goes to the batchable API in one request (rows are 8-bit PNGs, as a real client sends).
-    A 403 from the guard raises QueryRefused; the target remembers after how many queries.
-    """
-
-    def __init__(self, url: str, client_id: str = "attacker", api: str = "classify_batch", num_classes: int = 10,
-                 timeout: float = 120.0, session=None):
-        import requests
-
-        self.url = url.rstrip("/") + "/" + api.lstrip("/")
-        self.client_id = client_id
-        self.num_classes = num_classes
-        self.timeout = timeout
-        self.session = session or requests.Session()
-        self.queries = 0
-        self.refused_at: t.Optional[int] = None
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        imgs = to_uint8(x)
-        r = self.session.post(self.url, files=files(imgs), headers={"X-Client-Id": self.client_id},
-                              timeout=self.timeout)
-        if r.status_code == 403:
-            if self.refused_at is None:
-                self.refused_at = self.queries
-            raise QueryRefused(self.client_id)
-        r.raise_for_status()
-        self.queries += len(imgs)
-        return torch.tensor(r.json(), dtype=torch.float32)
+    return Target(url, api=api, num_classes=10, mean=(MEAN,), std=(STD,), client_id=client_id, **kw)
