@@ -2,8 +2,8 @@
 then the Bento that `bentoml build` makes of it, restarted on the same ledger.
 
 Real held-out MNIST digits and DFME-generator images, the committed victim and detector. Expected
-answers come from the same victim in this process and the detector's own verdict on the same
-preprocessed tensor: an unflagged row must be the unprotected answer bit for bit, a flagged one DPreds
+answers come from the unprotected service's own API method run in this process and the detector's own
+verdict on the same preprocessed tensor: an unflagged row must be the unprotected answer bit for bit, a flagged one DPreds
 of it. Everything talks to 127.0.0.1 on free ports; the servers are stopped at the end.
 """
 
@@ -113,25 +113,23 @@ def server(env):
 
 @pytest.fixture(scope="module")
 def oracle():
-    """The unprotected answers and the detector's verdicts, computed here with the same code."""
+    """The unprotected service's own answers (its API method called in this process, one image at a
+    time) and the detector's verdict on the same preprocessed tensor."""
     import PIL.Image
 
-    from bento.service import MNISTClassifier
+    from bento.client import png
+    from bento.service import MNISTUnprotected
 
     torch.set_num_threads(1)
-    victim = MNISTClassifier()
+    unprotected = MNISTUnprotected.inner()
     guardian = Guardian.from_artifact(DETECTOR)
 
     def answer(images):
-        """(unprotected probabilities, flagged) per image, each computed as a batch of one."""
-        from bento.client import png
-
         out, flags = [], []
         for a in images:
             im = PIL.Image.open(io.BytesIO(png(a)))
-            x = victim.preprocess(im)
-            out.append(victim.predict_proba(x)[0].double().numpy())
-            flags.append(bool(guardian.detect(x)[0][0]))
+            out.append(np.array(unprotected.classify(im), dtype=np.float64))
+            flags.append(bool(guardian.detect(unprotected.preprocess(im))[0][0]))
         return np.stack(out), flags
 
     return answer
