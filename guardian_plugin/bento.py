@@ -47,6 +47,7 @@ missing anyway, the wrapped methods still check identity and refusal themselves 
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import json
@@ -222,9 +223,9 @@ class _Runtime:
                              f"{p.shape[0]} probability rows for {len(client_ids)} requests' rows")
         with self._lock:
             res = self.guardian.inspect(x, p, list(client_ids), refused=[False] * p.shape[0])
-        newly = sum(1 for cid, s in res.states.items()
-                    if s.refused and s.refused_at_query is not None
-                    and s.refused_at_query > s.queries - list(client_ids).count(cid))
+        rows = collections.Counter(client_ids)
+        newly = sum(1 for cid, s in res.states.items()  # clients that crossed the rule in this call
+                    if s.refused and s.refused_at_query is not None and s.refused_at_query > s.queries - rows[cid])
         n_flag = sum(res.flagged)
         self.metrics.inspected(api, p.shape[0], n_flag, newly, time.perf_counter() - t0)
         if n_flag == 0:
