@@ -144,6 +144,34 @@ def summary(lat, errors, wall, images_per_request):
             "mean_ms": round(float(a.mean()), 2) if n else None}
 
 
+def markdown(out: dict) -> str:
+    """The result as a Markdown table (what docs/bentoml.md and the README quote)."""
+    st = out["setup"]
+    lines = [f"{out['when_utc']}, {out['machine']['cpus']} CPUs (load average {out['machine']['loadavg_before'][0]} "
+             f"before, {out['machine']['loadavg_after'][0]} after), {st['workers_per_service']} workers per service, "
+             f"{st['client_threads']} client threads, {st['rounds']} x {st['seconds_per_phase']:g} s per variant, "
+             f"detector `{st['detector']}`",
+             "",
+             "| API | variant | requests/s | images/s | p50 ms | p99 ms | errors |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for api, res in out["results"].items():
+        label = api if api == "classify" else f"{api} ({st['batch_images_per_request']} images/request)"
+        for name in ("unprotected", "protected"):
+            r = res[name]
+            lines.append(f"| {label} | {name} | {r['requests_per_s']} | {r['images_per_s']} | {r['p50_ms']} | "
+                         f"{r['p99_ms']} | {r['errors']} |")
+        o = res["overhead"]
+        lines.append(f"| {label} | **protected / unprotected** | **{o['throughput_ratio']}x** | | "
+                     f"**+{o['p50_added_ms']}** | **{o['p99_added_ms']:+}** | |")
+    g = out.get("guard_time_from_metrics") or {}
+    if g:
+        lines += ["", "Guard time per call from the protected service's `guardian_guard_seconds`: " + "; ".join(
+            f"{api} {v['guard_ms_mean']:.1f} ms mean over {v['guard_calls']} calls "
+            f"({v['images_inspected'] / v['guard_calls']:.1f} images per call, {v['images_flagged']} flagged)"
+            for api, v in g.items())]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="length of one measured phase")
@@ -236,6 +264,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(markdown(out) + "\n")
+    print(markdown(out))
     print(json.dumps({k: v["overhead"] for k, v in results.items()}, indent=2))
     print("wrote", args.out)
     return out
