@@ -12,6 +12,15 @@ def register(sub) -> None:
     p.add_argument("--config", required=True, help="training config YAML (see examples/mnist/detector-config.yaml)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
+    p.add_argument("--transform", default=None,
+                   help="override detector.transform for every sub-detector (identity, discriminator, victim, ...)")
+    p.add_argument("--seed", type=int, default=None, help="override the config's seed (sources and all)")
+    p.add_argument("--detector-seed", type=int, default=None,
+                   help="override only the sub-detectors' training seed (sources stay cached)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only generate (and cache) the synthetic sources and transformation models")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; use 1 on a machine other jobs share)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
@@ -20,9 +29,23 @@ def _run(args) -> int:
     from guardian_plugin.training.config import load_train_config
     from guardian_plugin.training.pipeline import print_summary, train_detector
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg, base = load_train_config(args.config)
+    if args.transform:
+        cfg.detector.transform = args.transform
+        cfg.detector.per_source_transform = {}
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.detector_seed is not None:
+        cfg.detector.seed = args.detector_seed
     report = train_detector(cfg, base, os.path.abspath(args.out), device=args.device,
-                            progress=not args.no_progress, config_path=args.config)
+                            progress=not args.no_progress, config_path=args.config, prepare_only=args.prepare_only)
+    if args.prepare_only:
+        print("cached: " + ", ".join(f"{k} ({v.get('cache')})" for k, v in report["sources"].items()))
+        return 0
     print_summary(report)
     print(f"artifact: {args.out}")
     return 0

@@ -78,6 +78,7 @@ class DetectorTrain(_Strict):
     lr_step: int = Field(5, ge=1)      # multiply the lr by lr_gamma every lr_step epochs
     lr_gamma: float = Field(0.9, gt=0, le=1)
     augment: AugmentConfig = AugmentConfig()
+    seed: Optional[int] = None  # sub-detector training seed; default: the top-level seed
 
 
 class TrainConfig(_Strict):
@@ -92,6 +93,9 @@ class TrainConfig(_Strict):
     generative_data: str = Field(..., description="name of the real.train entry the GAN/diffusion sources learn from")
     sources: Dict[str, SourceEntry]
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # synthetic images held out for choosing between settings (transforms, architectures) without
+    # touching the test split that is reported
+    val_fraction: float = Field(0.0, ge=0, lt=1)
     discriminator: TransformTrain = TransformTrain()
     detector: DetectorTrain = DetectorTrain()
     target_fpr: float = Field(0.01, gt=0, lt=0.5)

@@ -53,7 +53,7 @@ def train_ddpm(x01: torch.Tensor, *, steps: int = 3000, batch_size: int = 64, wi
         loss.backward()
         opt.step()
         lr_sched.step()
-        run = 0.98 * run + 0.02 * float(loss) if step else float(loss)
+        run = 0.98 * run + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % 250 == 0:
             history.append({"step": step + 1, "loss": run})
     return unet.eval(), history

@@ -175,7 +175,9 @@ def _roc(real: np.ndarray, fake: np.ndarray):
 
 # -------------------------------------------------------------------------------------- run
 def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | None = None, progress: bool = True,
-                   config_path: str | None = None) -> dict:
+                   config_path: str | None = None, prepare_only: bool = False) -> dict:
+    """Run the pipeline; with ``prepare_only`` stop once the sources and transformation models are
+    cached (several such runs, one source each, can fill the cache in parallel)."""
     t_start = time.time()
     timings: Dict[str, float] = {}
     dev = resolve_device(device or cfg.device)
@@ -196,7 +198,7 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
     gen_data = to_float(real["train"][cfg.generative_data])
     sctx = SourceContext(gen_data, victim, cfg.mean, cfg.std, cfg.victim.num_classes if cfg.victim else 10,
                          dev, cfg.seed, progress)
-    fake_train, fake_test, source_info = {}, {}, {}
+    fake_train, fake_val, fake_test, source_info = {}, {}, {}, {}
     for name, s in cfg.sources.items():
         key = _hash({"kind": s.kind, "n": s.n, "params": s.params, "seed": cfg.seed, "victim": victim_hash,
                      "data": [e.model_dump() for e in cfg.real.train if e.name == cfg.generative_data],
@@ -216,8 +218,12 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
         timings[f"source_{name}"] = time.time() - t
         perm = np.random.RandomState(cfg.seed).permutation(len(x))
         n_test = int(round(len(x) * cfg.test_fraction))
-        fake_test[name], fake_train[name] = x[perm[:n_test]], x[perm[n_test:]]
-        source_info[name] = {**info, "kind": s.kind, "train": len(fake_train[name]), "test": n_test, "cache": path}
+        n_val = int(round(len(x) * cfg.val_fraction))
+        fake_test[name] = x[perm[:n_test]]
+        fake_val[name] = x[perm[n_test:n_test + n_val]]
+        fake_train[name] = x[perm[n_test + n_val:]]
+        source_info[name] = {**info, "kind": s.kind, "train": len(fake_train[name]), "val": n_val, "test": n_test,
+                             "cache": path}
 
     # 3. transformation models
     t = time.time()
@@ -242,17 +248,21 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
         transform_specs[tname] = spec
         transforms[tname] = build_transform(tname, spec, tctx).to(dev)
     timings["transforms"] = time.time() - t
+    if prepare_only:
+        return {"prepared": True, "sources": source_info, "transforms": names,
+                "timings_s": {k: round(v, 1) for k, v in timings.items()}}
 
     # 4. sub-detectors: each gets as many real training images as it has synthetic ones
     real_pool = np.concatenate(list(real["train"].values()))
+    dseed = cfg.seed if cfg.detector.seed is None else cfg.detector.seed
     subs, sub_specs, histories = [], [], {}
     for i, (src, x_fake) in enumerate(fake_train.items()):
         t = time.time()
-        rng = np.random.RandomState(cfg.seed + 100 + i)
+        rng = np.random.RandomState(dseed + 100 + i)
         n = len(x_fake)
         idx = rng.choice(len(real_pool), n, replace=n > len(real_pool))
         sub, hist = train_subdetector(src, transforms[names[src]], real_pool[idx], x_fake, cfg, dev,
-                                      cfg.seed + 10 + i, progress)
+                                      dseed + 10 + i, progress)
         subs.append(sub)
         histories[src] = hist
         sub_specs.append(SubDetectorSpec(name=src, source=cfg.sources[src].kind, transform=names[src],
@@ -279,9 +289,11 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
     ev_real = {g: scores_of(detector, x, device=dev) for g, x in real["evaluate"].items()}
     ev_fake = {src: scores_of(detector, x, device=dev) for src, x in fake_test.items()}
     margin = lambda s: (s - thr).max(1)  # noqa: E731  ensemble score: flagged iff >= 0
+    val = {src: float((scores_of(detector, x, device=dev) >= thr).any(1).mean()) for src, x in fake_val.items() if len(x)}
     report = {
         "format_version": FORMAT_VERSION,
         "seed": cfg.seed,
+        "detector_seed": dseed,
         "target_fpr": cfg.target_fpr,
         "quantile_level": level,
         "thresholds": {s.name: s.threshold for s in spec.subdetectors},
@@ -293,6 +305,7 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
                        **{n: float((s[:, k] >= thr[k]).mean()) for k, n in enumerate(detector.names)}, "n": len(s)}
                  for src, s in ev_fake.items()},
         "roc_auc": {},
+        "validation_dacc": val,  # synthetic validation split: for choosing settings, never reported as results
         "sources": source_info,
         "transforms": names,
         "data": {split: {g: int(len(x)) for g, x in d.items()} for split, d in real.items()},
