@@ -3,6 +3,9 @@ seeds, progress, and periodic clone evaluation.
 
 Subclasses implement :meth:`Attack.step` (one iteration; it calls :meth:`Attack.query` for every image
 it sends) and may override :meth:`Attack.after_refusal` to keep training on what they already have.
+Every answered (query, answer) pair is kept in :attr:`Attack.memory` (a reservoir of ``memory`` rows,
+default 20,000), which attacks with experience replay reuse and which the default
+:meth:`Attack.after_refusal` trains the clone on once the target stops answering.
 """
 
 from __future__ import annotations
@@ -24,6 +27,49 @@ ATTACKS: Registry = Registry("attack")
 
 class BudgetExhausted(Exception):
     pass
+
+
+class ReplayBuffer:
+    """Answered (query, answer) pairs on the CPU: everything up to ``capacity`` rows, then a uniform
+    reservoir sample of everything seen."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = int(capacity)
+        self.x: Optional[torch.Tensor] = None
+        self.y: Optional[torch.Tensor] = None
+        self.size = 0
+        self.seen = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        x, y = x.detach().float().cpu(), y.detach().float().cpu()
+        if self.x is None:
+            self.x = torch.empty(self.capacity, *x.shape[1:])
+            self.y = torch.empty(self.capacity, *y.shape[1:])
+        free = min(self.capacity - self.size, x.shape[0])
+        if free > 0:
+            self.x[self.size:self.size + free], self.y[self.size:self.size + free] = x[:free], y[:free]
+            self.size += free
+            self.seen += free
+        for i in range(max(free, 0), x.shape[0]):
+            self.seen += 1
+            if self.size < self.capacity:
+                j = self.size
+                self.size += 1
+            else:
+                j = int(torch.randint(self.seen, (1,), generator=self._gen))
+                if j >= self.capacity:
+                    continue
+            self.x[j], self.y[j] = x[i], y[i]
+
+    def sample(self, n: int, device=None):
+        idx = torch.randint(self.size, (min(n, self.size),), generator=self._gen)
+        return self.x[idx].to(device), self.y[idx].to(device)
 
 
 def recover_logits(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -66,6 +112,8 @@ class Attack:
         self.evaluate = evaluate
         self.eval_every = eval_every or max(self.budget // 10, 1)
         self.progress = progress
+        self.memory = ReplayBuffer(int(params.pop("memory", 20000)), seed)
+        self.refusal_epochs = int(params.pop("refusal_epochs", 20))
         self.params = params
         self.queries = 0  # the attack's own count; must equal the target's
         self.refused = False
@@ -85,8 +133,33 @@ class Attack:
         """One iteration (subclasses). Raise BudgetExhausted / QueryRefused through query()."""
         raise NotImplementedError
 
+    def received(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """What the attacker makes of an answer before using it (identity; defense-aware attackers)."""
+        return probs
+
+    def clone_loss(self, logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        """Distillation loss on answers as :meth:`query` returns them: cross-entropy on the argmax in
+        hard-label mode, L1 on recovered logits in soft-label mode (attacks override)."""
+        if self.label_mode == "hard":
+            return nn.functional.cross_entropy(logits, answers.argmax(1))
+        return nn.functional.l1_loss(logits, recover_logits(answers))
+
     def after_refusal(self) -> None:
-        """Train on what the attack already has once the target stops answering (optional)."""
+        """Train on what the attack already has once the target stops answering: ``refusal_epochs``
+        passes over :attr:`memory` with :meth:`clone_loss` (SGD, lr ``lr_refusal``, default 0.01)."""
+        n = len(self.memory)
+        if n == 0 or self.refusal_epochs <= 0:
+            return
+        opt = torch.optim.SGD(self.clone.parameters(), lr=float(self.params.get("lr_refusal", 0.01)), momentum=0.9,
+                              weight_decay=5e-4)
+        batch = min(128, n)
+        self.clone.train()
+        for _ in range(self.refusal_epochs * max(n // batch, 1)):
+            x, y = self.memory.sample(batch, self.device)
+            loss = self.clone_loss(self.clone(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
     # ------------------------------------------------------------------------------- helpers
     @property
@@ -110,9 +183,10 @@ class Attack:
         if self.queries >= self._next_eval:
             self._record()
             self._next_eval += self.eval_every
-        probs = probs.to(self.device)
+        probs = self.received(x, probs.to(self.device))
         if self.label_mode == "hard":
-            return nn.functional.one_hot(probs.argmax(1), probs.shape[1]).float()
+            probs = nn.functional.one_hot(probs.argmax(1), probs.shape[1]).float()
+        self.memory.add(x, probs)
         return probs
 
     def _record(self) -> None:

@@ -32,7 +32,7 @@ class DFME(Attack):
         self.eps = float(p.get("eps", 1e-3))
         self.clone_steps = int(p.get("clone_steps", 5))
         c, h, _ = self.image_shape
-        self.generator = GeneratorA(self.nz, c, h).to(self.device)
+        self.generator = GeneratorA(self.nz, c, h, int(p.get("ngf", 64))).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
         self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=float(p.get("lr_s", 0.1)), momentum=0.9,
                                      weight_decay=5e-4)

@@ -1,0 +1,170 @@
+"""The evaluation config: YAML in, typed objects out, errors that name the file and field.
+
+Relative paths (victim weights, detectors, cache) are taken relative to the config file. Example:
+benchmarks/attacks_mnist.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guardian_plugin.errors import ConfigError
+
+CONFIGURATIONS = ("no_defense", "model_guardian", "dpreds_only", "detector_only", "raw_detector")
+CONFIG_TITLES = {
+    "no_defense": "No defense",
+    "dpreds_only": "DPreds only (w/o DFMS-Detector)",
+    "detector_only": "Detector + refusal (w/o DPreds)",
+    "model_guardian": "Model-Guardian",
+    "raw_detector": "Raw-image detector (w/o gradient transformation)",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VictimSpec(_Strict):
+    arch: str = "small_resnet"
+    arch_params: Dict[str, Any] = {}
+    weights: str
+    num_classes: int = 10
+    channels: int = 1
+    size: int = 28
+    mean: List[float] = [0.0]
+    std: List[float] = [1.0]
+
+
+class CloneSpec(_Strict):
+    arch: str = "lenet5"
+    arch_params: Dict[str, Any] = {}
+
+
+class GuardSpec(_Strict):
+    detector: Optional[str] = None       # gradient detector artifact (Model-Guardian, detector_only)
+    raw_detector: Optional[str] = None   # artifact with `transform: identity` (raw_detector row)
+    tau: Union[int, str] = "auto"
+    rho: float = Field(0.5, ge=0.0, lt=1.0)
+    d: float = Field(0.5, ge=0.0)
+    quantize: bool = False               # round queries to 8-bit pixels, as PNGs over HTTP would
+
+    @field_validator("tau")
+    @classmethod
+    def _tau(cls, v):
+        if isinstance(v, str) and v != "auto":
+            raise ValueError("tau must be an integer >= 1 or 'auto'")
+        if isinstance(v, int) and v < 1:
+            raise ValueError("tau must be >= 1")
+        return v
+
+    def resolve_tau(self) -> int:
+        from guardian_plugin.config import RuleConfig
+
+        return RuleConfig(tau=self.tau, rho=self.rho).resolve_tau()
+
+
+class AttackSpec(_Strict):
+    id: Optional[str] = None             # row name; defaults to the attack name (+ label mode)
+    attack: str
+    label_mode: Optional[str] = None     # the attack's default when omitted
+    budget: int = Field(..., ge=1)
+    params: Dict[str, Any] = {}
+    aware: Dict[str, Any] = {}           # defense-aware strategies (guardian_plugin.attacks.aware)
+    configurations: Optional[List[str]] = None  # default: every configuration of the config
+    seen: Optional[bool] = None          # the detector trained on this attack's source (dfme)
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        if self.id is None:
+            self.id = self.attack + (f"-{self.label_mode}" if self.label_mode else "")
+        if self.seen is None:
+            self.seen = self.attack == "dfme" and not self.aware
+        if self.configurations is not None:
+            bad = [c for c in self.configurations if c not in CONFIGURATIONS]
+            if bad:
+                raise ValueError(f"unknown configurations {bad}; known: {list(CONFIGURATIONS)}")
+        return self
+
+
+class EvalConfig(_Strict):
+    name: str = "evaluation"
+    seeds: List[int] = [0]
+    device: str = "cpu"
+    threads: Optional[int] = None
+    victim: VictimSpec
+    test_data: str = "mnist"             # mnist | cifar10:<dir> | file:<path.pt with x uint8 (N,C,H,W), y>
+    split_seed: int = 0
+    test_limit: Optional[int] = None
+    clone: CloneSpec = CloneSpec()
+    guard: GuardSpec = GuardSpec()
+    configurations: List[str] = list(CONFIGURATIONS)
+    eval_points: int = Field(10, ge=1)   # clone evaluations per run
+    benign_batch: int = Field(1, ge=1)   # images per benign request (refusal acts between requests)
+    detection_windows: List[int] = [50, 500]   # Table II batch sizes
+    detection_samples: int = Field(5, ge=1)    # windows recorded along each no-defense query stream
+    cache_dir: str = ".cache/attacks"
+    attacks: List[AttackSpec]
+
+    @field_validator("configurations")
+    @classmethod
+    def _configs(cls, v):
+        bad = [c for c in v if c not in CONFIGURATIONS]
+        if bad:
+            raise ValueError(f"unknown configurations {bad}; known: {list(CONFIGURATIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        ids = [a.id for a in self.attacks]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"attack ids must be unique; repeated: {dup}")
+        need = set(self.configurations) | {c for a in self.attacks for c in (a.configurations or [])}
+        if need & {"model_guardian", "detector_only"} and not self.guard.detector:
+            raise ValueError("guard.detector is required for the model_guardian / detector_only configurations")
+        if "raw_detector" in need and not self.guard.raw_detector:
+            raise ValueError("guard.raw_detector is required for the raw_detector configuration")
+        return self
+
+    def configurations_for(self, a: AttackSpec) -> List[str]:
+        return [c for c in (a.configurations or self.configurations)]
+
+
+def _resolve(base: str, p: Optional[str]) -> Optional[str]:
+    if p is None or os.path.isabs(p):
+        return p
+    return os.path.normpath(os.path.join(base, p))
+
+
+def parse_eval_config(raw: Any, source: str = "<config>", base_dir: Optional[str] = None) -> EvalConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        cfg = EvalConfig.model_validate(raw)
+    except ValidationError as e:
+        msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{source}: {msg}") from None
+    if base_dir:
+        cfg.victim.weights = _resolve(base_dir, cfg.victim.weights)
+        cfg.guard.detector = _resolve(base_dir, cfg.guard.detector)
+        cfg.guard.raw_detector = _resolve(base_dir, cfg.guard.raw_detector)
+        cfg.cache_dir = _resolve(base_dir, cfg.cache_dir)
+        for prefix in ("file:", "cifar10:"):
+            if cfg.test_data.startswith(prefix):
+                cfg.test_data = prefix + _resolve(base_dir, cfg.test_data[len(prefix):])
+    return cfg
+
+
+def load_eval_config(path: str) -> EvalConfig:
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_eval_config(raw, path, os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,428 @@
+"""The evaluation harness: every attack against every defense configuration, measured.
+
+Configurations (the paper's Table I / V / VII rows):
+  no_defense      the victim's probabilities as they are
+  dpreds_only     DPreds(d) on EVERY answer, no detector (Table V, "w/o DFMS-Detector")
+  detector_only   detector + ledger refusal, answers unchanged (responses.Passthrough; "w/o DPreds")
+  model_guardian  detector + ledger refusal + DPreds on flagged rows (the full method)
+  raw_detector    Model-Guardian with a detector trained on raw images ("w/o gradient transformation")
+
+Metrics, per run (attack x configuration x seed):
+  CAcc     the clone's accuracy on the victim's test set, evaluated ``eval_points`` times along the run
+  DAcc     share of the attack's answered queries the detector flagged (configurations with one)
+  answered queries answered before the first refusal (the budget when never refused)
+and per configuration: BAcc (the victim's test set sent by a benign client through the same target
+and response path; a refused benign query counts as wrong) and FPR (benign test queries flagged).
+Table II's per-batch detection scores windows of the no-defense query stream with each detector
+offline (so refusal does not cut the stream short): DAcc@B = share flagged among B consecutive
+attack queries, averaged over ``detection_samples`` windows spread along the run.
+
+Each run is appended to ``OUT/runs.jsonl`` when it finishes (``resume`` skips finished runs);
+``OUT/results.json``, ``OUT/tables.md`` and ``OUT/clone_accuracy.png`` are rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from guardian_plugin.attacks.base import build_attack
+from guardian_plugin.attacks.target import InProcessTarget, QueryRefused
+from guardian_plugin.evaluation.config import EvalConfig
+from guardian_plugin.responses import DPreds, Passthrough
+
+DETECTOR_CONFIGS = ("model_guardian", "detector_only", "raw_detector")
+
+
+# ------------------------------------------------------------------------------------- target
+class EvalTarget(InProcessTarget):
+    """:class:`InProcessTarget` plus what the harness measures and what attackers may do:
+
+    - ``always``: a response policy applied to every row (DPreds-only configuration);
+    - ``flags``: one byte per answered query, 1 when the detector flagged it;
+    - ``rotate_identity()``: continue as a new client id (the target side of id rotation);
+    - ``record``: copies of the queries at given offsets of the stream (Table II windows).
+    """
+
+    def __init__(self, victim: nn.Module, num_classes: int, guardian=None, always=None, client_id: str = "attacker",
+                 device="cpu", quantize: bool = False, mean=None, std=None, record_starts=(), record_len: int = 0):
+        super().__init__(victim, num_classes, guardian, client_id, device, quantize, mean, std)
+        self.always = always
+        self.base_id = client_id
+        self.identities = 1
+        self.flags = bytearray()
+        self._starts = sorted(set(int(s) for s in record_starts))
+        self._len = int(record_len)
+        self.recorded: Dict[int, List[torch.Tensor]] = {s: [] for s in self._starts}
+
+    def rotate_identity(self) -> str:
+        self.identities += 1
+        self.client_id = f"{self.base_id}#{self.identities}"
+        return self.client_id
+
+    def _record(self, x: torch.Tensor, first: int) -> None:
+        last = first + x.shape[0]
+        for s in self._starts:
+            lo, hi = max(s, first), min(s + self._len, last)
+            if lo < hi:
+                self.recorded[s].append(x[lo - first:hi - first].detach().cpu().clone())
+
+    def recorded_windows(self) -> List[torch.Tensor]:
+        return [torch.cat(v) for v in self.recorded.values() if v]
+
+    @torch.no_grad()
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(self.device)
+        b = x.shape[0]
+        if self.quantize:
+            pix = (x * self.std + self.mean).clamp(0, 1)
+            x = ((pix * 255).round() / 255 - self.mean) / self.std
+        if self.guardian is not None and self.guardian.refused([self.client_id])[0]:
+            if self.refused_at is None:
+                self.refused_at = self.queries
+            raise QueryRefused(self.client_id)
+        self._record(x, self.queries)
+        self.queries += b
+        probs = torch.softmax(self.victim(x), 1)
+        if self.always is not None:
+            probs = self.always(probs, torch.ones(b, dtype=torch.bool, device=probs.device))
+        if self.guardian is None:
+            return probs
+        r = self.guardian.inspect(x, probs, [self.client_id] * b, refused=[False] * b)
+        f = r.flagged
+        self.flagged += sum(f)
+        self.flags.extend(bytes(int(v) for v in f))
+        return r.probs
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_victim(cfg: EvalConfig, device) -> nn.Module:
+    from guardian_plugin.nets import build_classifier
+
+    v = cfg.victim
+    if not os.path.exists(v.weights):
+        raise FileNotFoundError(f"victim weights {v.weights} are missing (victim.weights in the config)")
+    m = build_classifier(v.arch, in_channels=v.channels, num_classes=v.num_classes, image_size=v.size, **v.arch_params)
+    m.load_state_dict(torch.load(v.weights, map_location="cpu", weights_only=True))
+    return m.eval().to(device)
+
+
+def load_test_set(cfg: EvalConfig):
+    """The victim's test set as (normalised inputs, labels)."""
+    from guardian_plugin.training.data import mnist_splits, normalise, to_float
+
+    spec = cfg.test_data
+    if spec == "mnist":
+        x, y = mnist_splits(seed=cfg.split_seed)["test"]
+        x, y = to_float(x), torch.from_numpy(y)
+    elif spec.startswith("file:"):
+        d = torch.load(spec[5:], map_location="cpu", weights_only=True)
+        x, y = d["x"], d["y"]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        y = torch.as_tensor(y).long()
+    elif spec.startswith("cifar10:"):
+        import torchvision
+
+        ds = torchvision.datasets.CIFAR10(spec[8:], train=False, download=False)
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
+        y = torch.tensor(ds.targets)
+    else:
+        raise ValueError(f"test_data {spec!r}: use mnist, cifar10:<dir> or file:<path>")
+    if cfg.test_limit:
+        x, y = x[: cfg.test_limit], y[: cfg.test_limit]
+    return normalise(x, cfg.victim.mean, cfg.victim.std), y
+
+
+class Defenses:
+    """Builds a fresh target per run (fresh ledger), loading each detector once."""
+
+    def __init__(self, cfg: EvalConfig, victim: nn.Module, device):
+        self.cfg, self.victim, self.device = cfg, victim, device
+        self._detectors = {}
+        self.tau = cfg.guard.resolve_tau()
+
+    def path(self, which: str) -> Optional[str]:
+        return self.cfg.guard.detector if which == "gradient" else self.cfg.guard.raw_detector
+
+    def available(self, which: str) -> bool:
+        p = self.path(which)
+        return p is not None and os.path.isdir(p)
+
+    def detector(self, which: str):
+        path = self.path(which)
+        if path is None:
+            return None
+        if path not in self._detectors:
+            from guardian_plugin.detector import load_detector
+
+            self._detectors[path] = load_detector(path, device=self.device)
+        return self._detectors[path]
+
+    def target(self, configuration: str, client_id: str, **kw) -> EvalTarget:
+        from guardian_plugin.guardian import Guardian
+        from guardian_plugin.ledger import RefusalRule, open_ledger
+
+        g = self.cfg.guard
+        guardian, always = None, None
+        if configuration == "dpreds_only":
+            always = DPreds(g.d)
+        elif configuration in DETECTOR_CONFIGS:
+            det = self.detector("raw" if configuration == "raw_detector" else "gradient")
+            policy = Passthrough() if configuration == "detector_only" else DPreds(g.d)
+            ledger = open_ledger("memory://", RefusalRule(self.tau, g.rho), f"eval-{client_id}")
+            guardian = Guardian(det, ledger, policy, self.device)
+        elif configuration != "no_defense":
+            raise ValueError(f"unknown configuration {configuration!r}")
+        v = self.cfg.victim
+        return EvalTarget(self.victim, v.num_classes, guardian, always, client_id, self.device, g.quantize,
+                          v.mean, v.std, **kw)
+
+
+def accuracy_fn(x: torch.Tensor, y: torch.Tensor, device) -> Callable[[nn.Module], float]:
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(x[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, len(x), 500)])
+        return float((pred == y).float().mean())
+
+    return evaluate
+
+
+def benign_metrics(defenses: Defenses, configuration: str, x: torch.Tensor, y: torch.Tensor, batch: int = 1) -> dict:
+    """BAcc and FPR of a benign client sending the test set through the configuration's target."""
+    t = defenses.target(configuration, "benign")
+    correct = refused = 0
+    for i in range(0, len(x), batch):
+        try:
+            p = t.query(x[i:i + batch])
+        except QueryRefused:
+            refused += len(x[i:i + batch])
+            continue
+        correct += int((p.argmax(1).cpu() == y[i:i + batch]).sum())
+    out = {"bacc": correct / len(x), "n": len(x), "refused": refused}
+    if t.guardian is not None:
+        # FPR over the whole test set, scored by the detector alone (a refusal must not hide any image)
+        flags = detect_offline(t.guardian.detector, x, defenses.device)
+        out["fpr"] = float(flags.float().mean())
+        out["flags"] = [int(v) for v in flags]
+        out["fpr_answered"] = t.flagged / max(t.queries, 1)
+    return out
+
+
+@torch.no_grad()
+def detect_offline(det, x: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    flags = [det.flag(det.to_pixels(x[i:i + batch].to(device)))[0].cpu() for i in range(0, len(x), batch)]
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def window_rates(flags: List[torch.Tensor], size: int, rho: float) -> dict:
+    """Per-sample flagged share over the first ``size`` queries of each window (full windows only)."""
+    shares = [float(f[:size].float().mean()) for f in flags if len(f) >= size]
+    if not shares:
+        return {"dacc": None, "windows": 0}
+    return {"dacc": float(np.mean(shares)), "windows": len(shares),
+            "windows_over_rho": float(np.mean([s > rho for s in shares]))}
+
+
+def benign_window_fpr(flags: List[int], size: int) -> Optional[float]:
+    f = np.asarray(flags, dtype=float)
+    n = len(f) // size
+    if n == 0:
+        return None
+    return float(f[: n * size].reshape(n, size).mean(1).mean())
+
+
+# -------------------------------------------------------------------------------------- runs
+def versions() -> dict:
+    import guardian_plugin
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "guardian_plugin": guardian_plugin.__version__, "platform": platform.platform()}
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                           timeout=10).stdout.strip() or None
+    except Exception:  # pragma: no cover
+        out["git_commit"] = None
+    return out
+
+
+def run_key(r: dict) -> tuple:
+    return (r["attack_id"], r["configuration"], int(r["seed"]))
+
+
+def run_one(cfg: EvalConfig, spec, configuration: str, seed: int, defenses: Defenses, x_test, y_test, device,
+            out_dir: str, progress: bool = True) -> dict:
+    from guardian_plugin.attacks.aware import build_aware_attack
+    from guardian_plugin.nets import build_classifier
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    v = cfg.victim
+    clone = build_classifier(cfg.clone.arch, in_channels=v.channels, num_classes=v.num_classes, image_size=v.size,
+                             **cfg.clone.arch_params)
+    record = {}
+    if configuration == "no_defense":
+        n = cfg.detection_samples
+        win = max(cfg.detection_windows)
+        starts = sorted({min(int(i * spec.budget / n), max(spec.budget - win, 0)) for i in range(n)})
+        record = {"record_starts": starts, "record_len": win}
+    target = defenses.target(configuration, f"{spec.id}-{seed}", **record)
+    params = {"mean": v.mean, "std": v.std, "num_classes": v.num_classes, "cache_dir": cfg.cache_dir, **spec.params}
+    kw = dict(budget=spec.budget, image_shape=(v.channels, v.size, v.size), device=device, seed=seed,
+              evaluate=accuracy_fn(x_test, y_test, device), eval_every=max(spec.budget // cfg.eval_points, 1),
+              progress=progress, **params)
+    if spec.label_mode:
+        kw["label_mode"] = spec.label_mode
+    if spec.aware:
+        attack = build_aware_attack(spec.attack, spec.aware, target, clone, **kw)
+    else:
+        attack = build_attack(spec.attack, target, clone, **kw)
+    t0 = time.time()
+    res = attack.run()
+    out = {
+        "attack_id": spec.id, "attack": spec.attack, "label_mode": attack.label_mode, "configuration": configuration,
+        "seed": seed, "seen": bool(spec.seen), "aware": sorted(spec.aware), "budget": spec.budget,
+        "queries_attack": res.queries, "queries_target": target.queries,
+        "accounting_ok": res.queries == target.queries,
+        "refused": target.refused_at is not None,
+        "answered_before_refusal": target.refused_at if target.refused_at is not None else target.queries,
+        "identities": target.identities,
+        "cacc": res.clone_accuracy, "history": res.history, "seconds": round(time.time() - t0, 1),
+        "extra": {k: v for k, v in res.extra.items() if isinstance(v, (int, float, str, bool, list))},
+    }
+    if target.guardian is not None:
+        out["flagged"] = target.flagged
+        out["dacc"] = target.flagged / max(target.queries, 1)
+    if configuration == "no_defense":
+        out["windows_file"] = save_windows(target.recorded_windows(), out_dir, f"{spec.id}-{seed}")
+    return out
+
+
+def save_windows(windows: List[torch.Tensor], out_dir: str, name: str) -> str:
+    """Keep the recorded query windows (float16) so any detector can score them later."""
+    d = os.path.join(out_dir, "windows")
+    os.makedirs(d, exist_ok=True)
+    ignore = os.path.join(d, ".gitignore")
+    if not os.path.exists(ignore):
+        with open(ignore, "w") as f:
+            f.write("*\n")
+    path = os.path.join(d, f"{name}.pt")
+    torch.save([w.half() for w in windows], path)
+    return os.path.relpath(path, out_dir)
+
+
+def score_windows(r: dict, cfg: EvalConfig, defenses: "Defenses", out_dir: str, device) -> None:
+    """Table II: score a no-defense run's recorded windows with every available detector (in place)."""
+    path = os.path.join(out_dir, r.get("windows_file", ""))
+    if r["configuration"] != "no_defense" or not os.path.isfile(path):
+        return
+    det_out = r.setdefault("detection", {})
+    windows = None
+    for which in ("gradient", "raw"):
+        if which in det_out or not defenses.available(which):
+            continue
+        if windows is None:
+            windows = [w.float() for w in torch.load(path, map_location="cpu", weights_only=True)]
+        det = defenses.detector(which)
+        flags = [detect_offline(det, w, device) for w in windows]
+        det_out[which] = {str(b): window_rates(flags, b, cfg.guard.rho) for b in cfg.detection_windows}
+        allf = torch.cat(flags) if flags else torch.zeros(0)
+        det_out[which]["all"] = {"dacc": float(allf.float().mean()) if len(allf) else None, "n": int(len(allf))}
+
+
+def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]] = None,
+                   configurations: Optional[List[str]] = None, seeds: Optional[List[int]] = None,
+                   resume: bool = False, progress: bool = True, command: Optional[str] = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """Run the selected runs, append each to OUT/runs.jsonl, then write results.json, tables.md and
+    the clone-accuracy plot from every finished run of this config."""
+    from guardian_plugin.evaluation.report import write_report
+
+    os.makedirs(out_dir, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    seeds = seeds if seeds is not None else cfg.seeds
+    unknown = set(attacks or []) - {a.id for a in cfg.attacks}
+    if unknown:
+        raise ValueError(f"unknown attack ids {sorted(unknown)}; the config has {[a.id for a in cfg.attacks]}")
+    specs = [a for a in cfg.attacks if attacks is None or a.id in attacks]
+    runs_path = os.path.join(out_dir, "runs.jsonl")
+    done = {}
+    if resume and os.path.exists(runs_path):
+        with open(runs_path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    done[run_key(r)] = r
+    elif os.path.exists(runs_path):
+        os.remove(runs_path)
+    victim = load_victim(cfg, device)
+    x_test, y_test = load_test_set(cfg)
+    defenses = Defenses(cfg, victim, device)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    all_confs = [c for c in cfg.configurations] + [c for a in cfg.attacks for c in (a.configurations or [])]
+    all_confs = list(dict.fromkeys(all_confs))
+    benign_path = os.path.join(out_dir, "benign.json")
+    benign = {}
+    if resume and os.path.exists(benign_path):
+        with open(benign_path) as f:
+            benign = json.load(f)
+    for c in all_confs:
+        if configurations is not None and c not in configurations:
+            continue
+        benign[c] = benign_metrics(defenses, c, x_test, y_test, cfg.benign_batch)
+        log(f"benign {c}: BAcc {benign[c]['bacc']:.4f}" + (f", FPR {benign[c]['fpr']:.4f}" if "fpr" in benign[c] else ""))
+    with open(benign_path, "w") as f:
+        json.dump(benign, f)
+    plan = [(s, c, seed) for seed in seeds for s in specs for c in cfg.configurations_for(s)
+            if configurations is None or c in configurations]
+    for i, (spec, conf, seed) in enumerate(plan, 1):
+        key = (spec.id, conf, int(seed))
+        if key in done:
+            continue
+        r = run_one(cfg, spec, conf, seed, defenses, x_test, y_test, device, out_dir, progress)
+        done[key] = r
+        with open(runs_path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        ans = f", answered {r['answered_before_refusal']}" + (" (refused)" if r["refused"] else "")
+        dacc = f", DAcc {r['dacc']:.3f}" if "dacc" in r else ""
+        log(f"[{i}/{len(plan)}] {spec.id} / {conf} / seed {seed}: CAcc {r['cacc']:.4f}{dacc}{ans}, "
+            f"queries {r['queries_attack']} (target {r['queries_target']}), {r['seconds']} s")
+    changed = False
+    for r in done.values():
+        before = json.dumps(r.get("detection"), sort_keys=True)
+        score_windows(r, cfg, defenses, out_dir, device)
+        changed |= json.dumps(r.get("detection"), sort_keys=True) != before
+    if changed:  # keep runs.jsonl the single source of every finished run
+        with open(runs_path, "w") as f:
+            for r in done.values():
+                f.write(json.dumps(r) + "\n")
+    results = {
+        "meta": {"name": cfg.name, "command": command or " ".join(sys.argv), "seeds": seeds, "started": started,
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tau": defenses.tau,
+                 "threads": torch.get_num_threads(), "device": str(device), "versions": versions(),
+                 "config": cfg.model_dump()},
+        "benign": {c: {k: v for k, v in b.items() if k != "flags"} for c, b in benign.items()},
+        "benign_windows": {c: {str(w): benign_window_fpr(b.get("flags", []), w) for w in cfg.detection_windows}
+                           for c, b in benign.items() if "flags" in b},
+        "runs": sorted((r for r in done.values() if r["attack_id"] in {a.id for a in cfg.attacks}), key=lambda r: (r["attack_id"], r["configuration"], r["seed"])),
+    }
+    write_report(results, cfg, out_dir)
+    return results

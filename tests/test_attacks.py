@@ -1,0 +1,241 @@
+"""Every attack runs a few iterations against a tiny victim; the target's query count equals the
+attack's own count exactly, in soft- and hard-label modes, under a budget and under refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardian_plugin.attacks import ATTACKS, build_attack
+from guardian_plugin.attacks.aware import build_aware_attack, invert_dpreds
+from guardian_plugin.attacks.base import ReplayBuffer, _import_all
+from guardian_plugin.attacks.common import shapes_proxy
+from guardian_plugin.attacks.target import InProcessTarget, QueryRefused, QueryTarget
+from guardian_plugin.nets import SmallResNet
+from guardian_plugin.responses import dpreds
+
+_import_all()
+MEAN, STD = [0.1307], [0.3081]
+TINY = {  # a few iterations each, tiny networks
+    "dfme": dict(batch_size=16, ngf=8, clone_steps=2),
+    "maze": dict(batch_size=8, ngf=8, m=2, clone_steps=2, replay_steps=2),
+    "dast": dict(batch_size=20, ngf=8),
+    "dfms": dict(batch_size=16, gan_steps=3, gan_width=8, proxy_images=32, proxy="shapes"),
+    "disguide": dict(batch_size=16, ngf=8),
+    "dual_students": dict(batch_size=16, ngf=8, student_steps=2),
+    "quda": dict(batch_size=16, candidates=2, gan_steps=3, gan_width=8, proxy_images=32, proxy="shapes"),
+}
+CASES = [(name, mode) for name in sorted(TINY) for mode in ATTACKS.get(name).label_modes]
+
+
+class RecordingTarget(InProcessTarget):
+    """Counts like InProcessTarget and keeps every answered batch; refuses after ``refuse_after``."""
+
+    def __init__(self, victim, refuse_after=None):
+        super().__init__(victim, 10)
+        self.refuse_after = refuse_after
+        self.sent = []
+        self.attempts_after_refusal = 0
+
+    def query(self, x):
+        if self.refuse_after is not None and self.queries >= self.refuse_after:
+            self.attempts_after_refusal += 1
+            if self.refused_at is None:
+                self.refused_at = self.queries
+            raise QueryRefused("test")
+        self.sent.append(x.detach().clone())
+        return super().query(x)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks on a shared machine: one thread avoids oversubscription (100x slower otherwise)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def victim():
+    torch.manual_seed(0)
+    return SmallResNet(1, 10, width=4, blocks=1).eval()
+
+
+def _attack(name, target, mode, budget, tmp_path, seed=0, **extra):
+    torch.manual_seed(seed)
+    clone = SmallResNet(1, 10, width=4, blocks=1)
+    params = {**TINY[name], "mean": MEAN, "std": STD, "cache_dir": str(tmp_path), **extra}
+    return build_attack(name, target, clone, budget=budget, image_shape=(1, 28, 28), label_mode=mode, seed=seed,
+                        evaluate=lambda m: 0.0, eval_every=100, progress=False, **params)
+
+
+def test_every_attack_of_the_paper_is_registered():
+    assert {"dfme", "maze", "dast", "dfms", "disguide", "dual_students", "quda"} <= set(ATTACKS.names())
+    assert ATTACKS.get("dfms").label_modes[0] == "hard"  # DFMS-HL is hard-label by default
+    for name in ("dast", "dfms", "disguide", "dual_students", "quda"):
+        assert "hard" in ATTACKS.get(name).label_modes
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_attack_runs_and_accounts_every_query(name, mode, victim, tmp_path):
+    target = RecordingTarget(victim)
+    a = _attack(name, target, mode, 300, tmp_path)
+    before = [p.detach().clone() for p in a.clone.parameters()]
+    res = a.run()
+    assert res.queries == a.queries == target.queries == sum(len(x) for x in target.sent)
+    assert 0 < res.queries <= 300
+    assert res.history and res.history[-1]["queries"] == res.queries
+    assert any(not torch.equal(p0, p) for p0, p in zip(before, a.clone.parameters())), "the clone never trained"
+    # every answered row is in the attack's memory; hard-label attacks only ever see one-hot answers
+    assert len(a.memory) == res.queries
+    y = a.memory.y[: len(a.memory)]
+    if mode == "hard":
+        assert torch.equal(y.sum(1), torch.ones(len(y))) and set(y.unique().tolist()) <= {0.0, 1.0}
+    else:
+        assert torch.allclose(y.sum(1), torch.ones(len(y)), atol=1e-5) and (y.max(1).values < 1).all()
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_refused_attack_stops_and_trains_on_what_it_has(name, victim, tmp_path):
+    target = RecordingTarget(victim, refuse_after=40)
+    a = _attack(name, target, ATTACKS.get(name).label_modes[0], 10_000, tmp_path)
+    res = a.run()
+    assert res.refused_at == target.refused_at == target.queries == a.queries >= 40
+    assert target.attempts_after_refusal == 1  # one refused request, then no more
+    assert len(a.memory) == a.queries
+
+
+def test_budget_never_exceeded_with_odd_budget(victim, tmp_path):
+    target = RecordingTarget(victim)
+    res = _attack("dfme", target, "soft", 101, tmp_path).run()  # batch 16: iterations of 48 queries
+    assert res.queries == target.queries <= 101
+
+
+def test_seeds_reproduce(victim, tmp_path):
+    sent = []
+    for seed in (3, 3, 4):
+        t = RecordingTarget(victim)
+        _attack("dual_students", t, "soft", 160, tmp_path, seed=seed).run()
+        sent.append(torch.cat([x.flatten() for x in t.sent]))
+    assert torch.equal(sent[0], sent[1]) and not torch.equal(sent[0], sent[2])
+
+
+def test_unsupported_label_mode_is_refused(victim, tmp_path):
+    with pytest.raises(ValueError, match="label modes"):
+        _attack("maze", RecordingTarget(victim), "hard", 100, tmp_path)
+
+
+def test_replay_buffer_keeps_a_uniform_reservoir():
+    buf = ReplayBuffer(50, seed=0)
+    for i in range(20):
+        buf.add(torch.full((10, 1), float(i)), torch.zeros(10, 2))
+    assert len(buf) == 50 and buf.seen == 200
+    vals = buf.x[:, 0]
+    assert vals.min() < 5 and vals.max() > 15  # early and late rows both survive
+
+
+def test_shapes_proxy_is_images_in_range():
+    x = shapes_proxy(8, 28, 1, seed=0)
+    assert x.shape == (8, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert float(x.std()) > 0.01
+
+
+# ----------------------------------------------------------------------------- defense-aware
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=3, max_size=12), st.floats(0.001, 5.0))
+def test_dpreds_inverter_recovers_probabilities_with_a_zero_entry(raw, d):
+    p = torch.tensor([0.0] + raw, dtype=torch.float64)
+    if p.sum() <= 1e-6:
+        return
+    p = (p / p.sum()).unsqueeze(0)
+    rec = invert_dpreds(dpreds(p, d))
+    assert torch.allclose(rec, p, atol=1e-6)
+
+
+def test_dpreds_inverter_leaves_plain_answers_alone():
+    p = torch.softmax(torch.randn(32, 10) * 8, 1)
+    p = p / p.sum(1, keepdim=True)
+    assert torch.allclose(invert_dpreds(p), p, atol=1e-4)
+    # and on a confident victim's DPreds answers it is far closer to the truth than the answer itself
+    q = dpreds(p, 0.5)
+    assert (invert_dpreds(q) - p).abs().max() < 0.05 < (q - p).abs().max()
+
+
+class FlagAllGuardian:
+    """Stands in for a Guardian whose detector flags everything (rule: tau=10, rho=0.5)."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def refused(self, ids):
+        return [self.counts.get(c, 0) >= 10 for c in ids]
+
+    def inspect(self, x, probs, ids, refused=None):
+        from guardian_plugin.guardian import InspectResult, Verdict
+
+        for c in ids:
+            self.counts[c] = self.counts.get(c, 0) + 1
+        return InspectResult(dpreds(probs, 0.5), [Verdict.FLAGGED] * len(ids))
+
+
+def _aware(strategies, target, budget, tmp_path, **extra):
+    torch.manual_seed(0)
+    params = {**TINY["dfme"], "mean": MEAN, "std": STD, **extra}
+    return build_aware_attack("dfme", strategies, target, SmallResNet(1, 10, width=4, blocks=1), budget=budget,
+                              image_shape=(1, 28, 28), seed=0, evaluate=lambda m: 0.0, progress=False, **params)
+
+
+def test_rotating_ids_keeps_getting_answers(victim, tmp_path):
+    from guardian_plugin.evaluation.harness import EvalTarget
+
+    t = EvalTarget(victim, 10, guardian=FlagAllGuardian(), client_id="a", mean=MEAN, std=STD)
+    a = _aware({"rotate_ids": {"max_ids": 100}}, t, 480, tmp_path)
+    res = a.run()
+    assert res.queries == t.queries == 480
+    assert t.identities == a.identities > 1 and res.extra["identity_refusals"] == a.identities - 1
+    assert t.refused_at == 32  # the first id: its first request (DFME's (m+1) x 16 ZO batch) crossed tau
+
+
+def test_rotation_stops_at_max_ids(victim, tmp_path):
+    from guardian_plugin.evaluation.harness import EvalTarget
+
+    t = EvalTarget(victim, 10, guardian=FlagAllGuardian(), client_id="a", mean=MEAN, std=STD)
+    res = _aware({"rotate_ids": {"max_ids": 3}}, t, 10_000, tmp_path).run()
+    assert t.identities == 3 and res.refused_at == res.queries == t.queries
+
+
+def test_mixing_real_images_counts_them_as_queries(victim, tmp_path):
+    t = RecordingTarget(victim)
+    a = _aware({"mix_real": {"rho": 0.5, "margin": 0.1, "pool": 64}}, t, 480, tmp_path)  # photo crops
+    res = a.run()
+    assert res.queries == t.queries <= 480
+    # f_s = 1, f_r = 0.1, t = 0.4: two photos per synthetic query
+    assert a.real_sent == 2 * (res.queries - a.real_sent)
+    # expected flagged share if every synthetic and 10% of photos were flagged stays under rho
+    n_s = res.queries - a.real_sent
+    assert (n_s + 0.1 * a.real_sent) / res.queries < 0.5
+
+
+def test_postprocessed_queries_are_what_the_clone_trains_on(victim, tmp_path):
+    t = RecordingTarget(victim)
+    a = _aware({"postprocess": {"blur": [1.0, 1.0], "jpeg": [50, 50]}}, t, 96, tmp_path)
+    a.run()
+    sent = torch.cat(t.sent)
+    assert torch.allclose(a.memory.x[: len(a.memory)], sent)
+    # sent images are 8-bit JPEG round trips: pixel values sit on the 1/255 grid
+    pix = (sent * STD[0] + MEAN[0]) * 255
+    assert torch.allclose(pix, pix.round(), atol=1e-3)
+
+
+def test_unknown_strategy_is_an_error(victim, tmp_path):
+    with pytest.raises(ValueError, match="unknown defense-aware"):
+        _aware({"teleport": {}}, RecordingTarget(victim), 96, tmp_path)
+
+
+def test_target_interface_is_what_attacks_use():
+    assert issubclass(InProcessTarget, QueryTarget)
+    assert np.isclose(float(dpreds(torch.tensor([[1.0, 0.0]]), 0.5).min()), 0.25)

@@ -1,0 +1,141 @@
+"""The evaluation harness end to end on benchmarks/attacks_quick.yaml (seconds).
+
+The quick config runs against the committed MNIST example victim on the real held-out digits. Its
+detectors are replaced by two stand-in artifacts whose behaviour is known exactly, so every metric
+the harness reports can be checked: one flags every query (as the gradient detector), one flags none
+(as the raw-image detector).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from guardian_plugin.detector import DetectorSpec, SubDetector, SubDetectorSpec, save_detector
+from guardian_plugin.evaluation.config import parse_eval_config
+from guardian_plugin.evaluation.harness import run_evaluation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(ROOT, "benchmarks", "attacks_quick.yaml")
+
+
+def make_detector(path: str, threshold: float) -> str:
+    """An identity-transform artifact with one tiny sub-detector and a fixed threshold."""
+    torch.manual_seed(0)
+    spec = DetectorSpec(format_version=1, input={"mean": [0.1307], "std": [0.3081]},
+                        subdetectors=[SubDetectorSpec(name="s", source="dfme", transform="identity",
+                                                      arch="small_resnet", arch_params={"width": 4, "blocks": 1},
+                                                      weights="s.pt", threshold=threshold)])
+    save_detector(path, spec, [SubDetector("small_resnet", 1, 28, width=4, blocks=1)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    n = torch.get_num_threads()  # the quick config sets threads: 1; restore for other tests
+    tmp = tmp_path_factory.mktemp("eval")
+    with open(QUICK) as f:
+        raw = yaml.safe_load(f)
+    raw["guard"]["detector"] = make_detector(str(tmp / "flag_all"), -1e9)
+    raw["guard"]["raw_detector"] = make_detector(str(tmp / "flag_none"), 1e9)
+    raw["cache_dir"] = str(tmp / "cache")
+    cfg = parse_eval_config(raw, QUICK, os.path.dirname(QUICK))
+    out = str(tmp / "out")
+    res = run_evaluation(cfg, out, progress=False, command="pytest", log=lambda s: None)
+    yield cfg, res, out
+    torch.set_num_threads(n)
+
+
+def _run(res, attack_id, conf):
+    rs = [r for r in res["runs"] if r["attack_id"] == attack_id and r["configuration"] == conf]
+    assert len(rs) == 1, (attack_id, conf)
+    return rs[0]
+
+
+def test_every_planned_run_happened_with_exact_accounting(quick_results):
+    cfg, res, _ = quick_results
+    planned = {(a.id, c) for a in cfg.attacks for c in cfg.configurations_for(a)}
+    assert {(r["attack_id"], r["configuration"]) for r in res["runs"]} == planned
+    for r in res["runs"]:
+        assert r["accounting_ok"] and r["queries_attack"] == r["queries_target"], r["attack_id"]
+        assert r["queries_attack"] <= r["budget"]
+        assert 0.0 <= r["cacc"] <= 1.0 and r["history"]
+
+
+def test_no_defense_and_dpreds_only_answer_the_whole_budget(quick_results):
+    cfg, res, _ = quick_results
+    for a in cfg.attacks:
+        for conf in ("no_defense", "dpreds_only"):
+            if conf in cfg.configurations_for(a):
+                r = _run(res, a.id, conf)
+                assert not r["refused"] and r["answered_before_refusal"] == r["queries_attack"]
+                assert r["queries_attack"] > r["budget"] // 2  # batches fill the budget
+    # DPreds keeps the argmax: benign accuracy is the victim's own
+    assert res["benign"]["dpreds_only"]["bacc"] == res["benign"]["no_defense"]["bacc"] > 0.9
+
+
+def test_flag_everything_detector_refuses_after_the_first_batch(quick_results):
+    cfg, res, _ = quick_results
+    tau = res["meta"]["tau"]
+    for a in cfg.attacks:
+        if a.aware:
+            continue
+        for conf in ("model_guardian", "detector_only"):
+            if conf not in cfg.configurations_for(a):
+                continue
+            r = _run(res, a.id, conf)
+            assert r["refused"] and r["dacc"] == 1.0
+            # refusal starts with the request after the one that crossed tau
+            assert tau <= r["answered_before_refusal"] < r["budget"]
+    b = res["benign"]["model_guardian"]
+    assert b["fpr"] == 1.0 and b["refused"] > 0 and b["bacc"] < 0.5  # refused benign answers count as wrong
+
+
+def test_flag_nothing_detector_never_refuses(quick_results):
+    cfg, res, _ = quick_results
+    r = _run(res, "dfme", "raw_detector")
+    assert not r["refused"] and r["dacc"] == 0.0 and r["answered_before_refusal"] == r["queries_attack"]
+    assert res["benign"]["raw_detector"]["fpr"] == 0.0
+    assert res["benign"]["raw_detector"]["bacc"] == res["benign"]["no_defense"]["bacc"]
+
+
+def test_defense_aware_attackers(quick_results):
+    _, res, _ = quick_results
+    rot = _run(res, "dfme-rotate-ids", "model_guardian")
+    assert rot["identities"] > 1 and rot["extra"]["identity_refusals"] == rot["identities"] - 1
+    assert rot["queries_attack"] > rot["answered_before_refusal"]  # it kept getting answers under new ids
+    mix = _run(res, "dfme-mix-real", "model_guardian")
+    assert mix["extra"]["real_queries"] > 0
+    inv = _run(res, "dfme-dpreds-inverter", "dpreds_only")
+    assert inv["extra"]["answers_with_dpreds_signature"] == inv["queries_attack"]
+
+
+def test_table_two_windows_and_outputs(quick_results):
+    cfg, res, out = quick_results
+    for a in cfg.attacks:
+        if "no_defense" in cfg.configurations_for(a):
+            det = _run(res, a.id, "no_defense")["detection"]
+            assert det["gradient"]["50"]["dacc"] == 1.0 and det["raw"]["50"]["dacc"] == 0.0
+    assert res["benign_windows"]["model_guardian"]["50"] == 1.0
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["meta"]["seeds"] == [0] and saved["meta"]["versions"]["torch"] == torch.__version__
+    assert saved["meta"]["config"]["victim"]["arch"] == "small_resnet"
+    tables = open(os.path.join(out, "tables.md")).read()
+    for title in ("Table I", "Table II", "Table V", "Table VII", "Defense-aware"):
+        assert title in tables
+    assert "(unseen)" in tables and "DFME (seen)" in tables
+    assert "MISMATCH" not in tables
+    assert os.path.getsize(os.path.join(out, "clone_accuracy.png")) > 10_000
+
+
+def test_resume_skips_finished_runs(quick_results, tmp_path):
+    cfg, res, out = quick_results
+    again = run_evaluation(cfg, out, attacks=["dfme"], configurations=["no_defense"], resume=True,
+                           progress=False, command="pytest", log=lambda s: None)
+    assert len(again["runs"]) == len(res["runs"])
+    assert _run(again, "dfme", "no_defense")["seconds"] == _run(res, "dfme", "no_defense")["seconds"]
