@@ -139,3 +139,26 @@ def test_resume_skips_finished_runs(quick_results, tmp_path):
                            progress=False, command="pytest", log=lambda s: None)
     assert len(again["runs"]) == len(res["runs"])
     assert _run(again, "dfme", "no_defense")["seconds"] == _run(res, "dfme", "no_defense")["seconds"]
+
+
+def test_evaluate_subcommand_is_registered():
+    from guardian_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--config", QUICK, "--out", "x", "--attacks", "dfme,maze",
+                                      "--seeds", "0,1", "--resume"])
+    assert args.attacks == ["dfme", "maze"] and args.seeds == [0, 1] and args.resume and callable(args.func)
+
+
+def test_config_errors_name_the_field():
+    from guardian_plugin.errors import ConfigError
+
+    with open(QUICK) as f:
+        raw = yaml.safe_load(f)
+    raw["configurations"] = ["no_defense", "magic"]
+    with pytest.raises(ConfigError, match="configurations"):
+        parse_eval_config(raw, "quick.yaml")
+    raw = yaml.safe_load(open(QUICK))
+    raw["guard"]["raw_detector"] = None
+    raw["attacks"][0]["configurations"] = ["raw_detector"]
+    with pytest.raises(ConfigError, match="raw_detector"):
+        parse_eval_config(raw, "quick.yaml")

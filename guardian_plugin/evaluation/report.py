@@ -34,6 +34,7 @@ def summarize(results: dict) -> dict:
             "cacc": _stats([r["cacc"] for r in rs]),
             "dacc": _stats([r.get("dacc") for r in rs]),
             "answered": _stats([r["answered_before_refusal"] for r in rs]),
+            "queries": _stats([r["queries_target"] for r in rs]),
             "refused_share": float(np.mean([r["refused"] for r in rs])),
             "identities": _stats([r.get("identities", 1) for r in rs]),
             "seconds": _stats([r["seconds"] for r in rs]),
@@ -202,12 +203,14 @@ def render_tables(results: dict, summary: dict) -> str:
                 s = _pct(cell["cacc"])
                 if cell["dacc"]:
                     s += f" / {_pct(cell['dacc'])} / {_num(cell['answered'])}"
+                s += f" / {_num(cell['queries'])}"
                 if cell["identities"] and cell["identities"]["mean"] > 1:
                     s += f" / {_num(cell['identities'])} ids"
                 row.append(s)
             rows.append(row)
         lines += ["## Defense-aware attackers (beyond the paper)", "",
-                  "Each cell: CAcc [/ DAcc / queries answered before the first refusal [/ client ids used]].", "",
+                  "Each cell: CAcc [/ DAcc / queries answered before the first refusal] / queries answered in all "
+                  "[/ client ids used].", "",
                   _table(["Attacker", "Strategies"] + [CONFIG_TITLES[c] for c in aconfs], rows), ""]
     bad = [(a, c) for a, cs in cells.items() for c, cell in cs.items() if not cell["accounting_ok"]]
     lines += ["Query accounting: " + ("the target's count equals the attack's own count in every run."
