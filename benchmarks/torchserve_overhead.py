@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     ts = TorchServe(store, os.path.join(work, "server")).start()
     samples = {"unprotected": {"wall": 0.0, "lat": [], "n": 0, "errors": 0},
                "protected": {"wall": 0.0, "lat": [], "n": 0, "errors": 0}}
+    per_round = []
     try:
         for name in ("mnist", "mnist_g"):
             ts.register(f"{name}.mar", name, workers=2, batch_size=8, max_batch_delay_ms=5)
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
                 s["lat"] += lat
                 s["n"] += len(lat)
                 s["errors"] += sum(c != 200 for c in codes)
+                per_round.append({"round": r + 1, "archive": label, "requests_per_s": len(lat) / wall,
+                                  "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))})
                 print(f"round {r + 1}: {label:11s} {len(lat) / wall:7.1f} req/s  p50 {np.percentile(lat, 50):6.1f} ms  "
                       f"p99 {np.percentile(lat, 99):6.1f} ms", flush=True)
         metrics = ts.metrics()
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     import torch
 
     out = {
-        "benchmark": "torchserve_overhead", "results": res, "ratio": ratio,
+        "benchmark": "torchserve_overhead", "results": res, "ratio": ratio, "rounds": per_round,
         "last_batch_guard_ms": guard_ms[0] if guard_ms else None,
         "setup": {"model": "MNIST example SmallResNet(width 16) via examples/mnist/mnist_handler.py",
                   "detector": os.path.relpath(ex.DETECTOR, ROOT), "workers_per_model": 2, "batch_size": 8,
