@@ -45,14 +45,14 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, target: str, env: dict, log_path: str):
+    def __init__(self, target: str, env: dict, log_path: str, cwd: str = ROOT):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 240
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -295,7 +295,10 @@ def test_attacker_is_refused_and_stays_refused_in_the_built_bento(server, oracle
     assert b.returncode == 0, b.stdout[-2000:] + b.stderr[-2000:]
     tag = b.stdout.strip().splitlines()[-1].replace("__tag__:", "").strip()
     assert tag.startswith("mnist_guarded:"), b.stdout
-    built = Server(tag, env["env"], str(env["tmp"] / "serve-built.log"))
+    # served from outside the repository: the service, its guard.yaml and the artifacts come from the Bento
+    elsewhere = env["tmp"] / "elsewhere"
+    elsewhere.mkdir()
+    built = Server(tag, env["env"], str(env["tmp"] / "serve-built.log"), cwd=str(elsewhere))
     try:
         assert "Starting production HTTP BentoServer from \"mnist_guarded:" in built.text()
         r = _classify(built.url, fake[1], "dfme")
