@@ -239,3 +239,18 @@ def test_unknown_strategy_is_an_error(victim, tmp_path):
 def test_target_interface_is_what_attacks_use():
     assert issubclass(InProcessTarget, QueryTarget)
     assert np.isclose(float(dpreds(torch.tensor([[1.0, 0.0]]), 0.5).min()), 0.25)
+
+
+@pytest.mark.parametrize("name", ["dfme", "maze", "disguide", "dual_students"])
+def test_tanh_generators_reach_the_whole_pixel_range_in_pixels_mode(name, victim, tmp_path):
+    ranges = {}
+    for output in ("normalised", "pixels"):
+        t = RecordingTarget(victim)
+        _attack(name, t, "soft", 100, tmp_path, output=output).run()
+        pix = torch.cat(t.sent) * STD[0] + MEAN[0]
+        ranges[output] = (float(pix.min()), float(pix.max()))
+    # normalised: [-1, 1] in MNIST-normalised units is at most 0.44 in pixels; pixels mode spans [0, 1]
+    assert ranges["normalised"][1] <= MEAN[0] + STD[0] + 1e-5
+    assert ranges["pixels"][0] >= -1e-5 and ranges["pixels"][1] <= 1 + 1e-5 and ranges["pixels"][1] > 0.6
+    with pytest.raises(ValueError, match="generator output"):
+        _attack(name, RecordingTarget(victim), "soft", 100, tmp_path, output="bytes")

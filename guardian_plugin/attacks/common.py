@@ -37,6 +37,24 @@ def to_pixels(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return (x * std + mean).clamp(0.0, 1.0)
 
 
+GENERATOR_OUTPUTS = ("normalised", "pixels")
+
+
+def tanh_to_input(t: torch.Tensor, output: str, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A tanh generator's output in [-1, 1] -> the victim's input.
+
+    ``normalised``: used as an already-normalised input (the published DFME / MAZE / DisGUIDE / Dual
+    Students code, written for CIFAR normalisation, where [-1, 1] covers most of the input range).
+    ``pixels``: mapped to [0, 1] pixels, then normalised with the victim's constants; this reaches the
+    victim's whole input range whatever its normalisation (MNIST's 0.1307 / 0.3081 puts white at 2.82,
+    out of reach of ``normalised``)."""
+    if output == "normalised":
+        return t
+    if output == "pixels":
+        return ((t + 1) * 0.5 - mean) / std
+    raise ValueError(f"generator output {output!r}: use one of {GENERATOR_OUTPUTS}")
+
+
 # -------------------------------------------------------------------------------- proxy data
 def photo_proxy(n: int, size: int, channels: int, seed: int = 0, group: str = "evaluate") -> torch.Tensor:
     """``n`` crops of scikit-image / scikit-learn photographs as [0, 1] tensors (n, C, size, size).

@@ -6,6 +6,10 @@ estimate of the victim's gradient (m random unit directions over the whole image
 pre-tanh output), then five clone steps on fresh generator batches with an L1 loss on recovered
 logits. Generator Adam 1e-4; clone SGD 0.1, momentum 0.9, wd 5e-4, lr x0.3 at 10/30/50% of the
 budget. Queries per iteration: batch * ((m + 1) + clone_steps).
+
+``output``: ``normalised`` (default, as published: tanh output used as the victim's normalised input)
+or ``pixels`` (tanh output mapped to [0, 1] pixels, then normalised with the victim's ``mean``/``std``;
+needed when [-1, 1] does not cover the victim's input range, as with MNIST normalisation).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from guardian_plugin.attacks.base import ATTACKS, Attack, recover_logits
+from guardian_plugin.attacks.common import norm_consts, tanh_to_input
 from guardian_plugin.nets import GeneratorA
 
 
@@ -37,6 +42,9 @@ class DFME(Attack):
         self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=float(p.get("lr_s", 0.1)), momentum=0.9,
                                      weight_decay=5e-4)
         self.milestones = [int(self.budget * f) for f in (0.1, 0.3, 0.5)]
+        self.output = str(p.get("output", "normalised"))
+        self.mean, self.std = norm_consts(p, c, self.device)
+        tanh_to_input(torch.zeros(1), self.output, self.mean, self.std)  # validate
         self.checkpoint_every = int(p.get("checkpoint_every", 0))
         self.checkpoints = []  # generator state dicts, for the detector's dfme source
         self._next_ckpt = self.checkpoint_every
@@ -58,7 +66,8 @@ class DFME(Attack):
         dim = x0[0].numel()
         u = torch.randn(self.m, *x0.shape, device=self.device)
         u = u / u.flatten(2).norm(dim=2).view(self.m, -1, 1, 1, 1)
-        pts = torch.cat([torch.tanh(x0 + self.eps * u).flatten(0, 1), torch.tanh(x0)])
+        pts = tanh_to_input(torch.cat([torch.tanh(x0 + self.eps * u).flatten(0, 1), torch.tanh(x0)]),
+                            self.output, self.mean, self.std)
         with torch.no_grad():
             v = recover_logits(self.query(pts))
             loss = -self._disagreement(pts, v)  # the generator maximises disagreement
@@ -71,10 +80,12 @@ class DFME(Attack):
         self.opt_g.step()
 
     def clone_step(self):
-        self.generator.eval()
+        # as in the reference code, the generator stays in train mode (batch statistics) while the
+        # clone learns: what the victim sees is the train-mode output
+        self.generator.train()
         self.clone.train()
         with torch.no_grad():
-            x = self.generator(self.noise(self.batch, self.nz))
+            x = tanh_to_input(self.generator(self.noise(self.batch, self.nz)), self.output, self.mean, self.std)
         v = recover_logits(self.query(x))
         loss = F.l1_loss(self.clone(x), v)
         self.opt_s.zero_grad()
@@ -91,11 +102,13 @@ class DFME(Attack):
             self._next_ckpt += self.checkpoint_every
 
     @torch.no_grad()
-    def sample(self, n: int, state_dict=None) -> torch.Tensor:
-        """Victim-normalised images from the generator (or one of its checkpoints)."""
-        g = self.generator
+    def sample(self, n: int, state_dict=None, mode: str = "train") -> torch.Tensor:
+        """Victim inputs from the generator (or one of its checkpoints), in batches of the attack's
+        batch size. ``mode="train"`` (batch statistics) is what the attack itself sends; ``"eval"``
+        uses the running statistics. The live generator is never changed."""
+        g = copy.deepcopy(self.generator)
         if state_dict is not None:
-            g = copy.deepcopy(self.generator)
             g.load_state_dict(state_dict)
-        g.eval()
-        return torch.cat([g(self.noise(min(512, n - i), self.nz)) for i in range(0, n, 512)])
+        g.train(mode == "train")
+        return torch.cat([tanh_to_input(g(self.noise(min(self.batch, n - i), self.nz)), self.output, self.mean, self.std)
+                          for i in range(0, n, self.batch)])

@@ -8,6 +8,9 @@ sum p log p of the clones' mean prediction). Per iteration: one fresh victim-lab
 batches drawn from a replay buffer of everything queried; both clones learn from each. Clone SGD lr
 0.03 (momentum 0.9, wd 5e-4), generator Adam 1e-4.
 
+``output``: ``normalised`` (as published) or ``pixels`` (see
+:func:`guardian_plugin.attacks.common.tanh_to_input`).
+
 The reported clone (``self.clone``, the one evaluated) is the first of the two; the second
 (:attr:`other`) has the same architecture, initialised from a different seed.
 """
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from guardian_plugin.attacks.base import ATTACKS, Attack
-from guardian_plugin.attacks.common import balance_loss, fresh_copy
+from guardian_plugin.attacks.common import balance_loss, fresh_copy, norm_consts, tanh_to_input
 from guardian_plugin.nets import GeneratorA
 
 
@@ -37,16 +40,22 @@ class DisGUIDE(Attack):
         self.gen_steps = int(p.get("gen_steps", 1))
         self.other = fresh_copy(self.clone, self.seed + 1000).to(self.device)
         self.generator = GeneratorA(self.nz, c, h, int(p.get("ngf", 64))).to(self.device)
+        self.output = str(p.get("output", "normalised"))
+        self.mean, self.std = norm_consts(p, c, self.device)
+        tanh_to_input(torch.zeros(1), self.output, self.mean, self.std)  # validate
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
         lr = float(p.get("lr_s", 0.03))
         self.opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
                      for m in (self.clone, self.other)]
 
+    def to_input(self, t):
+        return tanh_to_input(t, self.output, self.mean, self.std)
+
     def generator_step(self):
         self.generator.train()
         self.clone.eval()
         self.other.eval()
-        x = self.generator(self.noise(self.batch, self.nz))
+        x = self.to_input(self.generator(self.noise(self.batch, self.nz)))
         probs = torch.stack([F.softmax(self.clone(x), 1), F.softmax(self.other(x), 1)])  # (2, B, K)
         disagreement = probs.std(0).sum(1).mean()
         loss = -disagreement + self.lam * balance_loss(probs.mean(0))
@@ -67,7 +76,7 @@ class DisGUIDE(Attack):
             self.generator_step()
         self.generator.eval()
         with torch.no_grad():
-            x = self.generator(self.noise(self.batch, self.nz))
+            x = self.to_input(self.generator(self.noise(self.batch, self.nz)))
         self.clone_update(x, self.query(x))
         for _ in range(self.replay_batches):
             self.clone_update(*self.memory.sample(self.batch, self.device))

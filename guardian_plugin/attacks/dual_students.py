@@ -8,6 +8,9 @@ only (no victim query); both students learn from the victim's answers on fresh g
 1280 queries per iteration: five student steps of 256. Student SGD 0.1 (momentum 0.9, wd 5e-4),
 lr x0.3 at 10/30/50% of the budget as in DFME; generator Adam 1e-4.
 
+``output``: ``normalised`` (as published) or ``pixels`` (see
+:func:`guardian_plugin.attacks.common.tanh_to_input`).
+
 The reported clone (``self.clone``) is the first student; the second (:attr:`other`) has the same
 architecture, initialised from a different seed.
 """
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from guardian_plugin.attacks.base import ATTACKS, Attack
-from guardian_plugin.attacks.common import fresh_copy, set_lr
+from guardian_plugin.attacks.common import fresh_copy, norm_consts, set_lr, tanh_to_input
 from guardian_plugin.nets import GeneratorA
 
 
@@ -36,16 +39,22 @@ class DualStudents(Attack):
         self.lr_s = float(p.get("lr_s", 0.1))
         self.other = fresh_copy(self.clone, self.seed + 1000).to(self.device)
         self.generator = GeneratorA(self.nz, c, h, int(p.get("ngf", 64))).to(self.device)
+        self.output = str(p.get("output", "normalised"))
+        self.mean, self.std = norm_consts(p, c, self.device)
+        tanh_to_input(torch.zeros(1), self.output, self.mean, self.std)  # validate
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
         self.opts = [torch.optim.SGD(m.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4)
                      for m in (self.clone, self.other)]
         self.milestones = [int(self.budget * f) for f in (0.1, 0.3, 0.5)]
 
+    def to_input(self, t):
+        return tanh_to_input(t, self.output, self.mean, self.std)
+
     def generator_step(self):
         self.generator.train()
         self.clone.eval()
         self.other.eval()
-        x = self.generator(self.noise(self.batch, self.nz))
+        x = self.to_input(self.generator(self.noise(self.batch, self.nz)))
         loss = -F.l1_loss(self.clone(x), self.other(x))  # maximise the students' disagreement
         self.opt_g.zero_grad()
         loss.backward()
@@ -54,7 +63,7 @@ class DualStudents(Attack):
     def student_step(self):
         self.generator.eval()
         with torch.no_grad():
-            x = self.generator(self.noise(self.batch, self.nz))
+            x = self.to_input(self.generator(self.noise(self.batch, self.nz)))
         answers = self.query(x)
         for model, opt in zip((self.clone, self.other), self.opts):
             model.train()

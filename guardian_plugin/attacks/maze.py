@@ -8,6 +8,8 @@ images the generator step already paid for, then four fresh batches; every queri
 pair is kept and replayed for ten further clone steps that cost no query. Batch 128, clone SGD 0.1
 (momentum 0.9, wd 5e-4) with a cosine schedule over the budget, generator Adam 1e-4.
 Queries per iteration: batch * ((m + 1) + clone_steps - 1) = 1920. Soft labels only (as published).
+``output``: ``normalised`` (as published) or ``pixels`` (see
+:func:`guardian_plugin.attacks.common.tanh_to_input`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from guardian_plugin.attacks.base import ATTACKS, Attack
-from guardian_plugin.attacks.common import cosine, kl_to_answers, set_lr
+from guardian_plugin.attacks.common import cosine, kl_to_answers, norm_consts, set_lr, tanh_to_input
 from guardian_plugin.nets import GeneratorA
 
 
@@ -37,6 +39,12 @@ class MAZE(Attack):
         self.generator = GeneratorA(self.nz, c, h, int(p.get("ngf", 64))).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
         self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4)
+        self.output = str(p.get("output", "normalised"))
+        self.mean, self.std = norm_consts(p, c, self.device)
+        tanh_to_input(torch.zeros(1), self.output, self.mean, self.std)  # validate
+
+    def to_input(self, t):
+        return tanh_to_input(t, self.output, self.mean, self.std)
 
     def clone_loss(self, logits, answers):
         return kl_to_answers(logits, answers)
@@ -54,8 +62,8 @@ class MAZE(Attack):
         dim = x0[0].numel()
         u = torch.randn(self.m, *x0.shape, device=self.device)
         u = u / u.flatten(2).norm(dim=2).view(self.m, -1, 1, 1, 1)
-        base = torch.tanh(x0)
-        pts = torch.cat([torch.tanh(x0 + self.eps * u).flatten(0, 1), base])
+        base = self.to_input(torch.tanh(x0))
+        pts = torch.cat([self.to_input(torch.tanh(x0 + self.eps * u)).flatten(0, 1), base])
         with torch.no_grad():
             probs = self.query(pts)
             loss = -self._per_sample_kl(pts, probs)  # the generator maximises KL(victim || clone)
@@ -81,7 +89,7 @@ class MAZE(Attack):
         self.generator.eval()
         for _ in range(self.clone_steps - 1):
             with torch.no_grad():
-                x = self.generator(self.noise(self.batch, self.nz))
+                x = self.to_input(self.generator(self.noise(self.batch, self.nz)))
             self._clone_update(x, self.query(x))
         for _ in range(self.replay_steps):  # experience replay: no new queries
             self._clone_update(*self.memory.sample(self.batch, self.device))

@@ -247,6 +247,7 @@ def plot_curves(results: dict, path: str) -> Optional[str]:
         ax.set_xlabel("queries answered")
         ax.set_ylabel("clone accuracy (%)")
         ax.set_ylim(0, 100)
+        ax.set_xlim(0, meta[aid]["budget"] * 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(ids):]:
