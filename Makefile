@@ -17,8 +17,10 @@ demo: setup
 test: setup
 	bash scripts/test.sh
 
+# Regenerates the committed example artifacts: the victim, then the sources and the detector.
 train-example: setup
-	$(BIN)/guardian train-detector --config examples/mnist/detector-config.yaml --out examples/mnist/artifacts/detector
+	$(BIN)/python -m examples.mnist.train_victim
+	$(BIN)/guardian train-detector --config examples/mnist/detector-config.yaml --out examples/mnist/artifacts/detector --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -72,9 +72,13 @@ class ReplayBuffer:
         return self.x[idx].to(device), self.y[idx].to(device)
 
 
-def recover_logits(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Soft-label logit recovery: l_i = log p_i - mean_j log p_j."""
-    lp = probs.clamp_min(eps).log()
+def recover_logits(probs: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Soft-label logit recovery: l_i = log p_i - mean_j log p_j.
+
+    Probabilities are clamped at the smallest normal number of their dtype (not a fixed 1e-8): a
+    confident victim's float32 answers carry information down to ~1e-38, and clamping at 1e-8 flattens
+    every logit gap above ~18 into one value."""
+    lp = probs.clamp_min(torch.finfo(probs.dtype).tiny if eps is None else eps).log()
     return lp - lp.mean(1, keepdim=True)
 
 
