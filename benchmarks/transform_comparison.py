@@ -25,15 +25,18 @@ from guardian_plugin.training.pipeline import train_detector  # noqa: E402
 
 
 def ms(values):
+    """(mean, sample std); the std is None for a single value: no spread was measured."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def fmt(m, s, pct=True):
     if m is None:
         return "-"
+    if s is None:
+        return f"{100 * m:.1f}" if pct else f"{m:.4f}"
     return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.4f} ± {s:.4f}"
 
 
@@ -90,8 +93,9 @@ def main(argv=None):
                      + " / ".join(f"{r['roc_auc'][s][0]:.4f}" for s in src) + f" | {fmt(*r['validation_dacc_mean'])} |")
     table = "\n".join(lines)
     with open(a.out + ".md", "w") as f:
-        f.write(f"Mean ± std over detector seeds {a.seeds}; test splits; thresholds at ensemble FPR <= target on "
-                f"calibration groups.\n\n{table}\n")
+        spread = "mean ± std over" if len(a.seeds) > 1 else "one run, no spread measured:"
+        f.write(f"{spread} detector seed(s) {a.seeds}; test splits; thresholds at ensemble FPR <= target on "
+                f"calibration groups; the default is chosen on the validation column.\n\n{table}\n")
     print(table)
     print(f"best on validation: {best}")
 
