@@ -90,17 +90,34 @@ class GuardConfig(_Strict):
     device: str = "cpu"
 
 
-def _format_errors(e: ValidationError) -> str:
+def format_errors(e: ValidationError) -> str:
+    """pydantic errors as ``field.path: message; ...``."""
     return "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
 
 
-def parse_config(raw: Any, source: str = "<config>", base_dir: str | None = None) -> GuardConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+def read_yaml(path: str, error: type = ConfigError, what: str = "config file") -> Any:
+    """A YAML file's contents; a missing file or bad YAML raises ``error`` naming the file."""
+    if not os.path.exists(path):
+        raise error(f"{path}: no such {what}")
     try:
-        cfg = GuardConfig.model_validate(raw)
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({e})") from None
+
+
+def validate(model: type, raw: Any, source: str, error: type = ConfigError):
+    """``model.model_validate(raw)``; every problem raises ``error`` naming the source and the fields."""
+    if not isinstance(raw, dict):
+        raise error(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_format_errors(e)}") from None
+        raise error(f"{source}: {format_errors(e)}") from None
+
+
+def parse_config(raw: Any, source: str = "<config>", base_dir: str | None = None) -> GuardConfig:
+    cfg = validate(GuardConfig, raw, source)
     if base_dir and not os.path.isabs(cfg.detector):
         cfg.detector = os.path.normpath(os.path.join(base_dir, cfg.detector))
     return cfg
@@ -108,11 +125,4 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: str | None = None
 
 def load_config(path: str) -> GuardConfig:
     """Read a guard YAML file; relative ``detector`` paths are taken relative to the file."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return parse_config(raw, path, base_dir=os.path.dirname(os.path.abspath(path)))
+    return parse_config(read_yaml(path), path, base_dir=os.path.dirname(os.path.abspath(path)))

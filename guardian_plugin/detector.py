@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from guardian_plugin.errors import ArtifactError
 from guardian_plugin.nets import build_classifier
@@ -172,18 +172,9 @@ def _read_spec(directory: str) -> DetectorSpec:
         raise ArtifactError(f"detector artifact {directory} is not a directory")
     if not os.path.exists(path):
         raise ArtifactError(f"{path} is missing: not a detector artifact")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ArtifactError(f"{path} is not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise ArtifactError(f"{path} does not hold a mapping")
-    try:
-        return DetectorSpec.model_validate(raw)
-    except ValidationError as e:
-        fields = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ArtifactError(f"{path}: {fields}") from None
+    from guardian_plugin.config import read_yaml, validate
+
+    return validate(DetectorSpec, read_yaml(path, ArtifactError, "detector file"), path, ArtifactError)
 
 
 def load_detector(directory: str, device: str | torch.device = "cpu", victim: Optional[nn.Module] = None) -> Detector:

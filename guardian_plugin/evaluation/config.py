@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from guardian_plugin.errors import ConfigError
+from guardian_plugin.config import read_yaml, validate
 
 CONFIGURATIONS = ("no_defense", "model_guardian", "dpreds_only", "detector_only", "raw_detector")
 CONFIG_TITLES = {
@@ -141,13 +140,7 @@ def _resolve(base: str, p: Optional[str]) -> Optional[str]:
 
 
 def parse_eval_config(raw: Any, source: str = "<config>", base_dir: Optional[str] = None) -> EvalConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    try:
-        cfg = EvalConfig.model_validate(raw)
-    except ValidationError as e:
-        msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{source}: {msg}") from None
+    cfg = validate(EvalConfig, raw, source)
     if base_dir:
         cfg.victim.weights = _resolve(base_dir, cfg.victim.weights)
         cfg.guard.detector = _resolve(base_dir, cfg.guard.detector)
@@ -160,11 +153,4 @@ def parse_eval_config(raw: Any, source: str = "<config>", base_dir: Optional[str
 
 
 def load_eval_config(path: str) -> EvalConfig:
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return parse_eval_config(raw, path, os.path.dirname(os.path.abspath(path)))
+    return parse_eval_config(read_yaml(path), path, os.path.dirname(os.path.abspath(path)))

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Tuple
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from guardian_plugin.errors import ConfigError
+from guardian_plugin.config import read_yaml, validate
 from guardian_plugin.training.augment import AugmentConfig
 
 
@@ -113,18 +112,4 @@ class TrainConfig(_Strict):
 
 def load_train_config(path: str) -> Tuple[TrainConfig, str]:
     """(config, directory it was read from): relative paths in it are taken relative to that directory."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        cfg = TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{path}: {msg}") from None
-    return cfg, os.path.dirname(os.path.abspath(path))
+    return validate(TrainConfig, read_yaml(path), path), os.path.dirname(os.path.abspath(path))
