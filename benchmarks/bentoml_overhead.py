@@ -19,9 +19,6 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,48 +31,10 @@ sys.path.insert(0, ROOT)
 OUT = os.path.join(ROOT, "benchmarks", "results", "bentoml_overhead.json")
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+def Server(target: str, env: dict, log: str):
+    from guardian_plugin.bento_server import BentoServer
 
-
-class Server:
-    def __init__(self, target: str, env: dict, log: str):
-        import requests
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.logf = open(log, "wb")
-        self.proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "bentoml"), "serve", target,
-                                      "--host", "127.0.0.1", "--port", str(self.port)],
-                                     cwd=ROOT, env=env, stdout=self.logf, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        t0 = time.time()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{target} exited; see {log}")
-            try:
-                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() - t0 > 300:
-                self.stop()
-                raise RuntimeError(f"{target} not ready after 300 s; see {log}")
-            time.sleep(0.5)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.logf.close()
+    return BentoServer(target, env, log, cwd=ROOT, timeout_s=300)
 
 
 def run_phase(url: str, path: str, payloads, seconds: float, concurrency: int, clients: int, tag: str):

@@ -12,12 +12,9 @@ from __future__ import annotations
 import io
 import os
 import re
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -36,55 +33,7 @@ SERVICE = "bento.service:MNISTGuarded"
 TAU = 14  # bento/guard.yaml: tau auto at rho 0.5
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Server:
-    def __init__(self, target: str, env: dict, log_path: str, cwd: str = ROOT):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [os.path.join(BIN, "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"bentoml serve not ready after 240 s:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read()[-n:].decode("utf-8", "replace")
-
-    def text(self) -> str:
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
+from guardian_plugin.bento_server import BentoServer as Server  # noqa: E402
 
 
 @pytest.fixture(scope="module")

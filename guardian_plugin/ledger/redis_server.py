@@ -20,13 +20,7 @@ import tempfile
 import time
 from typing import Optional
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from guardian_plugin.netutil import free_port  # noqa: F401  (re-exported)
 
 
 class RedisServer:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,11 +15,7 @@ from typing import Dict, Optional
 
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from guardian_plugin.netutil import free_port  # noqa: F401  (re-exported)
 
 
 def torchserve_bin() -> str:
