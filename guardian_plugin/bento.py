@@ -732,19 +732,6 @@ class _BentoTarget:
         self.statuses: dict = {}
         self._session = requests.Session()
 
-    @staticmethod
-    def png(pixels01: torch.Tensor) -> bytes:
-        import io
-
-        import numpy as np
-        from PIL import Image
-
-        a = (pixels01.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        img = Image.fromarray(a[0]) if a.shape[0] == 1 else Image.fromarray(np.transpose(a, (1, 2, 0)))
-        buf = io.BytesIO()
-        img.save(buf, "PNG")
-        return buf.getvalue()
-
     def _refused(self, n: int):
         from guardian_plugin.attacks.target import QueryRefused
 
@@ -758,7 +745,9 @@ class _BentoTarget:
     @torch.no_grad()
     def query(self, x: torch.Tensor) -> torch.Tensor:
         pix = (x.detach().cpu().float() * self.std + self.mean).clamp(0, 1)
-        pngs = [self.png(p) for p in pix]
+        from guardian_plugin.torchserve.target import png_bytes
+
+        pngs = [png_bytes(p) for p in pix]
         if self.batch_field:
             r = self._session.post(self.endpoint, headers=self.headers, timeout=self.timeout_s,
                                    files=[(self.batch_field, (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)])
