@@ -151,7 +151,8 @@ def _keep_order(v: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, floor: flo
     DPreds keeps the ranking in exact arithmetic, but it adds the same ``d`` to every probability: in
     float32, tail probabilities a few 1e-9 apart become equal and a top-k could list them in another
     order. Only such near-ties move, each by a few ulps (at most about 1e-6 in all)."""
-    order = torch.sort(p.to(torch.float64), dim=1, descending=True, stable=True).indices
+    # the very order a top-k postprocess gives the unprotected probabilities, exact ties included
+    order = torch.topk(p, p.shape[1], dim=1).indices
     vs = torch.gather(v, 1, order)
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     for r in range(vs.shape[1] - 2, -1, -1):
