@@ -63,3 +63,17 @@ def test_train_config_errors_name_file_and_field(tmp_path):
         load_train_config(str(bad))
     assert str(bad) in str(e.value) and "real.evaluate.0.kind" in str(e.value)
     assert cli_main(["train-detector", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_source_cache_keys_include_the_victim_only_where_the_source_queries_it():
+    """A new victim regenerates the dfme source (it attacks the victim) but reuses the GAN and diffusion
+    sources, which never see it; any other setting of a source changes its key."""
+    from guardian_plugin.training.pipeline import source_cache_key
+
+    cfg, _ = load_train_config(TINY)
+    for name, s in cfg.sources.items():
+        a, b = source_cache_key(cfg, s, "victim-a"), source_cache_key(cfg, s, "victim-b")
+        assert (a != b) == (s.kind == "dfme"), name
+        other = s.model_copy(update={"n": s.n + 1})
+        assert source_cache_key(cfg, other, "victim-a") != a, name
+    assert {s.kind for s in cfg.sources.values()} >= {"dfme", "gan"}

@@ -20,7 +20,7 @@ import os
 import platform
 import shutil
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from guardian_plugin.training.augment import augment
 from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
 from guardian_plugin.training.data import image_folder, mnist_splits, photo_crops, to_float, to_uint8
-from guardian_plugin.training.sources import SourceContext, build_source
+from guardian_plugin.training.sources import SourceContext, build_source, uses_victim
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,16 @@ def _path(p: str | None, base_dir: str) -> str:
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def source_cache_key(cfg: TrainConfig, source, victim_hash: Optional[str]) -> str:
+    """Everything a source's images depend on: its settings, the seed, the generative data and image
+    size, and the victim's weights only for sources that query the victim (a new victim regenerates
+    the dfme source, not the GAN or diffusion ones)."""
+    return _hash({"kind": source.kind, "n": source.n, "params": source.params, "seed": cfg.seed,
+                  "victim": victim_hash if uses_victim(source.kind) else None,
+                  "data": [e.model_dump() for e in cfg.real.train if e.name == cfg.generative_data],
+                  "size": cfg.size, "channels": cfg.channels})
 
 
 def _file_hash(path: str) -> str:
@@ -200,10 +210,7 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
                          dev, cfg.seed, progress)
     fake_train, fake_val, fake_test, source_info = {}, {}, {}, {}
     for name, s in cfg.sources.items():
-        key = _hash({"kind": s.kind, "n": s.n, "params": s.params, "seed": cfg.seed, "victim": victim_hash,
-                     "data": [e.model_dump() for e in cfg.real.train if e.name == cfg.generative_data],
-                     "size": cfg.size, "channels": cfg.channels})
-        path = os.path.join(cache, f"source-{name}-{key}.npz")
+        path = os.path.join(cache, f"source-{name}-{source_cache_key(cfg, s, victim_hash)}.npz")
         t = time.time()
         if os.path.exists(path):
             x = np.load(path)["x"]

@@ -123,5 +123,13 @@ def folder_source(ctx: SourceContext, n: int, path: str = "", **_) -> np.ndarray
     return x[idx]
 
 
+dfme_source.uses_victim = True  # the others never touch ctx.victim: their cache keys leave it out
+
+
 def build_source(kind: str) -> Callable[..., np.ndarray]:
     return SOURCES.get(kind)
+
+
+def uses_victim(kind: str) -> bool:
+    """Whether a source's images depend on the victim (its cache key must then include the victim)."""
+    return bool(getattr(SOURCES.get(kind), "uses_victim", False))
