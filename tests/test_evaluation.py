@@ -124,7 +124,7 @@ def test_table_two_windows_and_outputs(quick_results):
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert saved["meta"]["seeds"] == [0] and saved["meta"]["versions"]["torch"] == torch.__version__
-    assert saved["meta"]["config"]["victim"]["arch"] == "small_resnet"
+    assert saved["meta"]["config"]["victim"]["arch"] == "lenet5"
     tables = open(os.path.join(out, "tables.md")).read()
     for title in ("Table I", "Table II", "Table V", "Table VII", "Defense-aware"):
         assert title in tables
@@ -141,12 +141,27 @@ def test_resume_skips_finished_runs(quick_results, tmp_path):
     assert _run(again, "dfme", "no_defense")["seconds"] == _run(res, "dfme", "no_defense")["seconds"]
 
 
+def test_parallel_jobs_give_the_sequential_figures(quick_results, tmp_path):
+    """--jobs 2: the same runs in two worker processes give the same figures as one after another (each
+    run is seeded on its own and uses one torch thread)."""
+    cfg, res, _ = quick_results
+    par = run_evaluation(cfg, str(tmp_path / "par"), attacks=["dfme", "maze"], configurations=["no_defense"],
+                         progress=False, command="pytest", log=lambda s: None, jobs=2)
+    assert len(par["runs"]) == 2
+    for r in par["runs"]:
+        seq = _run(res, r["attack_id"], "no_defense")
+        assert r["accounting_ok"] and r["queries_attack"] == seq["queries_attack"] == r["queries_target"]
+        assert r["cacc"] == seq["cacc"], (r["attack_id"], r["cacc"], seq["cacc"])
+        assert [h["clone_accuracy"] for h in r["history"]] == [h["clone_accuracy"] for h in seq["history"]]
+
+
 def test_evaluate_subcommand_is_registered():
     from guardian_plugin.cli import build_parser
 
     args = build_parser().parse_args(["evaluate", "--config", QUICK, "--out", "x", "--attacks", "dfme,maze",
-                                      "--seeds", "0,1", "--resume"])
+                                      "--seeds", "0,1", "--resume", "--jobs", "2"])
     assert args.attacks == ["dfme", "maze"] and args.seeds == [0, 1] and args.resume and callable(args.func)
+    assert args.jobs == 2
 
 
 def test_config_errors_name_the_field():

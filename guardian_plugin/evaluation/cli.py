@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=lambda v: [int(s) for s in _csv(v)], default=None, help="comma-separated seeds")
     p.add_argument("--device", default=None, help="cpu | cuda (overrides the config)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (overrides the config)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each in its own process with --threads torch threads (default 1)")
     p.add_argument("--resume", action="store_true", help="keep finished runs in OUT/runs.jsonl and skip them")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_evaluate)
@@ -41,6 +43,7 @@ def _evaluate(args) -> int:
     command = "guardian " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else \
         f"guardian evaluate --config {args.config} --out {args.out}"
     run_evaluation(cfg, args.out, attacks=args.attacks, configurations=args.configurations, seeds=args.seeds,
-                   resume=args.resume, progress=not args.no_progress, command=command)
+                   resume=args.resume, progress=not args.no_progress, command=command,
+                   jobs=args.jobs)
     print(f"wrote {args.out}/results.json, tables.md, clone_accuracy.png")
     return 0

@@ -346,12 +346,46 @@ def score_windows(r: dict, cfg: EvalConfig, defenses: "Defenses", out_dir: str, 
         det_out[which]["all"] = {"dacc": float(allf.float().mean()) if len(allf) else None, "n": int(len(allf))}
 
 
+_WORKER: dict = {}
+
+
+def _worker_init(cfg: EvalConfig, device: str) -> None:
+    torch.set_num_threads(cfg.threads or 1)
+    victim = load_victim(cfg, device)
+    _WORKER.update(cfg=cfg, device=torch.device(device), x_y=load_test_set(cfg),
+                   defenses=Defenses(cfg, victim, torch.device(device)))
+
+
+def _worker_run(attack_id: str, conf: str, seed: int, out_dir: str) -> dict:
+    w = _WORKER
+    spec = next(a for a in w["cfg"].attacks if a.id == attack_id)
+    return run_one(w["cfg"], spec, conf, seed, w["defenses"], *w["x_y"], w["device"], out_dir, False)
+
+
+def _run_parallel(cfg: EvalConfig, todo, jobs: int, out_dir: str, device, finished, log) -> None:
+    """Runs ``todo`` in ``jobs`` spawned worker processes; ``finished`` records each as it ends (in the
+    parent, so runs.jsonl has one writer)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    log(f"{len(todo)} runs in {jobs} worker processes")
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(cfg, str(device))) as pool:
+        futures = {pool.submit(_worker_run, spec.id, conf, int(seed), out_dir): (i, spec, conf, seed)
+                   for i, spec, conf, seed in todo}
+        for fut in as_completed(futures):
+            finished(*futures[fut], fut.result())
+
+
 def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]] = None,
                    configurations: Optional[List[str]] = None, seeds: Optional[List[int]] = None,
                    resume: bool = False, progress: bool = True, command: Optional[str] = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, jobs: int = 1) -> dict:
     """Run the selected runs, append each to OUT/runs.jsonl, then write results.json, tables.md and
-    the clone-accuracy plot from every finished run of this config."""
+    the clone-accuracy plot from every finished run of this config.
+
+    ``jobs`` > 1 runs that many runs at once in worker processes (each with ``cfg.threads`` torch
+    threads, default 1); every run is seeded on its own, so its figures do not depend on ``jobs``."""
     from guardian_plugin.evaluation.report import write_report
 
     os.makedirs(out_dir, exist_ok=True)
@@ -393,18 +427,23 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
         json.dump(benign, f)
     plan = [(s, c, seed) for seed in seeds for s in specs for c in cfg.configurations_for(s)
             if configurations is None or c in configurations]
-    for i, (spec, conf, seed) in enumerate(plan, 1):
-        key = (spec.id, conf, int(seed))
-        if key in done:
-            continue
-        r = run_one(cfg, spec, conf, seed, defenses, x_test, y_test, device, out_dir, progress)
-        done[key] = r
+    todo = [(i, spec, conf, seed) for i, (spec, conf, seed) in enumerate(plan, 1)
+            if (spec.id, conf, int(seed)) not in done]
+
+    def finished(i, spec, conf, seed, r):
+        done[(spec.id, conf, int(seed))] = r
         with open(runs_path, "a") as f:
             f.write(json.dumps(r) + "\n")
         ans = f", answered {r['answered_before_refusal']}" + (" (refused)" if r["refused"] else "")
         dacc = f", DAcc {r['dacc']:.3f}" if "dacc" in r else ""
         log(f"[{i}/{len(plan)}] {spec.id} / {conf} / seed {seed}: CAcc {r['cacc']:.4f}{dacc}{ans}, "
             f"queries {r['queries_attack']} (target {r['queries_target']}), {r['seconds']} s")
+
+    if jobs > 1 and len(todo) > 1:
+        _run_parallel(cfg, todo, jobs, out_dir, device, finished, log)
+    else:
+        for i, spec, conf, seed in todo:
+            finished(i, spec, conf, seed, run_one(cfg, spec, conf, seed, defenses, x_test, y_test, device, out_dir, progress))
     changed = False
     for r in done.values():
         before = json.dumps(r.get("detection"), sort_keys=True)
