@@ -6,11 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import requests
 
-from guardian_plugin.netutil import free_port
+from guardian_plugin.netutil import free_port, wait_until_ready
 
 __all__ = ["BentoServer", "free_port"]
 
@@ -26,18 +24,11 @@ class BentoServer:
         self.proc = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"bentoml serve not ready after {timeout_s:.0f} s:\n{self.tail()}")
+        why = wait_until_ready(self.proc, self.url + "/readyz", timeout_s)
+        if why:
+            log = self.tail()
+            self.stop()
+            raise RuntimeError(f"bentoml serve {why}:\n{log}")
 
     def tail(self, n: int = 4000) -> str:
         self.log.flush()

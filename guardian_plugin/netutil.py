@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 
 
 def free_port() -> int:
@@ -10,3 +12,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> str | None:
+    """Poll ``url`` until it answers 200. Returns None when ready, else why not: the process exited
+    (with its code) or the deadline passed."""
+    import requests
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode}"
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return None
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return f"not ready after {timeout_s:.0f} s"

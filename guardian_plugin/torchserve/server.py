@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict, Optional
 
 import requests
 
-from guardian_plugin.netutil import free_port  # noqa: F401  (re-exported)
+from guardian_plugin.netutil import free_port, wait_until_ready  # noqa: F401  (re-exported)
 
 
 def torchserve_bin() -> str:
@@ -105,18 +104,11 @@ class TorchServe:
             [torchserve_bin(), "--start", "--foreground", "--ncs", "--disable-token-auth", "--enable-model-api",
              "--model-store", self.model_store, "--ts-config", conf_path],
             cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"TorchServe did not answer /ping within {timeout_s:.0f}s; see {self.log_path}")
+        why = wait_until_ready(self.proc, self.url + "/ping", timeout_s)
+        if why:
+            self.stop()
+            raise RuntimeError(f"TorchServe {why} (/ping); see {self.log_path}")
+        return self
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop the server and its workers (the process group this object started)."""
