@@ -155,6 +155,32 @@ def test_parallel_jobs_give_the_sequential_figures(quick_results, tmp_path):
         assert [h["clone_accuracy"] for h in r["history"]] == [h["clone_accuracy"] for h in seq["history"]]
 
 
+def test_per_attack_seeds_add_runs_and_the_tables_say_which(quick_results, tmp_path):
+    """An attack's `seeds:` mapping gives one configuration more seeds than the rest; resume keeps the
+    seed-0 runs, the new seed runs, its cell becomes a mean +- std, and tables.md names that cell."""
+    import shutil
+
+    cfg, res, out = quick_results
+    dfme = next(a for a in cfg.attacks if a.id == "dfme")
+    cfg2 = cfg.model_copy(deep=True)
+    next(a for a in cfg2.attacks if a.id == "dfme").seeds = {"no_defense": [0, 1]}
+    assert cfg2.seeds_for(next(a for a in cfg2.attacks if a.id == "dfme"), "model_guardian") == cfg.seeds
+    new = str(tmp_path / "seeds")
+    shutil.copytree(out, new)
+    logs = []
+    again = run_evaluation(cfg2, new, attacks=["dfme"], resume=True, progress=False, command="pytest",
+                           log=logs.append)
+    ran = [l for l in logs if l.startswith("[")]
+    assert len(ran) == 1 and "dfme / no_defense / seed 1" in ran[0], ran
+    seeds = sorted(r["seed"] for r in again["runs"] if r["attack_id"] == "dfme" and r["configuration"] == "no_defense")
+    assert seeds == [0, 1] and again["meta"]["seeds"] == [0, 1]
+    assert len(again["runs"]) == len(res["runs"]) + 1
+    assert all(r["seed"] == 0 for r in again["runs"] if not (r["attack_id"] == "dfme" and r["configuration"] == "no_defense"))
+    tables = open(os.path.join(new, "tables.md")).read()
+    assert "Seeds: [0] (other cells: DFME / No defense: [0, 1])" in tables
+    assert dfme.seeds is None
+
+
 def test_evaluate_subcommand_is_registered():
     from guardian_plugin.cli import build_parser
 

@@ -74,6 +74,9 @@ class AttackSpec(_Strict):
     params: Dict[str, Any] = {}
     aware: Dict[str, Any] = {}           # defense-aware strategies (guardian_plugin.attacks.aware)
     configurations: Optional[List[str]] = None  # default: every configuration of the config
+    # default: the config's seeds; a list for every configuration of this attack, or a mapping
+    # configuration -> seeds (configurations it leaves out get the config's seeds)
+    seeds: Optional[Union[List[int], Dict[str, List[int]]]] = None
     seen: Optional[bool] = None          # the detector trained on this attack's source (dfme)
 
     @model_validator(mode="after")
@@ -86,6 +89,10 @@ class AttackSpec(_Strict):
             bad = [c for c in self.configurations if c not in CONFIGURATIONS]
             if bad:
                 raise ValueError(f"unknown configurations {bad}; known: {list(CONFIGURATIONS)}")
+        if isinstance(self.seeds, dict):
+            bad = [c for c in self.seeds if c not in CONFIGURATIONS]
+            if bad:
+                raise ValueError(f"seeds: unknown configurations {bad}; known: {list(CONFIGURATIONS)}")
         return self
 
 
@@ -131,6 +138,11 @@ class EvalConfig(_Strict):
 
     def configurations_for(self, a: AttackSpec) -> List[str]:
         return [c for c in (a.configurations or self.configurations)]
+
+    def seeds_for(self, a: AttackSpec, configuration: str) -> List[int]:
+        if isinstance(a.seeds, dict):
+            return list(a.seeds.get(configuration, self.seeds))
+        return list(a.seeds if a.seeds is not None else self.seeds)
 
 
 def _resolve(base: str, p: Optional[str]) -> Optional[str]:

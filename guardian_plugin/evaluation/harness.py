@@ -392,7 +392,6 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
-    seeds = seeds if seeds is not None else cfg.seeds
     unknown = set(attacks or []) - {a.id for a in cfg.attacks}
     if unknown:
         raise ValueError(f"unknown attack ids {sorted(unknown)}; the config has {[a.id for a in cfg.attacks]}")
@@ -425,8 +424,10 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
         log(f"benign {c}: BAcc {benign[c]['bacc']:.4f}" + (f", FPR {benign[c]['fpr']:.4f}" if "fpr" in benign[c] else ""))
     with open(benign_path, "w") as f:
         json.dump(benign, f)
-    plan = [(s, c, seed) for seed in seeds for s in specs for c in cfg.configurations_for(s)
-            if configurations is None or c in configurations]
+    # --seeds replaces every seed list of the config (top-level and per attack)
+    plan = [(s, c, seed) for s in specs for c in cfg.configurations_for(s)
+            if configurations is None or c in configurations
+            for seed in (seeds if seeds is not None else cfg.seeds_for(s, c))]
     todo = [(i, spec, conf, seed) for i, (spec, conf, seed) in enumerate(plan, 1)
             if (spec.id, conf, int(seed)) not in done]
 
@@ -453,15 +454,18 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
         with open(runs_path, "w") as f:
             for r in done.values():
                 f.write(json.dumps(r) + "\n")
+    runs = sorted((r for r in done.values() if r["attack_id"] in {a.id for a in cfg.attacks}),
+                  key=lambda r: (r["attack_id"], r["configuration"], r["seed"]))
     results = {
-        "meta": {"name": cfg.name, "command": command or " ".join(sys.argv), "seeds": seeds, "started": started,
+        "meta": {"name": cfg.name, "command": command or " ".join(sys.argv),
+                 "seeds": sorted({int(r["seed"]) for r in runs}), "started": started,
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tau": defenses.tau,
                  "threads": torch.get_num_threads(), "device": str(device), "versions": versions(),
                  "config": cfg.model_dump()},
         "benign": {c: {k: v for k, v in b.items() if k != "flags"} for c, b in benign.items()},
         "benign_windows": {c: {str(w): benign_window_fpr(b.get("flags", []), w) for w in cfg.detection_windows}
                            for c, b in benign.items() if "flags" in b},
-        "runs": sorted((r for r in done.values() if r["attack_id"] in {a.id for a in cfg.attacks}), key=lambda r: (r["attack_id"], r["configuration"], r["seed"])),
+        "runs": runs,
     }
     write_report(results, cfg, out_dir)
     return results

@@ -88,6 +88,17 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(out)
 
 
+def _seeds_line(cells: dict, meta: Dict[str, dict]) -> str:
+    """'Seeds: [0]', or the most common seed list and the cells that ran other seeds."""
+    lists = [tuple(cell["seeds"]) for a in cells for cell in cells[a].values()]
+    if not lists:
+        return "Seeds: none"
+    common = max(set(lists), key=lists.count)
+    others = [f"{_col(a, meta[a])} / {CONFIG_TITLES.get(c, c)}: {list(cell['seeds'])}"
+              for a in cells for c, cell in cells[a].items() if tuple(cell["seeds"]) != common]
+    return f"Seeds: {list(common)}" + (f" (other cells: {'; '.join(others)})" if others else "")
+
+
 def render_tables(results: dict, summary: dict) -> str:
     cells, det = summary["cells"], summary["detection"]
     meta = _attack_meta(results)
@@ -100,7 +111,7 @@ def render_tables(results: dict, summary: dict) -> str:
     m = results["meta"]
     lines = [f"# Attack evaluation: {m['name']}", "",
              f"Command: `{m['command']}`  ",
-             f"Seeds: {m['seeds']}; tau = {m['tau']}, rho = {m['config']['guard']['rho']}, DPreds d = "
+             f"{_seeds_line(cells, meta)}; tau = {m['tau']}, rho = {m['config']['guard']['rho']}, DPreds d = "
              f"{m['config']['guard']['d']}; device {m['device']}, {m['threads']} thread(s); "
              f"torch {m['versions'].get('torch')}, commit {m['versions'].get('git_commit')}.  ",
              "Figures are percentages: mean over seeds, ± the standard deviation when there is more than one seed. "
