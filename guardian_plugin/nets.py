@@ -83,11 +83,16 @@ def _lenet(in_channels=1, num_classes=10, image_size=28, **_):
 
 
 def _torchvision(arch):
-    def make(in_channels=3, num_classes=10, **_):
+    def make(in_channels=3, num_classes=10, cifar_stem=False, **_):
+        """torchvision's ResNet; ``cifar_stem`` swaps the ImageNet stem (7x7 stride-2 conv, max-pool) for
+        one 3x3 stride-1 conv, the CIFAR variant DFME and the paper use for 32x32 inputs."""
         import torchvision
 
         m = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-        if in_channels != 3:
+        if cifar_stem:
+            m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+            m.maxpool = nn.Identity()
+        elif in_channels != 3:
             m.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         return m
 

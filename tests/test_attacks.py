@@ -109,6 +109,11 @@ def test_refused_attack_stops_and_trains_on_what_it_has(name, victim, tmp_path):
     assert len(a.memory) == a.queries
 
 
+def test_dast_batch_too_small_for_its_class_branches_is_a_clear_error(victim, tmp_path):
+    with pytest.raises(ValueError, match="at least 2 x num_classes"):
+        _attack("dast", RecordingTarget(victim), "soft", 300, tmp_path, batch_size=19)
+
+
 def test_budget_never_exceeded_with_odd_budget(victim, tmp_path):
     target = RecordingTarget(victim)
     res = _attack("dfme", target, "soft", 101, tmp_path).run()  # batch 16: iterations of 48 queries

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -14,7 +13,7 @@ import torch
 
 from guardian_plugin.training.common import resolve_device
 from guardian_plugin.training.data import MNIST_MEAN, MNIST_STD, mnist_splits, normalise, to_float
-from guardian_plugin.training.victim import train_classifier
+from guardian_plugin.training.victim import save_victim, train_classifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VICTIM = {"arch": "lenet5", "arch_params": {}, "num_classes": 10,
@@ -46,15 +45,10 @@ def main(argv=None):
     xte, yte = normalise(to_float(s["test"][0]), MNIST_MEAN, MNIST_STD), torch.from_numpy(s["test"][1])
     model, hist = train_classifier(xtr, ytr, xte, yte, arch=VICTIM["arch"], arch_params=VICTIM["arch_params"],
                                    epochs=a.epochs, seed=a.seed, device=device)
-    model = model.cpu().eval()
-    os.makedirs(a.out, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(a.out, "victim.pt"))
-    torch.jit.trace(model, torch.zeros(1, 1, 28, 28)).save(os.path.join(a.out, "victim.torchscript.pt"))
-    info = {**VICTIM, "seed": a.seed, "split_seed": 0, "epochs": a.epochs, "test_accuracy": hist[-1]["test_accuracy"],
-            "history": hist, "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
-            "command": "python -m examples.mnist.train_victim"}
-    with open(os.path.join(a.out, "victim.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    info = save_victim(model, a.out, {**VICTIM, "seed": a.seed, "split_seed": 0, "epochs": a.epochs,
+                                      "test_accuracy": hist[-1]["test_accuracy"], "history": hist,
+                                      "seconds": round(time.time() - t0, 1),
+                                      "command": "python -m examples.mnist.train_victim"}, (1, 28, 28))
     print(f"victim test accuracy {info['test_accuracy']:.4f} ({info['seconds']} s) -> {a.out}")
 
 

@@ -56,6 +56,9 @@ class DaST(Attack):
         self.num_classes = int(p.get("num_classes", 10))
         self.nz = int(p.get("nz", 100))
         self.batch = int(p.get("batch_size", 500))
+        if self.batch < 2 * self.num_classes:  # each class branch normalises its share of the batch
+            raise ValueError(f"dast: batch_size {self.batch} must be at least 2 x num_classes "
+                             f"({2 * self.num_classes}): every class branch's batch norm needs two images")
         self.alpha = float(p.get("alpha", 0.2))
         self.beta = float(p.get("beta", 0.1 if self.label_mode == "soft" else 0.0))
         self.mean, self.std = norm_consts(p, c, self.device)

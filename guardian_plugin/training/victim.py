@@ -22,8 +22,9 @@ def random_shift(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
 def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, *,
                      arch: str = "small_resnet", arch_params: dict | None = None, num_classes: int = 10,
                      epochs: int = 15, batch_size: int = 64, lr: float = 0.05, seed: int = 0, device="cpu",
-                     progress: bool = True):
-    """SGD + cosine schedule with random shifts. ``x`` is already normalised. Returns (model, history)."""
+                     progress: bool = True, shift: int = 2, flip: bool = False):
+    """SGD + one-cycle schedule with random shifts of up to ``shift`` pixels (and horizontal flips with
+    ``flip``). ``x`` is already normalised. Returns (model, history)."""
     seed_everything(seed)
     model = build_classifier(arch, in_channels=x.shape[1], num_classes=num_classes, image_size=x.shape[-1],
                              **(arch_params or {})).to(device)
@@ -36,7 +37,10 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_t
         perm = torch.randperm(len(x))
         for k in range(0, len(x), batch_size):
             idx = perm[k:k + batch_size]
-            xb, yb = random_shift(x[idx]).to(device), y[idx].to(device)
+            xb, yb = random_shift(x[idx], shift).to(device), y[idx].to(device)
+            if flip:
+                mirror = torch.rand(len(xb), device=device) < 0.5
+                xb = torch.where(mirror.view(-1, 1, 1, 1), xb.flip(3), xb)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad()
             loss.backward()
@@ -44,3 +48,19 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_t
             sched.step()
         history.append({"epoch": ep + 1, "test_accuracy": accuracy(model, x_test, y_test, device)})
     return model.eval(), history
+
+
+def save_victim(model: torch.nn.Module, out_dir: str, info: dict, example_shape) -> dict:
+    """Write ``victim.pt`` (state dict), ``victim.torchscript.pt`` (traced on CPU with a zero input of
+    ``example_shape``) and ``victim.json`` (``info`` plus the torch version) to ``out_dir``."""
+    import json
+    import os
+
+    model = model.cpu().eval()
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(out_dir, "victim.pt"))
+    torch.jit.trace(model, torch.zeros(1, *example_shape)).save(os.path.join(out_dir, "victim.torchscript.pt"))
+    info = {**info, "torch": torch.__version__}
+    with open(os.path.join(out_dir, "victim.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return info

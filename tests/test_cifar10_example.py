@@ -1,0 +1,95 @@
+"""The CIFAR-10 example (the paper's own setting) cannot run here: no CIFAR-10 copy, no GPU. What can be
+checked runs: its configs parse and agree with its victim, the victim trainer trains a ResNet-34 with
+the CIFAR stem on 3 x 32 x 32 images, and every attack of its benchmark config runs against that
+victim, counting queries exactly, for a few dozen queries (with a small clone: the config's ResNet-18
+clone is built and trained one step on its own, as a whole attack with it takes minutes on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from examples.cifar10.train_victim import VICTIM, load_cifar10, train_victim
+from guardian_plugin.evaluation.config import parse_eval_config
+from guardian_plugin.evaluation.harness import run_evaluation
+from guardian_plugin.nets import build_classifier
+from guardian_plugin.training.config import load_train_config
+from guardian_plugin.training.data import photo_crops
+from guardian_plugin.training.victim import save_victim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATTACKS_CFG = os.path.join(ROOT, "benchmarks", "attacks_cifar10.yaml")
+DETECTOR_CFG = os.path.join(ROOT, "examples", "cifar10", "detector-config.yaml")
+TINY = {  # a few iterations each
+    "dfme": dict(batch_size=8, ngf=8, clone_steps=1),
+    "maze": dict(batch_size=4, ngf=8, m=1, clone_steps=1, replay_steps=1),
+    "dast": dict(batch_size=20, ngf=8),
+    "dfms": dict(batch_size=8, gan_steps=2, gan_width=8, proxy_images=32, proxy="photos"),
+    "disguide": dict(batch_size=8, ngf=8),
+    "dual_students": dict(batch_size=8, ngf=8, student_steps=1),
+    "quda": dict(batch_size=8, candidates=2, gan_steps=2, gan_width=8, proxy_images=32, proxy="photos"),
+}
+
+
+def test_configs_parse_and_agree_with_the_victim():
+    cfg = parse_eval_config(yaml.safe_load(open(ATTACKS_CFG)), ATTACKS_CFG, os.path.dirname(ATTACKS_CFG))
+    v = cfg.victim
+    assert (v.arch, v.arch_params, v.channels, v.size) == (VICTIM["arch"], VICTIM["arch_params"], 3, 32)
+    assert v.mean == VICTIM["mean"] and v.std == VICTIM["std"]
+    assert cfg.test_data == "cifar10:" + os.path.join(ROOT, "data", "cifar10")
+    assert {a.attack for a in cfg.attacks} >= set(TINY)
+    tcfg, _ = load_train_config(DETECTOR_CFG)
+    assert (tcfg.victim.arch, tcfg.victim.arch_params) == (VICTIM["arch"], VICTIM["arch_params"])
+    assert (tcfg.channels, tcfg.size, list(tcfg.mean), list(tcfg.std)) == (3, 32, VICTIM["mean"], VICTIM["std"])
+    assert set(tcfg.sources) == {"dfme", "gan", "diffusion"}
+
+
+def test_cifar_stem_keeps_32x32_resolution():
+    cfg = parse_eval_config(yaml.safe_load(open(ATTACKS_CFG)), ATTACKS_CFG, os.path.dirname(ATTACKS_CFG))
+    m = build_classifier(cfg.clone.arch, in_channels=3, num_classes=10, **cfg.clone.arch_params)
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, torch.nn.Identity)
+    out = m(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    out.sum().backward()  # the clone trains: gradients reach the stem
+    assert m.conv1.weight.grad is not None
+
+
+def test_missing_cifar_copy_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_cifar10(str(tmp_path), train=False)
+
+
+def test_victim_and_every_attack_run_on_3x32x32(tmp_path):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # stand-in images: photo crops with arbitrary labels (the trainer's code path, not its accuracy)
+        x = photo_crops("train", 96, size=32, channels=3, seed=0)
+        y = np.arange(96, dtype=np.int64) % 10
+        model, hist = train_victim(x[:64], y[:64], x[64:], y[64:], epochs=1, seed=0, device="cpu",
+                                   batch_size=32, progress=False)
+        info = save_victim(model, str(tmp_path / "victim"), {**VICTIM, "history": hist}, (3, 32, 32))
+        assert info["arch"] == "resnet34" and os.path.exists(tmp_path / "victim" / "victim.torchscript.pt")
+        torch.save({"x": torch.from_numpy(x[64:]), "y": torch.from_numpy(y[64:])}, tmp_path / "test.pt")
+
+        raw = yaml.safe_load(open(ATTACKS_CFG))
+        raw.update(device="cpu", threads=1, seeds=[0], test_data=f"file:{tmp_path / 'test.pt'}", eval_points=1,
+                   configurations=["no_defense", "dpreds_only"], cache_dir=str(tmp_path / "cache"))
+        raw["victim"]["weights"] = str(tmp_path / "victim" / "victim.pt")
+        raw["guard"].update(detector=None, raw_detector=None)
+        # the ResNet-18 clone takes minutes on CPU here (test_cifar_stem_keeps_32x32_resolution builds it)
+        raw["clone"] = {"arch": "small_resnet", "arch_params": {"width": 4, "blocks": 1}}
+        raw["attacks"] = [{**a, "budget": 48, "params": {**a.get("params", {}), **TINY[a["attack"]]}}
+                          for a in raw["attacks"] if not a.get("aware")]
+        cfg = parse_eval_config(raw, ATTACKS_CFG, os.path.dirname(ATTACKS_CFG))
+        res = run_evaluation(cfg, str(tmp_path / "out"), configurations=["no_defense"], progress=False,
+                             command="pytest", log=lambda s: None)
+    finally:
+        torch.set_num_threads(n)
+    assert {r["attack"] for r in res["runs"]} == set(TINY)
+    for r in res["runs"]:
+        assert r["accounting_ok"] and 0 < r["queries_attack"] == r["queries_target"] <= 48, r["attack_id"]
