@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_attacks import TINY as ATTACK_TINY
 
 from examples.cifar10.train_victim import VICTIM, load_cifar10, train_victim
 from guardian_plugin.evaluation.config import parse_eval_config
@@ -24,15 +25,8 @@ from guardian_plugin.training.victim import save_victim
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTACKS_CFG = os.path.join(ROOT, "benchmarks", "attacks_cifar10.yaml")
 DETECTOR_CFG = os.path.join(ROOT, "examples", "cifar10", "detector-config.yaml")
-TINY = {  # a few iterations each
-    "dfme": dict(batch_size=8, ngf=8, clone_steps=1),
-    "maze": dict(batch_size=4, ngf=8, m=1, clone_steps=1, replay_steps=1),
-    "dast": dict(batch_size=20, ngf=8),
-    "dfms": dict(batch_size=8, gan_steps=2, gan_width=8, proxy_images=32, proxy="photos"),
-    "disguide": dict(batch_size=8, ngf=8),
-    "dual_students": dict(batch_size=8, ngf=8, student_steps=1),
-    "quda": dict(batch_size=8, candidates=2, gan_steps=2, gan_width=8, proxy_images=32, proxy="photos"),
-}
+# test_attacks' few iterations each, with the photo proxy (3-channel crops) for DFMS and QUDA
+TINY = {name: {**params, **({"proxy": "photos"} if "proxy" in params else {})} for name, params in ATTACK_TINY.items()}
 
 
 def test_configs_parse_and_agree_with_the_victim():

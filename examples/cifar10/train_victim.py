@@ -10,7 +10,6 @@ same train split and the test split, never from anything an attacker would have.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -19,7 +18,7 @@ import torch
 
 from guardian_plugin.training.common import resolve_device
 from guardian_plugin.training.data import normalise, to_float
-from guardian_plugin.training.victim import save_victim, train_classifier
+from guardian_plugin.training.victim import save_victim, train_classifier, victim_arg_parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -52,12 +51,8 @@ def train_victim(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = victim_arg_parser(__doc__, os.path.join(HERE, "artifacts"), epochs=60)
     ap.add_argument("--data", required=True, help="directory holding cifar-10-batches-py")
-    ap.add_argument("--out", default=os.path.join(HERE, "artifacts"))
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
     device = resolve_device(a.device)
     t0 = time.time()

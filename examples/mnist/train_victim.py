@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -13,7 +12,7 @@ import torch
 
 from guardian_plugin.training.common import resolve_device
 from guardian_plugin.training.data import MNIST_MEAN, MNIST_STD, mnist_splits, normalise, to_float
-from guardian_plugin.training.victim import save_victim, train_classifier
+from guardian_plugin.training.victim import save_victim, train_classifier, victim_arg_parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VICTIM = {"arch": "lenet5", "arch_params": {}, "num_classes": 10,
@@ -32,11 +31,7 @@ def load_victim(directory: str = os.path.join(HERE, "artifacts"), device="cpu") 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(HERE, "artifacts"))
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
+    ap = victim_arg_parser(__doc__, os.path.join(HERE, "artifacts"), epochs=15)
     a = ap.parse_args(argv)
     device = resolve_device(a.device)
     t0 = time.time()

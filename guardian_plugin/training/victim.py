@@ -50,6 +50,18 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_t
     return model.eval(), history
 
 
+def victim_arg_parser(doc: str, out_default: str, epochs: int):
+    """The options every example victim trainer takes: --out, --epochs, --seed, --device."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=out_default, help="artifact directory (default: %(default)s)")
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    return ap
+
+
 def save_victim(model: torch.nn.Module, out_dir: str, info: dict, example_shape) -> dict:
     """Write ``victim.pt`` (state dict), ``victim.torchscript.pt`` (traced on CPU with a zero input of
     ``example_shape``) and ``victim.json`` (``info`` plus the torch version) to ``out_dir``."""
