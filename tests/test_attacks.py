@@ -170,6 +170,22 @@ def test_dpreds_inverter_leaves_plain_answers_alone():
     assert (invert_dpreds(q) - p).abs().max() < 0.05 < (q - p).abs().max()
 
 
+def test_dpreds_inverter_floors_at_the_answer_resolution():
+    """A confident float32 victim: DPreds rounds away every probability under ~1e-7 of the top one. The
+    inverter keeps what is resolved (gaps under ~10 come back within 0.1) and puts what is not at the
+    resolution floor (a logit gap of ~16), not at float32's tiny (-87), which would swamp a logit loss."""
+    from guardian_plugin.attacks.base import recover_logits
+
+    logits = torch.tensor([[12.0, 9.0, 6.0, 3.0, 0.0, -10.0, -20.0, -30.0, -40.0, -50.0]])
+    p = torch.softmax(logits, 1)
+    rec = recover_logits(invert_dpreds(dpreds(p, 0.5)))
+    truth = recover_logits(p)
+    gaps = rec[0, 0] - rec[0]
+    assert torch.allclose(gaps[:4], (truth[0, 0] - truth[0])[:4], atol=0.1)
+    assert 12 < gaps[5:].min() and gaps.max() < 20  # unresolved classes sit at the floor, not at 99
+    assert rec.argmax(1).item() == 0
+
+
 class FlagAllGuardian:
     """Stands in for a Guardian whose detector flags everything (rule: tau=10, rho=0.5)."""
 

@@ -5,8 +5,11 @@ base attack with the strategies applied to every query it sends; strategies comb
 
 - ``invert_dpreds``: DPreds answers p' = (p + d) / (1 + K d). The smallest returned probability
   m' = (p_min + d) / (1 + K d) with p_min ~ 0 gives d ~ m' / (1 - K m'); the attacker inverts
-  p = p' (1 + K d) - d, clips at 0 and renormalises, row by row. Unperturbed rows (m' ~ 0) are left
-  as they are. Exact when the victim's smallest probability is 0, close when it is small.
+  p = p' (1 + K d) - d, floors it at the answer's resolution (eps * p' * (1 + K d): below that the
+  rounded answer says nothing) and renormalises, row by row. Unperturbed rows (m' ~ 0) are left as
+  they are. Exact when the victim's smallest probability is 0, close when it is small; but DPreds
+  answers in float32 lose every probability under ~1e-7 of the top one (logit gaps over ~16), so an
+  inverter recovers at best a victim that rounds its answers that far.
 - ``postprocess``: blur (Gaussian, sigma ~ U[blur]) and/or JPEG-compress (quality ~ U[jpeg]) every
   synthetic query in pixel space, to wash out the generator's upsampling artefacts the detector keys
   on. Where the attack's own tensor allows it (no autograd history) the processed image replaces it in
@@ -44,7 +47,11 @@ def invert_dpreds(probs: torch.Tensor, min_d: float = 1e-4) -> torch.Tensor:
     k = probs.shape[1]
     m = probs.min(1, keepdim=True).values
     d = m / (1 - k * m).clamp_min(1e-6)
-    out = (probs * (1 + k * d) - d).clamp_min(0)
+    # what the answer still resolves: p' is rounded to its dtype, so p is known to eps * p' * (1 + K d).
+    # Below that the truth is unknown, not 0; a floor there keeps logit recovery from reading the
+    # smallest class as -87 (float32's tiny) when it was merely below the answer's resolution.
+    floor = torch.finfo(probs.dtype).eps * probs * (1 + k * d)
+    out = torch.maximum(probs * (1 + k * d) - d, floor)
     out = out / out.sum(1, keepdim=True).clamp_min(1e-12)
     keep = (d < min_d) | (k * m >= 1 - 1e-6)  # nothing to undo, or a flat row that cannot be inverted
     return torch.where(keep, probs, out)
