@@ -275,3 +275,19 @@ def test_tanh_generators_reach_the_whole_pixel_range_in_pixels_mode(name, victim
     assert ranges["pixels"][0] >= -1e-5 and ranges["pixels"][1] <= 1 + 1e-5 and ranges["pixels"][1] > 0.6
     with pytest.raises(ValueError, match="generator output"):
         _attack(name, RecordingTarget(victim), "soft", 100, tmp_path, output="bytes")
+
+
+def test_proxy_gan_cache_never_changes_the_callers_random_stream(tmp_path):
+    """Training the proxy GAN (a cache miss) and loading it (a hit) leave the attack's random stream in
+    the same state, and a hit returns the weights the miss trained."""
+    from guardian_plugin.attacks.common import pretrain_proxy_gan
+
+    kw = dict(width=8, steps=3, batch=8, n_images=32, seed=5, cache_dir=str(tmp_path))
+    torch.manual_seed(123)
+    g1, _, _ = pretrain_proxy_gan("shapes", 28, 1, **kw)   # miss: trains and caches
+    after_miss = torch.rand(3)
+    torch.manual_seed(123)
+    g2, _, _ = pretrain_proxy_gan("shapes", 28, 1, **kw)   # hit
+    after_hit = torch.rand(3)
+    assert torch.equal(after_miss, after_hit)
+    assert all(torch.equal(a, b) for a, b in zip(g1.state_dict().values(), g2.state_dict().values()))

@@ -124,7 +124,14 @@ def pretrain_proxy_gan(proxy: str, size: int, channels: int, *, nz: int = 100, w
     only (no victim query), non-saturating loss, Adam 2e-4 (beta1 0.5). Returns (G, D, proxy images).
 
     With ``cache_dir`` the trained weights are saved under a key of every setting and reused, so the
-    attacks that need a proxy GAN (DFMS, QUDA) and repeated seeds pay for it once."""
+    attacks that need a proxy GAN (DFMS, QUDA) and repeated seeds pay for it once.
+
+    A cache hit and a miss leave the caller's random stream in the same state: both build the two
+    networks from it, and training runs in a forked stream seeded with ``seed``. (Before, training
+    reseeded the caller's stream, so the run that happened to train the GAN continued from the GAN's
+    seed and its figures depended on the cache.) The initial weights come from the caller's stream, so
+    the cached GAN is the one the first attack to need it would train: for the evaluation harness,
+    whose runs reseed before building an attack, the first seed's DFMS or QUDA run."""
     from tqdm import tqdm
 
     from guardian_plugin.nets import DCGANDiscriminator, DCGANGenerator
@@ -143,21 +150,23 @@ def pretrain_proxy_gan(proxy: str, size: int, channels: int, *, nz: int = 100, w
             g.load_state_dict(sd["g"])
             d.load_state_dict(sd["d"])
             return g, d, real
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    for _ in tqdm(range(steps), desc=f"proxy GAN ({proxy})", disable=not progress, leave=False):
-        xr = real[torch.randint(len(real), (batch,), generator=gen)].to(device)
-        xf = g(torch.randn(batch, nz, device=device))
-        loss_d = F.softplus(-d(xr)).mean() + F.softplus(d(xf.detach())).mean()
-        opt_d.zero_grad()
-        loss_d.backward()
-        opt_d.step()
-        loss_g = F.softplus(-d(xf)).mean()
-        opt_g.zero_grad()
-        loss_g.backward()
-        opt_g.step()
+    cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        for _ in tqdm(range(steps), desc=f"proxy GAN ({proxy})", disable=not progress, leave=False):
+            xr = real[torch.randint(len(real), (batch,), generator=gen)].to(device)
+            xf = g(torch.randn(batch, nz, device=device))
+            loss_d = F.softplus(-d(xr)).mean() + F.softplus(d(xf.detach())).mean()
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()
+            loss_g = F.softplus(-d(xf)).mean()
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         torch.save({"g": g.state_dict(), "d": d.state_dict(), "key": key}, path)
