@@ -135,6 +135,7 @@ def pretrain_proxy_gan(proxy: str, size: int, channels: int, *, nz: int = 100, w
     from tqdm import tqdm
 
     from guardian_plugin.nets import DCGANDiscriminator, DCGANGenerator
+    from guardian_plugin.training.gan import gan_step
 
     real = proxy_images(proxy, n_images, size, channels, seed)
     g = DCGANGenerator(nz, channels, size, width).to(device)
@@ -158,15 +159,7 @@ def pretrain_proxy_gan(proxy: str, size: int, channels: int, *, nz: int = 100, w
         opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
         for _ in tqdm(range(steps), desc=f"proxy GAN ({proxy})", disable=not progress, leave=False):
             xr = real[torch.randint(len(real), (batch,), generator=gen)].to(device)
-            xf = g(torch.randn(batch, nz, device=device))
-            loss_d = F.softplus(-d(xr)).mean() + F.softplus(d(xf.detach())).mean()
-            opt_d.zero_grad()
-            loss_d.backward()
-            opt_d.step()
-            loss_g = F.softplus(-d(xf)).mean()
-            opt_g.zero_grad()
-            loss_g.backward()
-            opt_g.step()
+            gan_step(g, d, opt_g, opt_d, xr, torch.randn(batch, nz, device=device))
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         torch.save({"g": g.state_dict(), "d": d.state_dict(), "key": key}, path)

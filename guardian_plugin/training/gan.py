@@ -11,6 +11,21 @@ from guardian_plugin.nets import DCGANDiscriminator, DCGANGenerator
 from guardian_plugin.training.common import seed_everything
 
 
+def gan_step(g, d, opt_g, opt_d, real: torch.Tensor, z: torch.Tensor):
+    """One non-saturating GAN step: the discriminator on ``real`` and g(z), then the generator.
+    Returns (loss_d, loss_g)."""
+    fake = g(z)
+    loss_d = F.softplus(-d(real)).mean() + F.softplus(d(fake.detach())).mean()
+    opt_d.zero_grad()
+    loss_d.backward()
+    opt_d.step()
+    loss_g = F.softplus(-d(fake)).mean()
+    opt_g.zero_grad()
+    loss_g.backward()
+    opt_g.step()
+    return loss_d, loss_g
+
+
 def train_dcgan(x01: torch.Tensor, *, epochs: int = 20, batch_size: int = 64, nz: int = 64, width: int = 64,
                 lr: float = 2e-4, seed: int = 0, device="cpu", progress: bool = True, desc: str = "gan"):
     """Non-saturating GAN loss, Adam(2e-4, betas 0.5/0.999). ``x01``: (N, C, H, W) in [0, 1].
@@ -28,16 +43,7 @@ def train_dcgan(x01: torch.Tensor, *, epochs: int = 20, batch_size: int = 64, nz
         n = 0
         for k in range(0, len(x01) - batch_size + 1, batch_size):
             real = x01[perm[k:k + batch_size]].to(device)
-            z = torch.randn(batch_size, nz, device=device)
-            fake = g(z)
-            loss_d = F.softplus(-d(real)).mean() + F.softplus(d(fake.detach())).mean()
-            opt_d.zero_grad()
-            loss_d.backward()
-            opt_d.step()
-            loss_g = F.softplus(-d(fake)).mean()
-            opt_g.zero_grad()
-            loss_g.backward()
-            opt_g.step()
+            loss_d, loss_g = gan_step(g, d, opt_g, opt_d, real, torch.randn(batch_size, nz, device=device))
             ld, lg, n = ld + loss_d.item(), lg + loss_g.item(), n + 1
         history.append({"epoch": ep + 1, "loss_d": ld / max(n, 1), "loss_g": lg / max(n, 1)})
     return g.eval(), d.eval(), history
