@@ -15,7 +15,7 @@ import yaml
 from test_attacks import TINY as ATTACK_TINY
 
 from examples.cifar10.train_victim import VICTIM, load_cifar10, train_victim
-from guardian_plugin.evaluation.config import parse_eval_config
+from guardian_plugin.evaluation.config import load_eval_config, parse_eval_config
 from guardian_plugin.evaluation.harness import run_evaluation
 from guardian_plugin.nets import build_classifier
 from guardian_plugin.training.config import load_train_config
@@ -30,7 +30,7 @@ TINY = {name: {**params, **({"proxy": "photos"} if "proxy" in params else {})} f
 
 
 def test_configs_parse_and_agree_with_the_victim():
-    cfg = parse_eval_config(yaml.safe_load(open(ATTACKS_CFG)), ATTACKS_CFG, os.path.dirname(ATTACKS_CFG))
+    cfg = load_eval_config(ATTACKS_CFG)
     v = cfg.victim
     assert (v.arch, v.arch_params, v.channels, v.size) == (VICTIM["arch"], VICTIM["arch_params"], 3, 32)
     assert v.mean == VICTIM["mean"] and v.std == VICTIM["std"]
@@ -43,7 +43,7 @@ def test_configs_parse_and_agree_with_the_victim():
 
 
 def test_cifar_stem_keeps_32x32_resolution():
-    cfg = parse_eval_config(yaml.safe_load(open(ATTACKS_CFG)), ATTACKS_CFG, os.path.dirname(ATTACKS_CFG))
+    cfg = load_eval_config(ATTACKS_CFG)
     m = build_classifier(cfg.clone.arch, in_channels=3, num_classes=10, **cfg.clone.arch_params)
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, torch.nn.Identity)
     out = m(torch.zeros(2, 3, 32, 32))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from guardian_plugin.training.common import resolve_device
+from guardian_plugin.training.data import cifar10 as load_cifar10
 from guardian_plugin.training.data import normalise, to_float
 from guardian_plugin.training.victim import save_victim, train_classifier, victim_arg_parser
 
@@ -25,18 +26,6 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 VICTIM = {"arch": "resnet34", "arch_params": {"cifar_stem": True}, "num_classes": 10,
           "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD), "channels": 3, "size": 32}
-
-
-def load_cifar10(root: str, train: bool):
-    """(uint8 images N x 3 x 32 x 32, int64 labels) from a local copy; a clear error when it is missing."""
-    import torchvision
-
-    try:
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=False)
-    except RuntimeError as e:
-        raise FileNotFoundError(f"no CIFAR-10 copy under {root!r} (expected {root}/cifar-10-batches-py; "
-                                f"nothing is downloaded): {e}") from e
-    return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
 
 
 def train_victim(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,

@@ -45,11 +45,11 @@ class DFME(Attack):
         self.generator = GeneratorA(self.nz, c, h, int(p.get("ngf", 64))).to(self.device)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
         self.clone_optimizer = str(p.get("clone_optimizer", "sgd"))
+        self.lr_s = float(p.get("lr_s", 1e-3 if self.clone_optimizer == "adam" else 0.1))
         if self.clone_optimizer == "sgd":
-            self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=float(p.get("lr_s", 0.1)), momentum=0.9,
-                                         weight_decay=5e-4)
+            self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4)
         elif self.clone_optimizer == "adam":
-            self.opt_s = torch.optim.Adam(self.clone.parameters(), lr=float(p.get("lr_s", 1e-3)))
+            self.opt_s = torch.optim.Adam(self.clone.parameters(), lr=self.lr_s)
         else:
             raise ValueError(f"clone_optimizer {self.clone_optimizer!r}: use 'sgd' (as published) or 'adam'")
         # clone lr x0.3 at these fractions of the budget (as published: 10/30/50%, set for budgets of
@@ -63,8 +63,7 @@ class DFME(Attack):
         self._next_ckpt = self.checkpoint_every
 
     def _lr(self):
-        lr0 = float(self.params.get("lr_s", 0.1 if self.clone_optimizer == "sgd" else 1e-3))
-        lr = lr0 * 0.3 ** sum(self.queries >= m for m in self.milestones)
+        lr = self.lr_s * 0.3 ** sum(self.queries >= m for m in self.milestones)
         for g in self.opt_s.param_groups:
             g["lr"] = lr
 

@@ -23,6 +23,12 @@ CONFIG_TITLES = {
 }
 
 
+def _check_configurations(names, what: str = "configurations") -> None:
+    bad = [c for c in names if c not in CONFIGURATIONS]
+    if bad:
+        raise ValueError(f"{what}: unknown configurations {bad}; known: {list(CONFIGURATIONS)}")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,14 +91,9 @@ class AttackSpec(_Strict):
             self.id = self.attack + (f"-{self.label_mode}" if self.label_mode else "")
         if self.seen is None:
             self.seen = self.attack == "dfme" and not self.aware
-        if self.configurations is not None:
-            bad = [c for c in self.configurations if c not in CONFIGURATIONS]
-            if bad:
-                raise ValueError(f"unknown configurations {bad}; known: {list(CONFIGURATIONS)}")
+        _check_configurations(self.configurations or [])
         if isinstance(self.seeds, dict):
-            bad = [c for c in self.seeds if c not in CONFIGURATIONS]
-            if bad:
-                raise ValueError(f"seeds: unknown configurations {bad}; known: {list(CONFIGURATIONS)}")
+            _check_configurations(self.seeds, "seeds")
         return self
 
 
@@ -118,9 +119,7 @@ class EvalConfig(_Strict):
     @field_validator("configurations")
     @classmethod
     def _configs(cls, v):
-        bad = [c for c in v if c not in CONFIGURATIONS]
-        if bad:
-            raise ValueError(f"unknown configurations {bad}; known: {list(CONFIGURATIONS)}")
+        _check_configurations(v)
         return v
 
     @model_validator(mode="after")

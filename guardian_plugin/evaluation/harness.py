@@ -118,7 +118,7 @@ def load_victim(cfg: EvalConfig, device) -> nn.Module:
 
 def load_test_set(cfg: EvalConfig):
     """The victim's test set as (normalised inputs, labels)."""
-    from guardian_plugin.training.data import mnist_splits, normalise, to_float
+    from guardian_plugin.training.data import cifar10, mnist_splits, normalise, to_float
 
     spec = cfg.test_data
     if spec == "mnist":
@@ -130,11 +130,8 @@ def load_test_set(cfg: EvalConfig):
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         y = torch.as_tensor(y).long()
     elif spec.startswith("cifar10:"):
-        import torchvision
-
-        ds = torchvision.datasets.CIFAR10(spec[8:], train=False, download=False)
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0
-        y = torch.tensor(ds.targets)
+        x, y = cifar10(spec[8:], train=False)
+        x, y = to_float(x), torch.from_numpy(y)
     else:
         raise ValueError(f"test_data {spec!r}: use mnist, cifar10:<dir> or file:<path>")
     if cfg.test_limit:

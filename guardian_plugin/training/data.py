@@ -43,6 +43,19 @@ def mnist_splits(seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
 
 
+def cifar10(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from a local copy (``root`` holds ``cifar-10-batches-py``; nothing is downloaded):
+    (uint8 images N x 3 x 32 x 32, int64 labels), or a FileNotFoundError that says where it looked."""
+    import torchvision
+
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=False)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"no CIFAR-10 copy under {root!r} (expected {root}/cifar-10-batches-py; "
+                                f"nothing is downloaded): {e}") from e
+    return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
+
+
 def to_float(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
 

@@ -32,7 +32,7 @@ from guardian_plugin.detector import (FORMAT_VERSION, Detector, DetectorSpec, Im
 from guardian_plugin.training.augment import augment
 from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
-from guardian_plugin.training.data import image_folder, mnist_splits, photo_crops, to_float, to_uint8
+from guardian_plugin.training.data import cifar10, image_folder, mnist_splits, photo_crops, to_float, to_uint8
 from guardian_plugin.training.sources import SourceContext, build_source, uses_victim
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform
 
@@ -50,10 +50,7 @@ def load_real(e: RealEntry, cfg: TrainConfig, base_dir: str) -> np.ndarray:
     elif e.kind == "folder":
         x = image_folder(_path(e.path, base_dir), cfg.size, cfg.channels)
     else:  # cifar10, from a local copy only
-        import torchvision
-
-        ds = torchvision.datasets.CIFAR10(_path(e.root, base_dir), train=e.train, download=False)
-        x = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
+        x = cifar10(_path(e.root, base_dir), e.train)[0]
         if cfg.channels == 1:
             x = to_uint8(to_float(x).mean(1, keepdim=True))
         if cfg.size != 32:
