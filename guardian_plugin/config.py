@@ -9,11 +9,12 @@ Example (every key optional but ``detector``)::
     rule: {tau: auto, rho: 0.5}                    # auto: the binomial bound in docs/refusal-rule.md
                                                    # optional sliding window: window: 200, window_rho: 0.5
     response: {policy: dpreds, d: 0.5}
-    identity:
+    identity:                                      # guardian_plugin/identity.py: which mode to trust
       headers: [X-Client-Id]                       # first present header wins, case-insensitive
-      api_key_header: null                         # e.g. X-Api-Key: stored only as a salted hash
-      salt: ""                                     # or env GUARDIAN_ID_SALT
-      missing: anonymous                           # or reject (HTTP 401)
+      api_key_header: null                         # e.g. X-Api-Key: then the ONLY identity, salted hash
+      salt: null                                   # or env GUARDIAN_ID_SALT (required with api keys)
+      trusted_proxy: null                          # {secret_header: X-Gateway-Secret, secret_env: ...}
+      missing: reject                              # HTTP 401; or anonymous (never refused, always DPreds)
     device: cpu
 """
 
@@ -71,12 +72,28 @@ class ResponseConfig(_Strict):
         return {"d": self.d} if self.policy == "dpreds" else {}
 
 
+class TrustedProxyConfig(_Strict):
+    secret_header: str = "X-Gateway-Secret"  # the header carrying the gateway's shared secret
+    secret_env: str = "GUARDIAN_GATEWAY_SECRET"  # the environment variable holding that secret
+
+
 class IdentityConfig(_Strict):
+    """How requests are mapped to clients; see guardian_plugin.identity for the trust each mode gives."""
+
     headers: List[str] = ["X-Client-Id"]
-    api_key_header: Optional[str] = None
-    salt: str = ""
-    missing: Literal["anonymous", "reject"] = "anonymous"
-    anonymous_id: str = "anonymous"
+    api_key_header: Optional[str] = None  # when set, the API key is the only identity (salted hash)
+    salt: Optional[str] = None  # else env GUARDIAN_ID_SALT; required with api_key_header
+    trusted_proxy: Optional[TrustedProxyConfig] = None  # ids from `headers` only on gateway requests
+    missing: Literal["reject", "anonymous"] = "reject"
+    anonymous_id: str = "anonymous"  # the label of anonymous requests in logs and metrics
+    max_length: int = Field(128, ge=1, le=256)
+
+    @field_validator("headers")
+    @classmethod
+    def _some_header(cls, v):
+        if not v:
+            raise ValueError("at least one identity header is needed")
+        return v
 
 
 class GuardConfig(_Strict):

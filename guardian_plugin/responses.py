@@ -3,9 +3,15 @@
 Deceptive Predictions (DPreds, paper eq. 7): add the same constant ``d`` to every class probability and
 renormalise, ``p' = (p + d) / (1 + K d)``. The ranking of the classes (and so the argmax) is kept, while
 the information in the probability values (what distillation learns from) is flattened.
+
+Also what a request gets when it is not served: a :class:`Denial` (HTTP status + one JSON body shape,
+``{"code", "type", "message"}``, the shape of TorchServe's own errors), used by every adapter.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 
@@ -62,3 +68,48 @@ class Passthrough:
 
 def build_policy(name: str, **params):
     return RESPONSE_POLICIES.get(name)(**params)
+
+
+# ------------------------------------------------------------------------- admission and denials
+@dataclass(frozen=True)
+class Denial:
+    """A request answered without the model: the same HTTP status and JSON body in every adapter."""
+
+    status: int
+    kind: str
+    message: str
+    retry_after: Optional[int] = None  # seconds, sent as the Retry-After header
+
+    def body(self) -> dict:
+        return {"code": self.status, "type": self.kind, "message": self.message}
+
+    def headers(self) -> Dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    @classmethod
+    def bad_input(cls, kind: str, message: str) -> "Denial":
+        return cls(400, kind, message)
+
+
+REFUSED = Denial(403, "ClientRefused", "this client is refused: too many of its queries were flagged as "
+                                       "synthetic (data-free model stealing) inputs")
+BLOCKED = Denial(403, "ClientBlocked", "this client is blocked by the operator")
+UNAVAILABLE = Denial(503, "LedgerUnavailable", "the per-client store is unavailable; try again later",
+                     retry_after=5)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ``Guardian.admit`` decided for one request: a client to serve (``client`` None for an
+    anonymous request), or a denial."""
+
+    client: Optional[str] = None
+    denial: Optional[Denial] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.denial is None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.denial is None and self.client is None

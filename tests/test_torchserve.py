@@ -30,6 +30,7 @@ from guardian_plugin.torchserve.server import TorchServe, build_archive  # noqa:
 D, K = 0.5, 10  # DPreds d (the default) and the number of classes
 WORKERS, BATCH, DELAY_MS = 2, 8, 50
 TAU = 4
+SALT = "test-salt-0123456789abcdef"
 
 
 def _need_artifacts():
@@ -60,7 +61,8 @@ def served(tmp_path_factory):
         "image_processing": {"resize": None, "center_crop": None, "mean": ex.MNIST_MEAN, "std": ex.MNIST_STD},
         "topk": 10,
         "guardian": {"guard": {"detector": "guardian/detector", "ledger": ledger, "namespace": "literal",
-                               "rule": {"tau": TAU}, "identity": {"headers": ["X-Client-Id"], "missing": "reject"}}},
+                               "rule": {"tau": TAU}, "identity": {"api_key_header": "X-Api-Key", "salt": SALT,
+                                                                   "missing": "reject"}}},
     }, extra_files=_detector_files(ex.DETECTOR))
 
     ts = TorchServe(store, str(w / "server")).start()
@@ -106,7 +108,7 @@ def test_literal_handler_string_loads_and_serves(served):
     assert manifest["model"]["handler"] == "guardian_plugin.handlers.GuardedImageClassifier"
     correct, kinds = 0, []
     for i, (img, y) in enumerate(zip(served["digits"][:8], served["labels"][:8])):
-        r = post(ts, "literal", img, client=f"lit-{i}")
+        r = post(ts, "literal", img, headers={"X-Api-Key": f"lit-{i}"})
         assert r.status_code == 200, r.text
         probs = dict(ex.topk(r))
         assert sorted(probs) == [str(k) for k in range(10)]
@@ -115,11 +117,13 @@ def test_literal_handler_string_loads_and_serves(served):
         # the same preprocessing as the example's own handler: identical answers unless flagged
         kinds.append(relation(post(ts, "mnist", img), r))
     assert correct >= 7 and kinds.count("benign") >= 6, kinds
-    r = post(ts, "literal", served["fakes"][0], client="lit-fake")
+    r = post(ts, "literal", served["fakes"][0], headers={"X-Api-Key": "lit-fake"})
     assert relation(post(ts, "mnist", served["fakes"][0]), r) == "flagged"
-    # identity configured as `missing: reject`: no client header -> 401 with a JSON reason
-    r = post(ts, "literal", served["digits"][0])
-    assert r.status_code == 401 and json.loads(r.text)["type"] == "MissingIdentity"
+    # identity configured as `missing: reject`: no API key -> 401 with a JSON reason, and with API
+    # keys configured a client-chosen X-Client-Id is no identity at all
+    for h in ({}, {"X-Client-Id": "someone"}):
+        r = post(ts, "literal", served["digits"][0], headers=h)
+        assert r.status_code == 401 and json.loads(r.text)["type"] == "MissingIdentity"
 
 
 @pytest.mark.parametrize("plain,guarded,rgb", [("mnist", "mnist_g", False), ("rgb", "rgb_g", True)],
@@ -244,3 +248,106 @@ def test_refusal_persists_across_restart(served):
     r = post(ts2, "mnist_g", served["digits"][0], client="attacker-restart")  # even a real digit
     assert r.status_code == 403 and json.loads(r.text)["type"] == "ClientRefused"
     assert post(ts2, "mnist_g", served["digits"][0], client="fresh-after-restart").status_code == 200
+
+
+# ------------------------------------------------------------------ issue #10: the request path
+def _ledger(served, namespace):
+    from guardian_plugin.ledger import open_ledger
+
+    return open_ledger(f"sqlite:///{served['w']}/state/ledger.db", namespace=namespace)
+
+
+def _png_of(mode, size, color=0):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _malformed_for_grey_model():
+    """Inputs that used to get 503 (or a NaN answer) from the guarded MNIST archive."""
+    return {
+        "1x1 png": (_png_of("L", (1, 1)), {}),
+        "rgb image": (_png_of("RGB", (28, 28), (10, 200, 30)), {}),
+        "rgba image": (_png_of("RGBA", (28, 28), (10, 200, 30, 255)), {}),
+        "4096x4096 rgb png": (_png_of("RGB", (4096, 4096)), {}),
+        "json tensor [[1.0]]": (json.dumps([[1.0]]).encode(), {"Content-Type": "application/json"}),
+        "json tensor of NaN": (json.dumps([[[float("nan")] * 28] * 28]).replace("NaN", "NaN").encode(),
+                               {"Content-Type": "application/json"}),
+    }
+
+
+def test_malformed_inputs_get_400_with_a_reason(served):
+    import time
+
+    ts = served["ts"]
+    for what, (body, headers) in _malformed_for_grey_model().items():
+        t0 = time.perf_counter()
+        r = post(ts, "mnist_g", body, client=f"malformed-{what}", headers=headers)
+        took = time.perf_counter() - t0
+        assert r.status_code == 400, (what, r.status_code, r.text)
+        msg = json.loads(r.text)
+        assert msg["code"] == 400 and msg["type"] and msg["message"], (what, msg)
+        assert took < 5.0, (what, took)  # a cheap request cannot hold a worker for long
+        ok = post(ts, "mnist_g", served["digits"][1], client=f"after-{what}")
+        assert ok.status_code == 200 and len(ex.topk(ok)) == 10, (what, ok.text)
+        # a row that was not answered is not counted
+        assert _ledger(served, "mnist").get(f"malformed-{what}").queries == 0, what
+
+
+def test_a_bad_image_never_fails_its_batch_neighbours(served):
+    """A 1x1 PNG batched with 7 benign requests, 20 rounds: every benign request gets its own correct
+    200 (the unprotected archive's answer or DPreds of it) and the ledger counts exactly the answers."""
+    ts = served["ts"]
+    bad = _png_of("L", (1, 1))
+    digits = served["digits"][:7]
+    expected = [post(ts, "mnist", d) for d in digits]
+    statuses = {"bad": [], "good": []}
+    with ThreadPoolExecutor(8) as pool:
+        for rnd in range(20):
+            jobs = [("bad", bad, f"nb-bad")] + [("good", d, f"nb-good-{j}") for j, d in enumerate(digits)]
+            rs = list(pool.map(lambda j: post(ts, "mnist_g", j[1], client=j[2]), jobs))
+            for (kind, _, _), r in zip(jobs, rs):
+                statuses[kind].append(r.status_code)
+            for e, r in zip(expected, rs[1:]):
+                relation(e, r)  # 200, same labels in the same order, exact or DPreds
+    assert statuses["bad"] == [400] * 20 and statuses["good"] == [200] * 140, statuses
+    led = _ledger(served, "mnist")
+    assert led.get("nb-bad").queries == 0
+    assert sum(led.get(f"nb-good-{j}").queries for j in range(7)) == 140
+
+
+def test_anonymous_attacker_cannot_lock_out_anonymous_users(served):
+    """`missing: anonymous` (the mnist_g archive): anonymous requests are never refused and always get
+    DPreds, so 3 x tau synthetic queries from one anonymous attacker change nothing for a benign
+    anonymous client, whose answers keep the unprotected ranking and top-1."""
+    ts = served["ts"]
+    for img in served["fakes"][:3 * TAU]:
+        r = post(ts, "mnist_g", img)
+        assert r.status_code == 200, r.text
+    for img in served["digits"][:4]:
+        r = post(ts, "mnist_g", img)
+        assert r.status_code == 200
+        assert relation(post(ts, "mnist", img), r) == "flagged"  # DPreds: same order, flattened
+
+
+def test_api_keys_cannot_be_spoofed(served):
+    """The literal archive identifies clients by X-Api-Key only: an attacker who sends another
+    client's X-Client-Id, or the hashed form of its key, changes nothing of that client's record;
+    responses never reveal a hashed id."""
+    from guardian_plugin.identity import hash_key
+
+    ts = served["ts"]
+    victim_key = "key-of-bob"
+    for i, img in enumerate(served["fakes"][:3 * TAU]):
+        r = post(ts, "literal", img, headers={"X-Api-Key": f"mallory", "X-Client-Id": hash_key(victim_key, SALT)})
+        assert r.status_code in (200, 403)
+        assert "key:" not in r.text
+    assert r.status_code == 403 and json.loads(r.text)["type"] == "ClientRefused"
+    r = post(ts, "literal", served["digits"][0], headers={"X-Api-Key": victim_key})
+    assert r.status_code == 200
+    led = _ledger(served, "literal")
+    assert led.get(hash_key(victim_key, SALT)).queries == 1 and not led.get(hash_key(victim_key, SALT)).refused

@@ -86,7 +86,7 @@ def test_precheck_and_diagnose():
     for row in ({"body": b""}, {"data": None, "body": None}, {"body": ""}):
         with pytest.raises(g.RequestError) as e:
             g.precheck(row, 1000)
-        assert e.value.code == 400 and e.value.kind == "EmptyInput"
+        assert e.value.status == 400 and e.value.kind == "EmptyInput"
     big = io.BytesIO()
     Image.new("L", (2000, 1000)).save(big, "PNG")
     for body in (big.getvalue(), base64.b64encode(big.getvalue()).decode()):

@@ -4,14 +4,18 @@
 (TorchServe's template methods, see ``BaseHandler.handle``) and puts the Guardian between inference
 and postprocess::
 
-    per request: client id from headers (401 when missing and configured so)
-                 refused by the ledger?               -> 403, no inference
+    per request: Guardian.admit_batch(headers)       -> 401/400 identity, 403 refused, 503 store down
                  image larger than max_image_pixels?  -> 400, not decoded
-    live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400)
-                 inner.inference
-                 Guardian.inspect(preprocessed, probabilities, client ids)
+    live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400); a row of
+                 another shape than the model takes, or with NaN/inf values -> 400
+                 inner.inference (a failing batch is retried row by row: a failing row -> 400)
+                 Guardian.inspect(preprocessed, probabilities, admissions): counts answered rows only
                  flagged rows' outputs replaced so that the inner postprocess yields DPreds(p)
                  inner.postprocess
+
+Every denial is answered with its own status and the JSON body ``{"code", "type", "message"}``
+(guardian_plugin.responses.Denial), the same as the BentoML adapter's; one bad row never changes the
+status or the answer of another row in the batch.
 
 What the inner inference returns decides how a flagged row is rewritten (setting ``output``):
 
@@ -32,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import logging
 import time
@@ -40,26 +43,21 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from guardian_plugin.errors import LedgerUnavailable
 from guardian_plugin.guardian import Guardian
-from guardian_plugin.identity import MissingIdentity, client_id
+from guardian_plugin.inputs import DEFAULT_MAX_PIXELS, InputError, decode_error, image_size
+from guardian_plugin.responses import UNAVAILABLE, Denial
 
 log = logging.getLogger("guardian_plugin.handlers")
 
 PROB_TOLERANCE = 1e-3
 
 
-class RequestError(Exception):
-    """One request's error: HTTP ``code`` and a JSON body."""
-
-    def __init__(self, code: int, kind: str, message: str):
-        super().__init__(message)
-        self.code, self.kind, self.message = code, kind, message
-
-    def body(self) -> dict:
-        return {"code": self.code, "type": self.kind, "message": self.message}
+RequestError = InputError  # one request's 400, with its Denial
 
 
-PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 500: "Internal Server Error"}
+PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests",
+           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 # ---------------------------------------------------------------------------------- input checks
@@ -88,20 +86,8 @@ def precheck(row, max_pixels: int) -> None:
     if payload is None or (isinstance(payload, (bytes, bytearray, str, list, dict)) and len(payload) == 0):
         raise RequestError(400, "EmptyInput", "the request carries no input: send an image in the body")
     raw = _image_bytes(payload)
-    if raw is None:
-        return
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(raw)) as im:  # reads the header only
-            w, h = im.size
-    except Image.DecompressionBombError as e:
-        raise RequestError(400, "ImageTooLarge", f"the image is too large: {e}") from None
-    except Exception:
-        return  # not an image PIL can identify: the handler's own preprocess decides (and explains)
-    if w * h > max_pixels:
-        raise RequestError(400, "ImageTooLarge",
-                           f"the image is {w}x{h} = {w * h} pixels; at most {max_pixels} are accepted")
+    if raw is not None:
+        image_size(raw, max_pixels)
 
 
 def diagnose(row, exc: BaseException) -> RequestError:
@@ -111,19 +97,8 @@ def diagnose(row, exc: BaseException) -> RequestError:
     if isinstance(payload, str) and _image_bytes(payload, strict=True) is None:
         return RequestError(400, "BadBase64", f"the body is text but not valid base64 ({detail})")
     raw = _image_bytes(payload)
-    if raw is not None:
-        from PIL import Image, UnidentifiedImageError
-
-        if isinstance(exc, UnidentifiedImageError):
-            return RequestError(400, "NotAnImage", "the body is not an image in a format PIL reads (PNG, JPEG, ...)")
-        try:
-            with Image.open(io.BytesIO(raw)) as im:
-                im.load()
-        except UnidentifiedImageError:
-            return RequestError(400, "NotAnImage", "the body is not an image in a format PIL reads (PNG, JPEG, ...)")
-        except Exception as e:
-            return RequestError(400, "CorruptImage", f"the image is truncated or corrupt ({type(e).__name__}: {e})")
-    return RequestError(400, "BadInput", f"the input could not be preprocessed ({detail})")
+    err = decode_error(raw, exc) if raw is not None else None
+    return err or RequestError(400, "BadInput", f"the input could not be preprocessed ({detail})")
 
 
 # ------------------------------------------------------------------------------------ output kind
@@ -181,14 +156,16 @@ def rewrite_flagged(out: torch.Tensor, probs: torch.Tensor, new_probs: torch.Ten
 
 # ------------------------------------------------------------------------------------------ guard
 class HandlerGuard:
-    """Runs a TorchServe handler's template methods with the Guardian in between."""
+    """Runs a TorchServe handler's template methods with the Guardian in between; every request gets
+    its own answer: one bad row never changes another row's status or answer."""
 
-    def __init__(self, inner, guardian: Guardian, identity, output: str = "auto", max_image_pixels: int = 4096 * 4096):
+    def __init__(self, inner, guardian: Guardian, output: str = "auto", max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 input_shape: Optional[tuple] = None):
         self.inner = inner
         self.guardian = guardian
-        self.identity = identity
         self.output = output
         self.max_image_pixels = max_image_pixels
+        self.input_shape = tuple(input_shape) if input_shape is not None else None  # (C, H, W) the model takes
         self._kind_logged = None
 
     # -- helpers
@@ -198,42 +175,73 @@ class HandlerGuard:
         except (IndexError, AttributeError, TypeError):
             return {}
 
+    def _check_row(self, x: torch.Tensor) -> Optional[RequestError]:
+        if self.input_shape is not None and tuple(x.shape) != self.input_shape:
+            shape = "x".join(map(str, self.input_shape))
+            return RequestError(400, "WrongInputShape", f"this model takes {shape} inputs; the request gave "
+                                                        f"{'x'.join(map(str, x.shape))}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            return RequestError(400, "NonFiniteInput", "the input contains NaN or infinite values")
+        return None
+
     def _preprocess(self, rows: List[int], data) -> Tuple[List[Tuple[List[int], torch.Tensor]], Dict[int, RequestError]]:
-        """Groups (row indices, preprocessed batch) and per-row errors."""
+        """Groups (row indices, preprocessed batch) of same-shaped valid rows, and per-row errors."""
         errors: Dict[int, RequestError] = {}
+        x = None
         try:
             x = self.inner.preprocess([data[i] for i in rows])
-            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == len(rows):
-                return [(list(rows), x)], errors
-        except Exception:  # some row is bad: find which, row by row
+        except Exception:  # noqa: BLE001 - some row is bad: find which, row by row
             pass
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == len(rows):
+            items = [(i, x[j:j + 1]) for j, i in enumerate(rows)]
+        else:
+            items = []
+            for i in rows:
+                try:
+                    xi = self.inner.preprocess([data[i]])
+                except Exception as e:  # noqa: BLE001 - any failure of the handler's own decoding is a bad input
+                    errors[i] = diagnose(data[i], e)
+                    continue
+                if not isinstance(xi, torch.Tensor) or xi.dim() == 0 or xi.shape[0] != 1:
+                    errors[i] = RequestError(400, "BadInput", "the input could not be turned into one model input")
+                    continue
+                items.append((i, xi))
         by_shape: Dict[tuple, List[Tuple[int, torch.Tensor]]] = {}
-        for i in rows:
-            try:
-                xi = self.inner.preprocess([data[i]])
-            except Exception as e:  # noqa: BLE001 - any failure of the handler's own decoding is a bad input
-                errors[i] = diagnose(data[i], e)
-                continue
-            if not isinstance(xi, torch.Tensor) or xi.dim() == 0 or xi.shape[0] != 1:
-                raise TypeError("the guarded handler's preprocess must return a batched tensor "
-                                f"(one row per request), got {type(xi).__name__}")
-            by_shape.setdefault(tuple(xi.shape[1:]), []).append((i, xi))
-        groups = [([i for i, _ in items], torch.cat([t for _, t in items])) for items in by_shape.values()]
+        for i, xi in items:
+            err = self._check_row(xi[0])
+            if err is not None:
+                errors[i] = err
+            else:
+                by_shape.setdefault(tuple(xi.shape[1:]), []).append((i, xi))
+        groups = [([i for i, _ in its], torch.cat([t for _, t in its])) for its in by_shape.values()]
         return groups, errors
 
     def _infer(self, idx: List[int], x: torch.Tensor, errors: Dict[int, RequestError]):
-        """(indices, inputs, outputs) groups; a failing batch is retried row by row."""
-        try:
-            return [(idx, x, self.inner.inference(x))]
-        except Exception:
-            if len(idx) == 1:
-                raise
-        out = []
+        """(indices, inputs, outputs) groups; a failing batch is retried row by row, and a row that still
+        fails (or gives no (1, classes) output) is a 400 for that row alone."""
+        out = self._try_infer(x, len(idx))
+        if out is not None:
+            return [(idx, x, out)]
+        groups = []
         for j, i in enumerate(idx):
-            try:
-                out.append(([i], x[j:j + 1], self.inner.inference(x[j:j + 1])))
-            except Exception as e:  # noqa: BLE001
-                errors[i] = RequestError(400, "BadInput", f"the model could not process this input ({type(e).__name__}: {e})")
+            o = self._try_infer(x[j:j + 1], 1) if len(idx) > 1 else None
+            if o is None:
+                errors[i] = RequestError(400, "BadInput", "the model could not process this input")
+            else:
+                groups.append(([i], x[j:j + 1], o))
+        return groups
+
+    def _try_infer(self, x: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+        try:
+            out = self.inner.inference(x)
+        except Exception as e:  # noqa: BLE001
+            log.info("guardian: inference failed on %d row(s): %s: %s", n, type(e).__name__, e)
+            return None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
+            raise TypeError("the guarded handler's inference must return a (batch, classes) tensor, "
+                            f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        if not bool(torch.isfinite(out).all()):
+            return None
         return out
 
     # -- the request path
@@ -241,29 +249,17 @@ class HandlerGuard:
         t_start = time.perf_counter()
         n = len(data)
         responses: List[object] = [None] * n
-        errors: Dict[int, RequestError] = {}
-        ids: List[Optional[str]] = [None] * n
-        for i in range(n):
-            try:
-                ids[i] = client_id(self._headers(context, i), self.identity)
-            except MissingIdentity as e:
-                errors[i] = RequestError(401, "MissingIdentity", str(e))
-        known = [i for i in range(n) if ids[i] is not None]
-        refused_rows = 0
-        if known:
-            for i, r in zip(known, self.guardian.refused([ids[i] for i in known])):
-                if r:
-                    refused_rows += 1
-                    errors[i] = RequestError(403, "ClientRefused",
-                                             f"client {ids[i]!r} is refused: too many of its queries were flagged "
-                                             "as synthetic (model-stealing) inputs")
-        live = [i for i in known if i not in errors]
-        for i in list(live):
-            try:
-                precheck(data[i], self.max_image_pixels)
-            except RequestError as e:
-                errors[i] = e
-        live = [i for i in live if i not in errors]
+        errors: Dict[int, object] = {}
+        admissions = self.guardian.admit_batch([self._headers(context, i) for i in range(n)])
+        for i, a in enumerate(admissions):
+            if not a.ok:
+                errors[i] = a.denial
+            else:
+                try:
+                    precheck(data[i], self.max_image_pixels)
+                except RequestError as e:
+                    errors[i] = e
+        live = [i for i in range(n) if i not in errors]
 
         queries = flagged_n = 0
         guard_ms = 0.0
@@ -272,31 +268,35 @@ class HandlerGuard:
             errors.update(pre_errors)
             for idx, x in groups:
                 for gidx, gx, out in self._infer(idx, x, errors):
-                    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(gidx):
-                        raise TypeError("the guarded handler's inference must return a (batch, classes) tensor, "
-                                        f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
                     kind = output_kind(out, self.output)
                     if kind != self._kind_logged:
                         log.info("guardian: the handler's inference returns %s", kind)
                         self._kind_logged = kind
                     probs = to_probabilities(out, kind)
-                    res = self.guardian.inspect(gx, probs, [ids[i] for i in gidx], refused=[False] * len(gidx))
-                    flagged = torch.tensor(res.flagged, dtype=torch.bool)
-                    post = self.inner.postprocess(rewrite_flagged(out, probs, res.probs, flagged, kind))
+                    try:
+                        res = self.guardian.inspect(gx, probs, [admissions[i] for i in gidx])
+                    except LedgerUnavailable:
+                        errors.update({i: UNAVAILABLE for i in gidx})
+                        continue
+                    deceived = torch.tensor(res.deceived, dtype=torch.bool)
+                    post = self.inner.postprocess(rewrite_flagged(out, probs, res.probs, deceived, kind))
                     if not isinstance(post, list) or len(post) != len(gidx):
                         raise TypeError("the guarded handler's postprocess must return one entry per request")
                     for i, p in zip(gidx, post):
                         responses[i] = p
                     queries += len(gidx)
-                    flagged_n += int(flagged.sum())
+                    flagged_n += sum(res.flagged)
                     guard_ms += res.guard_ms
 
         for i, e in errors.items():
-            responses[i] = json.dumps(e.body())
-            context.set_response_status(e.code, PHRASES.get(e.code, e.kind), idx=i)
+            d = e.denial if isinstance(e, RequestError) else e
+            responses[i] = json.dumps(d.body())
+            context.set_response_status(d.status, PHRASES.get(d.status, d.kind), idx=i)
             context.set_response_content_type(i, "application/json")
-        self._metrics(context, queries, flagged_n, refused_rows,
-                      sum(1 for e in errors.values() if e.code == 400), guard_ms,
+            for k, v in d.headers().items():
+                context.set_response_header(i, k, v)
+        statuses = [(e.denial if isinstance(e, RequestError) else e).status for e in errors.values()]
+        self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
                       (time.perf_counter() - t_start) * 1000.0)
         return responses
 
@@ -329,4 +329,4 @@ def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
         log.info("guardian: detector on %s, model on %s", cfg.device, device)
     log.info("guardian: detector %s, ledger %s (namespace %s), rule tau=%d rho=%.2f", cfg.detector, cfg.ledger,
              cfg.namespace, guardian.ledger.rule.tau, guardian.ledger.rule.rho)
-    return HandlerGuard(inner, guardian, cfg.identity, settings.output, settings.max_image_pixels)
+    return HandlerGuard(inner, guardian, settings.output, settings.max_image_pixels)
