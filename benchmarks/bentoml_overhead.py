@@ -32,7 +32,7 @@ OUT = os.path.join(ROOT, "benchmarks", "results", "bentoml_overhead.json")
 
 
 def Server(target: str, env: dict, log: str):
-    from guardian_plugin.bento_server import BentoServer
+    from guardian_plugin.devserver.bentoml import BentoServer
 
     return BentoServer(target, env, log, cwd=ROOT, timeout_s=300)
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from guardian_plugin.ledger import open_ledger  # noqa: E402
 from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
-from guardian_plugin.ledger.redis_server import RedisServer  # noqa: E402
+from guardian_plugin.devserver.redis import RedisServer  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ledger_throughput.json")
 

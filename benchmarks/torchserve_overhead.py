@@ -30,7 +30,7 @@ if ROOT not in sys.path:
 
 from examples.mnist import serving as ex  # noqa: E402
 from guardian_plugin.handlers.archive import protect  # noqa: E402
-from guardian_plugin.torchserve.server import TorchServe, build_archive  # noqa: E402
+from guardian_plugin.devserver.torchserve import TorchServe, build_archive  # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "torchserve_overhead.json")
 

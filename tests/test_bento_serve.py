@@ -33,7 +33,7 @@ SERVICE = "bento.service:MNISTGuarded"
 TAU = 14  # bento/guard.yaml: tau auto at rho 0.5
 
 
-from guardian_plugin.bento_server import BentoServer as Server  # noqa: E402
+from guardian_plugin.devserver.bentoml import BentoServer as Server  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from guardian_plugin.config import parse_config
 from guardian_plugin.errors import LedgerUnavailable
 from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import RefusalRule
-from guardian_plugin.ledger.redis_server import RedisServer
+from guardian_plugin.devserver.redis import RedisServer
 from guardian_plugin.ledger.resilient import ResilientLedger
 from ledger_fixtures import tiny_detector
 

@@ -16,7 +16,7 @@ from guardian_plugin.errors import ConfigError, LedgerUnavailable
 from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import RefusalRule
 from guardian_plugin.ledger.redis import RedisLedger, parse_duration
-from guardian_plugin.ledger.redis_server import free_port
+from guardian_plugin.devserver.netutil import free_port
 from ledger_fixtures import core, fresh_namespace, open_backend, redis_uri, redis_url  # noqa: F401
 
 

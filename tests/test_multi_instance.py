@@ -26,8 +26,8 @@ from examples.mnist import serving as ex  # noqa: E402
 from guardian_plugin.handlers.archive import protect  # noqa: E402
 from guardian_plugin.ledger import open_ledger  # noqa: E402
 from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
-from guardian_plugin.ledger.redis_server import RedisServer  # noqa: E402
-from guardian_plugin.torchserve.server import TorchServe, build_archive  # noqa: E402
+from guardian_plugin.devserver.redis import RedisServer  # noqa: E402
+from guardian_plugin.devserver.torchserve import TorchServe, build_archive  # noqa: E402
 from ledger_fixtures import tiny_detector  # noqa: E402
 
 TAU = 12

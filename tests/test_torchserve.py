@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 from examples.mnist import serving as ex  # noqa: E402
 from guardian_plugin.handlers.archive import (  # noqa: E402
     GUARDED_HANDLER, GUARDED_IMAGE_CLASSIFIER, _detector_files, protect, read_archive, rewrite_archive)
-from guardian_plugin.torchserve.server import TorchServe, build_archive  # noqa: E402
+from guardian_plugin.devserver.torchserve import TorchServe, build_archive  # noqa: E402
 
 D, K = 0.5, 10  # DPreds d (the default) and the number of classes
 WORKERS, BATCH, DELAY_MS = 2, 8, 50

@@ -118,7 +118,7 @@ def stub_detector(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mnist_mar(tmp_path_factory):
     from examples.mnist import serving as ex
-    from guardian_plugin.torchserve.server import build_archive
+    from guardian_plugin.devserver.torchserve import build_archive
 
     if not os.path.exists(ex.VICTIM_TS):
         pytest.fail(f"{ex.VICTIM_TS} is missing (committed example artifact)")

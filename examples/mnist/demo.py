@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from guardian_plugin.config import RuleConfig
     from guardian_plugin.ledger import open_ledger
     from guardian_plugin.nets import LeNet5
-    from guardian_plugin.torchserve.server import TorchServe, build_archive
+    from guardian_plugin.devserver.torchserve import TorchServe, build_archive
     from guardian_plugin.torchserve.target import TorchServeTarget
     from guardian_plugin.training.data import mnist_splits, normalise, to_float
 

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import requests
 
-from guardian_plugin.netutil import free_port, wait_until_ready  # noqa: F401  (re-exported)
+from guardian_plugin.devserver.netutil import free_port, wait_until_ready
 
 
 def torchserve_bin() -> str:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from guardian_plugin.netutil import free_port, wait_until_ready
+from guardian_plugin.devserver.netutil import free_port, wait_until_ready
 
 __all__ = ["BentoServer", "free_port"]
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Optional
 
-from guardian_plugin.netutil import free_port  # noqa: F401  (re-exported)
+from guardian_plugin.devserver.netutil import free_port
 
 
 class RedisServer:

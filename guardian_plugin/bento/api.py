@@ -1,0 +1,277 @@
+"""Rewriting one ``@bentoml.api`` method into a guarded one (preprocess, the method, the guard), and
+the Tagged rows that carry each request's client id through BentoML's adaptive batching."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import typing as t
+
+import torch
+
+from guardian_plugin.bento.conversion import _as_input_tensor
+
+if t.TYPE_CHECKING:
+    from guardian_plugin.bento.decorator import GuardSettings
+
+
+# ------------------------------------------------------------------------ batch row identities
+class Tagged:
+    """A request's batch input with one client id per row, carried through BentoML's batching."""
+
+    __slots__ = ("value", "client_ids")
+
+    def __init__(self, value, client_ids: t.List[str]):
+        self.value = value
+        self.client_ids = client_ids
+
+    def __repr__(self):
+        return f"Tagged({len(self.client_ids)} rows)"
+
+
+def _register_tagged_container(batch_dim_in: int = 0):
+    from bentoml._internal.runner.container import AutoContainer, DataContainer, DataContainerRegistry
+
+    if DataContainerRegistry.CONTAINER_BATCH_TYPE_MAP.get(_lazy(Tagged)) is not None:
+        return
+
+    class TaggedContainer(DataContainer):
+        @classmethod
+        def batches_to_batch(cls, batches, batch_dim=0):
+            value, indices = AutoContainer.batches_to_batch([b.value for b in batches], batch_dim)
+            ids: t.List[str] = []
+            for b in batches:
+                ids.extend(b.client_ids)
+            return Tagged(value, ids), indices
+
+        @classmethod
+        def batch_to_batches(cls, batch, indices, batch_dim=0):
+            values = AutoContainer.batch_to_batches(batch.value, indices, batch_dim)
+            return [Tagged(v, batch.client_ids[indices[i]:indices[i + 1]]) for i, v in enumerate(values)]
+
+        @classmethod
+        def get_batch_size(cls, batch, batch_dim=0):
+            return len(batch.client_ids)
+
+        @classmethod
+        def to_payload(cls, batch, batch_dim=0):
+            raise NotImplementedError("guarded batches stay in the API server process")
+
+        @classmethod
+        def from_payload(cls, payload):
+            raise NotImplementedError("guarded batches stay in the API server process")
+
+    DataContainerRegistry.register_container(Tagged, Tagged, TaggedContainer)
+
+
+def _lazy(tp):
+    from bentoml._internal.types import LazyType
+
+    return LazyType.from_type(tp)
+
+
+def _current_request():
+    from bentoml._internal.context import _request_var
+
+    return _request_var.get(None)
+
+
+def _refusal_exception(status: int, body: dict):
+    from bentoml.exceptions import BentoMLException
+    from http import HTTPStatus
+
+    class _Refusal(BentoMLException):
+        error_code = HTTPStatus(status)
+
+    return _Refusal(json.dumps(body))
+
+
+# ------------------------------------------------------------------------------ API wrapping
+def _input_param(sig: inspect.Signature, ctx_name: t.Optional[str]) -> inspect.Parameter:
+    params = [p for i, p in enumerate(sig.parameters.values()) if i > 0 and p.name != ctx_name
+              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not params:
+        raise TypeError("a guarded API needs an input parameter (the image or batch of images)")
+    return params[0]
+
+
+def _resolve_preprocess(settings: GuardSettings, instance, api: str):
+    pre = settings.preprocess
+    if isinstance(pre, dict):
+        pre = pre.get(api, "preprocess")
+    if isinstance(pre, str):
+        fn = getattr(instance, pre, None)
+        if fn is None:
+            raise TypeError(f"guarded API {api!r}: the service has no method {pre!r} (the guard's preprocess)")
+        return fn
+    return functools.partial(pre, instance)
+
+
+def _run_preprocess(settings, instance, api, value):
+    from bentoml.exceptions import BadInput
+
+    fn = _resolve_preprocess(settings, instance, api)
+    try:
+        return fn(value)
+    except ValueError as e:  # the client's input: 400, before the method runs
+        raise BadInput(f"input cannot be preprocessed: {e}") from e
+
+
+def _wrap_api(method, settings: GuardSettings):
+    """A new APIMethod whose function takes the guard's view of the input (preprocess), runs the
+    original method, then the guard on its probabilities."""
+    import bentoml
+    from _bentoml_sdk.method import APIMethod
+
+    func = method.func
+    api = method.name
+    sig = inspect.signature(func)
+    hints = t.get_type_hints(func, include_extras=True) if hasattr(func, "__annotations__") else {}
+    user_ctx = method.ctx_param
+    inp = _input_param(sig, user_ctx)
+    is_async = inspect.iscoroutinefunction(func)
+    params = []
+    for p in sig.parameters.values():
+        if p.name in hints:
+            p = p.replace(annotation=hints[p.name])
+        params.append(p)
+    ret = hints.get("return", sig.return_annotation)
+    # an undecodable upload (PIL raises OSError inside BentoML's validator) is the client's error: 400
+    from pydantic import WrapValidator
+
+    params = [p.replace(annotation=t.Annotated[p.annotation, WrapValidator(_decode_errors_as_400)])
+              if p.name == inp.name and p.annotation is not inspect.Parameter.empty else p for p in params]
+
+    if method.batchable:
+        # BentoML batches the values of many requests; a validator tags each request's rows with its
+        # client id (in the request's own context), the Tagged container keeps ids and rows together
+        from pydantic import AfterValidator
+
+        batch_dim = method.batch_dim[0]
+
+        def tag(value):
+            from bentoml._internal.runner.container import AutoContainer
+
+            req = _current_request()
+            cid = None
+            if req is not None:
+                cid, refusal = settings.runtime().check_request(req)
+                if refusal is not None:
+                    raise _refusal_exception(*refusal)
+            n = AutoContainer.get_batch_size(value, batch_dim)
+            return Tagged(value, [cid or settings.runtime().identity.anonymous_id] * n)
+
+        _register_tagged_container()
+        params = [p.replace(annotation=t.Annotated[p.annotation, AfterValidator(tag)]) if p.name == inp.name else p
+                  for p in params]
+        new_sig = sig.replace(parameters=params, return_annotation=ret)
+
+        def _split(args, kwargs):
+            bound = new_sig.bind(*args, **kwargs)
+            tagged = bound.arguments[inp.name]
+            if not isinstance(tagged, Tagged):  # a local call (svc.method(batch)) bypasses validation
+                tagged = Tagged(tagged, [settings.runtime().identity.anonymous_id]
+                                * _batch_len(tagged, batch_dim))
+            bound.arguments[inp.name] = tagged.value
+            return bound, tagged
+
+        if is_async:
+            async def wrapper(self, *args, **kwargs):
+                bound, tagged = _split((self, *args), kwargs)
+                x = await _to_thread(_preprocessed, settings, self, api, tagged.value)
+                probs = await func(*bound.args, **bound.kwargs)
+                return await _to_thread(_guard_call, settings, api, x, probs, tagged.client_ids)
+        else:
+            def wrapper(self, *args, **kwargs):
+                bound, tagged = _split((self, *args), kwargs)
+                x = _preprocessed(settings, self, api, tagged.value)
+                probs = func(*bound.args, **bound.kwargs)
+                return _guard_call(settings, api, x, probs, tagged.client_ids)
+    else:
+        ctx_name = user_ctx or "ctx"
+        if user_ctx is None:
+            ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=bentoml.Context)
+            var_kw = [p for p in params if p.kind == p.VAR_KEYWORD]
+            params = [p for p in params if p.kind != p.VAR_KEYWORD] + [ctx_param] + var_kw
+        new_sig = sig.replace(parameters=params, return_annotation=ret)
+        user_sig = sig
+
+        def _prepare(self, args, kwargs):
+            ctx = kwargs[ctx_name] if user_ctx else kwargs.pop(ctx_name, None)
+            request = _ctx_request(ctx)
+            cid, refusal = None, None
+            if request is not None:
+                cid, refusal = settings.runtime().check_request(request)
+            if refusal is not None:
+                status, body = refusal
+                ctx.response.status_code = status  # BentoML copies it onto a returned Response
+                from starlette.responses import JSONResponse
+
+                return None, None, JSONResponse(body, status_code=status)
+            value = user_sig.bind(self, *args, **kwargs).arguments[inp.name]
+            return cid or settings.runtime().identity.anonymous_id, value, None
+
+        if is_async:
+            async def wrapper(self, *args, **kwargs):
+                cid, value, refused = _prepare(self, args, kwargs)
+                if refused is not None:
+                    return refused
+                x = await _to_thread(_preprocessed, settings, self, api, value)
+                probs = await func(self, *args, **kwargs)
+                return await _to_thread(_guard_call, settings, api, x, probs, None, cid)
+        else:
+            def wrapper(self, *args, **kwargs):
+                cid, value, refused = _prepare(self, args, kwargs)
+                if refused is not None:
+                    return refused
+                x = _preprocessed(settings, self, api, value)
+                probs = func(self, *args, **kwargs)
+                return _guard_call(settings, api, x, probs, None, cid)
+
+    functools.update_wrapper(wrapper, func)
+    del wrapper.__wrapped__  # BentoML and inspect must see the new signature, not the original's
+    wrapper.__signature__ = new_sig
+    wrapper.__guardian_original__ = func
+    return APIMethod(func=wrapper, route=method.route, output_spec=method.output_spec, batchable=method.batchable,
+                     batch_dim=method.batch_dim, max_batch_size=method.max_batch_size,
+                     max_latency_ms=method.max_latency_ms, is_task=method.is_task)
+
+
+def _decode_errors_as_400(value, handler):
+    try:
+        return handler(value)
+    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot decode the input: {type(e).__name__}: {e}") from None
+
+
+def _batch_len(value, batch_dim):
+    from bentoml._internal.runner.container import AutoContainer
+
+    return AutoContainer.get_batch_size(value, batch_dim)
+
+
+def _ctx_request(ctx):
+    if ctx is None:
+        return _current_request()
+    try:
+        return ctx.request
+    except LookupError:  # called outside a request (a local call)
+        return None
+
+
+async def _to_thread(fn, *args):
+    import anyio.to_thread
+
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+
+
+def _preprocessed(settings, instance, api, value) -> torch.Tensor:
+    """The guard's view of the input, taken before the method runs: a ValueError of ``preprocess``
+    (input it cannot use) is a 400; a result that is no (B, C, H, W) tensor is a bug of the service (500)."""
+    return _as_input_tensor(_run_preprocess(settings, instance, api, value))
+
+
+def _guard_call(settings, api, x, probs, client_ids=None, cid=None):
+    ids = list(client_ids) if client_ids is not None else [cid] * x.shape[0]
+    return settings.runtime().guard(api, x, probs, ids)
