@@ -29,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from guardian_plugin.errors import ConfigError
 
 
+DEFAULT_MAX_PIXELS = 12_000_000  # a 4000 x 3000 photo; see guardian_plugin.inputs
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -104,6 +107,7 @@ class GuardConfig(_Strict):
     rule: RuleConfig = RuleConfig()
     response: ResponseConfig = ResponseConfig()
     identity: IdentityConfig = IdentityConfig()
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # larger images: 400 before decoding (guardian_plugin.inputs)
     device: str = "cpu"
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 from typing import Optional, Tuple
 
+from guardian_plugin.config import DEFAULT_MAX_PIXELS
 from guardian_plugin.errors import GuardianError
 from guardian_plugin.responses import Denial
 
-DEFAULT_MAX_PIXELS = 12_000_000
 NOT_AN_IMAGE = "the body is not an image in a format PIL reads (PNG, JPEG, ...)"
 
 

@@ -261,7 +261,7 @@ def test_refused_client_gets_403_before_the_body_is_read(flag_all_artifact):
             assert _post_one(c, "/one", a, "mallory").status_code == 200
         assert ledger.get("mallory").refused
         r = _post_one(c, "/one", imgs[3], "mallory")
-        assert r.status_code == 403 and r.json()["error"] == "refused" and "Model-Guardian" in r.json()["detail"]
+        assert r.status_code == 403 and r.json()["type"] == "ClientRefused" and "refused" in r.json()["message"]
         # the middleware answers before the body is parsed: garbage from a refused client is a 403
         r = c.post("/many", files=[("images", ("x.png", b"not an image", "image/png"))],
                    headers={"x-client-id": "MALLORY".lower()})
@@ -293,7 +293,7 @@ def test_missing_identity_is_rejected_when_configured(flag_all_artifact):
     svc, _, _ = _service(flag_all_artifact, identity={"missing": "reject"}, name="strict")
     with TestClient(svc.to_asgi()) as c:
         r = c.post("/one", files={"image": ("x.png", _png(_images(1, 0)[0]), "image/png")})
-        assert r.status_code == 401 and "X-Client-Id" in r.json()["detail"]
+        assert r.status_code == 401 and "X-Client-Id" in r.json()["message"]
         assert _post_one(c, "/one", _images(1, 0)[0], "carol").status_code == 200
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import typing as t
 
 import torch
 
 from guardian_plugin.bento.conversion import _as_input_tensor
+from guardian_plugin.bento.middleware import denial_response, input_error
+from guardian_plugin.responses import Admission, Denial
 
 if t.TYPE_CHECKING:
     from guardian_plugin.bento.decorator import GuardSettings
@@ -18,16 +19,18 @@ if t.TYPE_CHECKING:
 
 # ------------------------------------------------------------------------ batch row identities
 class Tagged:
-    """A request's batch input with one client id per row, carried through BentoML's batching."""
+    """A request's batch input with one Admission per row (and, when checked in the request's own
+    validator, the guard's preprocessed view), carried through BentoML's batching."""
 
-    __slots__ = ("value", "client_ids")
+    __slots__ = ("value", "admissions", "x")
 
-    def __init__(self, value, client_ids: t.List[str]):
+    def __init__(self, value, admissions: t.List[Admission], x: t.Optional[torch.Tensor] = None):
         self.value = value
-        self.client_ids = client_ids
+        self.admissions = admissions
+        self.x = x
 
     def __repr__(self):
-        return f"Tagged({len(self.client_ids)} rows)"
+        return f"Tagged({len(self.admissions)} rows)"
 
 
 def _register_tagged_container(batch_dim_in: int = 0):
@@ -40,19 +43,22 @@ def _register_tagged_container(batch_dim_in: int = 0):
         @classmethod
         def batches_to_batch(cls, batches, batch_dim=0):
             value, indices = AutoContainer.batches_to_batch([b.value for b in batches], batch_dim)
-            ids: t.List[str] = []
+            adm: t.List[Admission] = []
             for b in batches:
-                ids.extend(b.client_ids)
-            return Tagged(value, ids), indices
+                adm.extend(b.admissions)
+            xs = [b.x for b in batches]
+            x = torch.cat(xs) if all(v is not None for v in xs) else None
+            return Tagged(value, adm, x), indices
 
         @classmethod
         def batch_to_batches(cls, batch, indices, batch_dim=0):
             values = AutoContainer.batch_to_batches(batch.value, indices, batch_dim)
-            return [Tagged(v, batch.client_ids[indices[i]:indices[i + 1]]) for i, v in enumerate(values)]
+            return [Tagged(v, batch.admissions[indices[i]:indices[i + 1]],
+                           None if batch.x is None else batch.x[indices[i]:indices[i + 1]]) for i, v in enumerate(values)]
 
         @classmethod
         def get_batch_size(cls, batch, batch_dim=0):
-            return len(batch.client_ids)
+            return len(batch.admissions)
 
         @classmethod
         def to_payload(cls, batch, batch_dim=0):
@@ -77,14 +83,16 @@ def _current_request():
     return _request_var.get(None)
 
 
-def _refusal_exception(status: int, body: dict):
-    from bentoml.exceptions import BentoMLException
+def _denial_exception(denial: Denial):
+    """A denial raised inside BentoML's request handling (used only when the middleware is missing)."""
     from http import HTTPStatus
 
-    class _Refusal(BentoMLException):
-        error_code = HTTPStatus(status)
+    from bentoml.exceptions import BentoMLException
 
-    return _Refusal(json.dumps(body))
+    class _Denied(BentoMLException):
+        error_code = HTTPStatus(denial.status)
+
+    return _Denied(f"[{denial.kind}] {denial.message}")
 
 
 # ------------------------------------------------------------------------------ API wrapping
@@ -115,7 +123,7 @@ def _run_preprocess(settings, instance, api, value):
     try:
         return fn(value)
     except ValueError as e:  # the client's input: 400, before the method runs
-        raise BadInput(f"input cannot be preprocessed: {e}") from e
+        raise BadInput(f"[BadInput] input cannot be preprocessed: {e}") from e
 
 
 def _wrap_api(method, settings: GuardSettings):
@@ -140,7 +148,7 @@ def _wrap_api(method, settings: GuardSettings):
     # an undecodable upload (PIL raises OSError inside BentoML's validator) is the client's error: 400
     from pydantic import WrapValidator
 
-    params = [p.replace(annotation=t.Annotated[p.annotation, WrapValidator(_decode_errors_as_400)])
+    params = [p.replace(annotation=t.Annotated[p.annotation, WrapValidator(functools.partial(_checked_input, settings))])
               if p.name == inp.name and p.annotation is not inspect.Parameter.empty else p for p in params]
 
     if method.batchable:
@@ -151,16 +159,23 @@ def _wrap_api(method, settings: GuardSettings):
         batch_dim = method.batch_dim[0]
 
         def tag(value):
+            """Per request, before batching: its admission, and its preprocessed rows (so a bad input is
+            a 400 for this request alone, never a failure of the batch it would have joined)."""
             from bentoml._internal.runner.container import AutoContainer
+            from bentoml.exceptions import BadInput
 
+            rt = settings.runtime()
             req = _current_request()
-            cid = None
-            if req is not None:
-                cid, refusal = settings.runtime().check_request(req)
-                if refusal is not None:
-                    raise _refusal_exception(*refusal)
-            n = AutoContainer.get_batch_size(value, batch_dim)
-            return Tagged(value, [cid or settings.runtime().identity.anonymous_id] * n)
+            adm = rt.check_request(req) if req is not None else rt.local_admission()
+            if adm.denial is not None:
+                raise _denial_exception(adm.denial)
+            x = None
+            if rt.instance is not None:
+                try:
+                    x = _preprocessed(settings, rt.instance, api, value)
+                except BadInput as e:
+                    raise ValueError(str(e)) from None
+            return Tagged(value, [adm] * AutoContainer.get_batch_size(value, batch_dim), x)
 
         _register_tagged_container()
         params = [p.replace(annotation=t.Annotated[p.annotation, AfterValidator(tag)]) if p.name == inp.name else p
@@ -171,23 +186,22 @@ def _wrap_api(method, settings: GuardSettings):
             bound = new_sig.bind(*args, **kwargs)
             tagged = bound.arguments[inp.name]
             if not isinstance(tagged, Tagged):  # a local call (svc.method(batch)) bypasses validation
-                tagged = Tagged(tagged, [settings.runtime().identity.anonymous_id]
-                                * _batch_len(tagged, batch_dim))
+                tagged = Tagged(tagged, [settings.runtime().local_admission()] * _batch_len(tagged, batch_dim))
             bound.arguments[inp.name] = tagged.value
             return bound, tagged
 
         if is_async:
             async def wrapper(self, *args, **kwargs):
                 bound, tagged = _split((self, *args), kwargs)
-                x = await _to_thread(_preprocessed, settings, self, api, tagged.value)
+                x = tagged.x if tagged.x is not None else await _to_thread(_preprocessed, settings, self, api, tagged.value)
                 probs = await func(*bound.args, **bound.kwargs)
-                return await _to_thread(_guard_call, settings, api, x, probs, tagged.client_ids)
+                return await _to_thread(_guard_call, settings, api, x, probs, tagged.admissions)
         else:
             def wrapper(self, *args, **kwargs):
                 bound, tagged = _split((self, *args), kwargs)
-                x = _preprocessed(settings, self, api, tagged.value)
+                x = tagged.x if tagged.x is not None else _preprocessed(settings, self, api, tagged.value)
                 probs = func(*bound.args, **bound.kwargs)
-                return _guard_call(settings, api, x, probs, tagged.client_ids)
+                return _guard_call(settings, api, x, probs, tagged.admissions)
     else:
         ctx_name = user_ctx or "ctx"
         if user_ctx is None:
@@ -200,34 +214,30 @@ def _wrap_api(method, settings: GuardSettings):
         def _prepare(self, args, kwargs):
             ctx = kwargs[ctx_name] if user_ctx else kwargs.pop(ctx_name, None)
             request = _ctx_request(ctx)
-            cid, refusal = None, None
-            if request is not None:
-                cid, refusal = settings.runtime().check_request(request)
-            if refusal is not None:
-                status, body = refusal
-                ctx.response.status_code = status  # BentoML copies it onto a returned Response
-                from starlette.responses import JSONResponse
-
-                return None, None, JSONResponse(body, status_code=status)
+            rt = settings.runtime()
+            adm = rt.check_request(request) if request is not None else rt.local_admission()
+            if adm.denial is not None:
+                ctx.response.status_code = adm.denial.status  # BentoML copies it onto a returned Response
+                return None, None, denial_response(adm.denial)
             value = user_sig.bind(self, *args, **kwargs).arguments[inp.name]
-            return cid or settings.runtime().identity.anonymous_id, value, None
+            return adm, value, None
 
         if is_async:
             async def wrapper(self, *args, **kwargs):
-                cid, value, refused = _prepare(self, args, kwargs)
+                adm, value, refused = _prepare(self, args, kwargs)
                 if refused is not None:
                     return refused
                 x = await _to_thread(_preprocessed, settings, self, api, value)
                 probs = await func(self, *args, **kwargs)
-                return await _to_thread(_guard_call, settings, api, x, probs, None, cid)
+                return await _to_thread(_guard_call, settings, api, x, probs, [adm] * x.shape[0])
         else:
             def wrapper(self, *args, **kwargs):
-                cid, value, refused = _prepare(self, args, kwargs)
+                adm, value, refused = _prepare(self, args, kwargs)
                 if refused is not None:
                     return refused
                 x = _preprocessed(settings, self, api, value)
                 probs = func(self, *args, **kwargs)
-                return _guard_call(settings, api, x, probs, None, cid)
+                return _guard_call(settings, api, x, probs, [adm] * x.shape[0])
 
     functools.update_wrapper(wrapper, func)
     del wrapper.__wrapped__  # BentoML and inspect must see the new signature, not the original's
@@ -238,11 +248,34 @@ def _wrap_api(method, settings: GuardSettings):
                      max_latency_ms=method.max_latency_ms, is_task=method.is_task)
 
 
-def _decode_errors_as_400(value, handler):
+def _checked_input(settings, value, handler):
+    """The input parameter's own validation, then the guard's checks of every image in it: more pixels
+    than allowed (from the header, before decoding), not an image, truncated or corrupt -> 400 with the
+    reason (middleware.input_error), for this request alone."""
+    from PIL import Image
+    from pydantic import ValidationError
+
     try:
-        return handler(value)
-    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot decode the input: {type(e).__name__}: {e}") from None
+        out = handler(value)
+    except ValidationError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise input_error("ImageTooLarge", f"the image is too large: {e}") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad bytes
+        raise input_error("NotAnImage" if isinstance(e, OSError) else "BadInput",
+                          f"cannot decode the input: {type(e).__name__}: {e}") from None
+    limit = settings.runtime().max_image_pixels
+    for im in (out if isinstance(out, (list, tuple)) else [out]):
+        if isinstance(im, Image.Image):
+            w, h = im.size
+            if w * h > limit:
+                raise input_error("ImageTooLarge", f"the image is {w}x{h} = {w * h} pixels; at most {limit} "
+                                                   "are accepted")
+            try:
+                im.load()
+            except Exception as e:  # noqa: BLE001
+                raise input_error("CorruptImage", f"the image is truncated or corrupt ({type(e).__name__}: {e})") from None
+    return out
 
 
 def _batch_len(value, batch_dim):
@@ -268,10 +301,15 @@ async def _to_thread(fn, *args):
 
 def _preprocessed(settings, instance, api, value) -> torch.Tensor:
     """The guard's view of the input, taken before the method runs: a ValueError of ``preprocess``
-    (input it cannot use) is a 400; a result that is no (B, C, H, W) tensor is a bug of the service (500)."""
-    return _as_input_tensor(_run_preprocess(settings, instance, api, value))
+    (input it cannot use) or NaN/infinite values are a 400; a result that is no (B, C, H, W) tensor is a
+    bug of the service (500)."""
+    from bentoml.exceptions import BadInput
+
+    x = _as_input_tensor(_run_preprocess(settings, instance, api, value))
+    if not bool(torch.isfinite(x).all()):
+        raise BadInput("[NonFiniteInput] the input contains NaN or infinite values")
+    return x
 
 
-def _guard_call(settings, api, x, probs, client_ids=None, cid=None):
-    ids = list(client_ids) if client_ids is not None else [cid] * x.shape[0]
-    return settings.runtime().guard(api, x, probs, ids)
+def _guard_call(settings, api, x, probs, admissions):
+    return settings.runtime().guard(api, x, probs, admissions)

@@ -97,8 +97,9 @@ def _guard_class(cls: type, settings: GuardSettings) -> type:
         settings.base_dir = os.path.dirname(os.path.abspath(mod.__file__)) if getattr(mod, "__file__", None) else None
 
     def _guardian_startup(self):
-        """Build this worker's Guardian (detector + ledger) before the first request."""
-        settings.runtime()
+        """Build this worker's Guardian (detector + ledger) before the first request, and keep the
+        service instance so that each request's input is preprocessed in its own validator."""
+        settings.runtime().instance = self
 
     _guardian_startup.__bentoml_startup_hook__ = True
     setattr(cls, "_guardian_startup", _guardian_startup)

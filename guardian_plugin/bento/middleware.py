@@ -1,17 +1,58 @@
-"""The ASGI middleware that answers missing identities (401) and refused clients (403) before the
-request body is read."""
+"""The ASGI middleware of a guarded service: the request's admission before its body is read, and one
+JSON error shape for every error answer of a guarded route."""
 
 from __future__ import annotations
 
+import json
+import re
 import typing as t
 
 if t.TYPE_CHECKING:
     from guardian_plugin.bento.decorator import GuardSettings
 
+# an input error raised by the guard's validators as ValueError("[Kind] message") (api.py)
+_TAGGED = re.compile(r"\[([A-Za-z]+)\] (.*)", re.S)
+_MAX_ERROR_BODY = 1 << 16
+
+
+def input_error(kind: str, message: str) -> ValueError:
+    """The ValueError a validator raises for a bad input: BentoML answers 400, and the middleware turns
+    its body into the guard's ``{"code", "type", "message"}``."""
+    return ValueError(f"[{kind}] {message}")
+
+
+def error_body(status: int, raw: bytes) -> dict:
+    """BentoML's own error body (validation errors, exceptions) in the guard's shape."""
+    kind = {400: "BadInput", 404: "NotFound", 413: "TooLarge", 415: "UnsupportedMediaType"}.get(
+        status, "ServerError" if status >= 500 else "BadRequest")
+    message = raw.decode("utf-8", "replace")[:2000]
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]
+    if isinstance(data, dict):
+        message = str(data.get("error") or message)
+        for err in data.get("detail") or []:
+            msg = str(err.get("msg", "")) if isinstance(err, dict) else ""
+            m = _TAGGED.search(msg)
+            if m:
+                return {"code": status, "type": m.group(1), "message": m.group(2)}
+            if msg:
+                loc = ".".join(str(x) for x in err.get("loc", ()))
+                message = f"{loc}: {msg}" if loc else msg
+    m = _TAGGED.search(message)
+    if m:
+        kind, message = m.group(1), m.group(2)
+    return {"code": status, "type": kind, "message": message}
+
 
 class GuardianMiddleware:
-    """ASGI middleware: per-request identity, 401 for a missing one (when required), 403 with a JSON
-    reason for a refused client -- before the request body is read and the API method runs."""
+    """ASGI middleware on a guarded service's API routes: ``Guardian.admit`` before the request body is
+    read (401/400 identity, 403 refused, 503 store down, each with the guard's JSON body), and every
+    error answer of those routes rewritten to the same ``{"code", "type", "message"}`` shape that the
+    TorchServe adapter sends."""
 
     def __init__(self, app, settings: GuardSettings, paths: t.Iterable[str]):
         self.app = app
@@ -22,11 +63,39 @@ class GuardianMiddleware:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
             return await self.app(scope, receive, send)
         from starlette.requests import Request
-        from starlette.responses import JSONResponse
 
-        rt = self.settings.runtime()
-        _, refusal = rt.check_request(Request(scope))
-        if refusal is not None:
-            status, body = refusal
-            return await JSONResponse(body, status_code=status)(scope, receive, send)
-        return await self.app(scope, receive, send)
+        adm = self.settings.runtime().check_request(Request(scope))
+        if adm.denial is not None:
+            return await denial_response(adm.denial)(scope, receive, send)
+        return await self.app(scope, receive, _ErrorBodies(send))
+
+
+def denial_response(denial):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(denial.body(), status_code=denial.status, headers=denial.headers())
+
+
+class _ErrorBodies:
+    """An ASGI ``send`` that passes successful answers through and rewrites error bodies."""
+
+    def __init__(self, send):
+        self.send = send
+        self.start = None
+        self.body = b""
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            self.start = message
+            return
+        if self.start is None or message["type"] != "http.response.body":
+            return await self.send(message)
+        self.body += message.get("body", b"")[:_MAX_ERROR_BODY]
+        if message.get("more_body"):
+            return
+        status = self.start["status"]
+        body = json.dumps(error_body(status, self.body)).encode()
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
