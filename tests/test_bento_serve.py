@@ -200,6 +200,73 @@ def test_bad_input_is_a_400_and_the_service_keeps_serving(server):
     assert _classify_batch(server.url, [a, a], "clumsy").status_code == 200
 
 
+def _png_bytes(mode, size):
+    buf = io.BytesIO()
+    import PIL.Image
+
+    PIL.Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _malformed_uploads():
+    """(field value, content type) that used to get 500 from the example service (issue #10)."""
+    from bento.client import png, real_digits
+
+    good = png(real_digits(1)[0][0])
+    return {
+        "truncated png": (good[: len(good) // 2], "image/png"),
+        "decompression bomb": (_png_bytes("1", (20000, 20000)), "image/png"),  # 400 Mpx, ~50 kB
+        "13000x13000 image": (_png_bytes("L", (13000, 13000)), "image/png"),
+        "json in the image field": (b'{"image": [[1.0]]}', "application/json"),
+        "base64 in the image field": (__import__("base64").b64encode(good), "text/plain"),
+    }
+
+
+@pytest.mark.parametrize("path,field", [("/classify", "image"), ("/classify_batch", "images")])
+def test_malformed_uploads_get_400_with_the_guards_body(server, env, path, field):
+    from bento.client import real_digits
+
+    for what, (body, ctype) in _malformed_uploads().items():
+        cid = f"malformed-{path[1:]}-{what.replace(' ', '-')}"
+        r = requests.post(server.url + path, files=[(field, ("x.png", body, ctype))],
+                          headers={"X-Client-Id": cid}, timeout=60)
+        assert r.status_code == 400, (what, r.status_code, r.text)
+        msg = r.json()
+        assert set(msg) == {"code", "type", "message"} and msg["code"] == 400, (what, msg)
+        assert _ledger(env["ledger"], cid) is None, what  # not answered, not counted
+    a = real_digits(1)[0][0]
+    assert _classify(server.url, a, "after-malformed").status_code == 200
+
+
+def test_a_bad_image_never_fails_its_batch_neighbours(server, oracle, env):
+    """A truncated PNG sent to classify_batch together with benign requests (adaptive batching joins
+    them): every benign request gets its correct 200, the bad one its 400, the ledger counts answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bento.client import png, real_digits
+
+    imgs = real_digits(7)[0]
+    want, flags = oracle(imgs)
+    bad = _malformed_uploads()["truncated png"][0]
+    rounds = 5
+
+    def send(job):
+        kind, k = job
+        if kind == "bad":
+            return requests.post(server.url + "/classify_batch", files=[("images", ("b.png", bad, "image/png"))],
+                                 headers={"X-Client-Id": "nb-bad"}, timeout=120)
+        return _classify_batch(server.url, [imgs[k]], f"nb-good-{k}")
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(rounds):
+            rs = list(pool.map(send, [("bad", 0)] + [("good", k) for k in range(7)]))
+            assert rs[0].status_code == 400 and rs[0].json()["type"] == "CorruptImage", rs[0].text
+            assert [r.status_code for r in rs[1:]] == [200] * 7, [r.text for r in rs[1:]]
+            _check_rows(sum((r.json() for r in rs[1:]), []), want, flags, exact=False)
+    assert _ledger(env["ledger"], "nb-bad") is None
+    assert all(_ledger(env["ledger"], f"nb-good-{k}")[0] == rounds for k in range(7))
+
+
 def test_metrics_endpoint_has_the_guard_counters(server):
     text = requests.get(server.url + "/metrics", timeout=30).text
 

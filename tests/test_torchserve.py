@@ -148,17 +148,21 @@ def test_protect_exact_for_benign_dpreds_for_flagged(served, plain, guarded, rgb
     with ThreadPoolExecutor(12) as pool:
         r0 = list(pool.map(lambda b: post(ts, plain, b), bodies))
         r1 = list(pool.map(lambda ib: post(ts, guarded, ib[1], client=f"{guarded}-conc-{ib[0]}"), enumerate(bodies)))
-    kinds = []
-    for a, b in zip(r0, r1):
-        assert a.status_code == b.status_code == 200
-        la, lb = ex.topk(a), ex.topk(b)
-        pa, pb = np.array([p for _, p in la]), np.array([p for _, p in lb])
-        if np.allclose(pa, pb, atol=1e-4):
-            kinds.append("benign")
-        else:
-            assert np.allclose(pb, (pa + D) / (1 + K * D), atol=1e-4), (la, lb)
-            kinds.append("flagged")
+    kinds = [approx_relation(a, b) for a, b in zip(r0, r1)]
     assert kinds[6:].count("flagged") >= 5 and kinds[:6].count("benign") >= 4, kinds
+
+
+def approx_relation(r0, r1) -> str:
+    """``relation`` to the float tolerance of a batched answer (batch composition moves the victim's
+    float output by ~1e-5 on either server)."""
+    assert r0.status_code == 200 and r1.status_code == 200, (r0.status_code, r0.text, r1.status_code, r1.text)
+    la, lb = ex.topk(r0), ex.topk(r1)
+    pa, pb = np.array([p for _, p in la]), np.array([p for _, p in lb])
+    assert [l for l, _ in la][:3] == [l for l, _ in lb][:3], (la, lb)
+    if np.allclose(pa, pb, atol=1e-4):
+        return "benign"
+    assert np.allclose(pb, (pa + D) / (1 + K * D), atol=1e-4), (la, lb)
+    return "flagged"
 
 
 def _refuse(ts, model, client, fakes):
@@ -236,20 +240,6 @@ def test_custom_metrics_at_the_metrics_endpoint(served):
     assert values["GuardianQueries"] >= TAU and values["GuardianFlagged"] >= TAU and values["GuardianRefused"] >= 1
 
 
-def test_refusal_persists_across_restart(served):
-    ts = served["ts"]
-    if post(ts, "mnist_g", served["fakes"][0], client="attacker-restart").status_code != 403:
-        _refuse(ts, "mnist_g", "attacker-restart", served["fakes"])
-    ts.stop()
-    ts2 = TorchServe(served["store"], str(served["w"] / "server2"))
-    served["ts"] = ts2  # the fixture stops whichever server is current
-    ts2.start()
-    ts2.register("mnist_g.mar", "mnist_g", workers=WORKERS, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
-    r = post(ts2, "mnist_g", served["digits"][0], client="attacker-restart")  # even a real digit
-    assert r.status_code == 403 and json.loads(r.text)["type"] == "ClientRefused"
-    assert post(ts2, "mnist_g", served["digits"][0], client="fresh-after-restart").status_code == 200
-
-
 # ------------------------------------------------------------------ issue #10: the request path
 def _ledger(served, namespace):
     from guardian_plugin.ledger import open_ledger
@@ -313,7 +303,7 @@ def test_a_bad_image_never_fails_its_batch_neighbours(served):
             for (kind, _, _), r in zip(jobs, rs):
                 statuses[kind].append(r.status_code)
             for e, r in zip(expected, rs[1:]):
-                relation(e, r)  # 200, same labels in the same order, exact or DPreds
+                approx_relation(e, r)  # 200, same labels in the same order, unprotected or DPreds
     assert statuses["bad"] == [400] * 20 and statuses["good"] == [200] * 140, statuses
     led = _ledger(served, "mnist")
     assert led.get("nb-bad").queries == 0
@@ -351,3 +341,18 @@ def test_api_keys_cannot_be_spoofed(served):
     assert r.status_code == 200
     led = _ledger(served, "literal")
     assert led.get(hash_key(victim_key, SALT)).queries == 1 and not led.get(hash_key(victim_key, SALT)).refused
+
+
+# last: replaces the module's server
+def test_refusal_persists_across_restart(served):
+    ts = served["ts"]
+    if post(ts, "mnist_g", served["fakes"][0], client="attacker-restart").status_code != 403:
+        _refuse(ts, "mnist_g", "attacker-restart", served["fakes"])
+    ts.stop()
+    ts2 = TorchServe(served["store"], str(served["w"] / "server2"))
+    served["ts"] = ts2  # the fixture stops whichever server is current
+    ts2.start()
+    ts2.register("mnist_g.mar", "mnist_g", workers=WORKERS, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
+    r = post(ts2, "mnist_g", served["digits"][0], client="attacker-restart")  # even a real digit
+    assert r.status_code == 403 and json.loads(r.text)["type"] == "ClientRefused"
+    assert post(ts2, "mnist_g", served["digits"][0], client="fresh-after-restart").status_code == 200
