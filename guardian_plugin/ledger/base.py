@@ -8,6 +8,7 @@ workers (processes, hosts) sharing one store agree on the query at which a clien
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from abc import ABC, abstractmethod
@@ -29,7 +30,7 @@ class RefusalRule:
     :func:`window_push`), the reading least likely to refuse.
     """
 
-    tau: int = 20
+    tau: int = field(default_factory=lambda: default_tau())
     rho: float = 0.5
     window: int = 0
     window_rho: Optional[float] = None
@@ -87,8 +88,11 @@ def false_refusal_probability(tau: int, rho: float, fpr: float, horizon: int = 1
     return min(total, 1.0)
 
 
+@functools.lru_cache(maxsize=None)
 def default_tau(rho: float = 0.5, fpr: float = 0.05, max_false_refusal: float = 1e-6) -> int:
-    """Smallest tau whose false-refusal bound (see above) is at most ``max_false_refusal``.
+    """Smallest tau whose false-refusal bound (see above) is at most ``max_false_refusal``; with the
+    defaults this is also ``RefusalRule()``'s tau and YAML ``tau: auto``'s (14). Computed once per
+    process and arguments.
 
     ``fpr`` is the per-query false-positive rate assumed for benign traffic. The default 5% is five
     times the calibrated 1% target: real images a detector never saw (other cameras, other content)
