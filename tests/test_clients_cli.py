@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import yaml
 from guardian_plugin.cli import main
 from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import RefusalRule
+from guardian_plugin.ledger.redis_server import free_port
 from ledger_fixtures import fresh_namespace, redis_url  # noqa: F401
 
 
@@ -69,7 +71,7 @@ def test_show_block_unblock_reset(populated, capsys):
     rc, out, err = run(capsys, "clients", "show", "nobody", *base)
     assert rc == 1 and "no client 'nobody'" in err
 
-    rc, out, _ = run(capsys, "clients", "block", "alice", "bob", *base)
+    rc, out, _ = run(capsys, "clients", "block", "alice", "bob", *base, "--create")  # bob: never seen
     assert rc == 0 and "# blocked" in out and led.is_denied("alice") and led.is_denied("bob")
     rc, out, _ = run(capsys, "clients", "unblock", "mallory", "alice", *base, "--json")
     states = {c["client_id"]: c for c in json.loads(out)["clients"]}
@@ -93,6 +95,93 @@ def test_config_supplies_ledger_namespace_and_window(tmp_path, capsys):
     assert rc == 0 and "WINDOW" in out and "0/5" in out  # flagged first within the update: 0 of the last 5
     rc, out, _ = run(capsys, "clients", "show", "w", "--config", str(cfg), "--json")
     assert json.loads(out)["client"]["extra"] == {"window": 5, "window_flagged": 0}
+
+
+@pytest.mark.parametrize("action", ["reset", "block", "unblock"])
+def test_unknown_client_exits_1_and_changes_nothing(populated, capsys, action):
+    uri, ns, led = populated
+    before = led.clients()
+    rc, out, err = run(capsys, "clients", action, "alice", "nobody", "--ledger", uri, "--namespace", ns)
+    assert rc == 1 and out == "" and "no client 'nobody'" in err and "nothing changed" in err
+    assert len(err.strip().splitlines()) == 1
+    assert led.clients() == before  # alice untouched as well, and no row for nobody
+    assert not led.get("nobody").known
+
+
+def test_block_create_blocks_a_never_seen_client(populated, capsys):
+    uri, ns, led = populated
+    rc, out, _ = run(capsys, "clients", "block", "newcomer", "--create", "--ledger", uri, "--namespace", ns, "--json")
+    assert rc == 0 and json.loads(out)["clients"][0]["status"] == "blocked"
+    assert led.get("newcomer").blocked and led.get("newcomer").known
+
+
+def _one_line_error(rc, err, code=2):
+    assert rc == code and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_sqlite_targets_one_line_nothing_created(tmp_path, capsys):
+    # a directory
+    line = _one_line_error(*run(capsys, "clients", "list", "--ledger", f"sqlite:///{tmp_path}")[::2])
+    assert "directory" in line
+    # a file that is not a database: an error, and the file is left as it was
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a database\n" * 100)
+    for action in (["list"], ["show", "x"], ["block", "x", "--create"]):
+        line = _one_line_error(*run(capsys, "clients", *action, "--ledger", f"sqlite:///{junk}")[::2])
+        assert "not a database" in line
+    assert junk.read_text() == "not a database\n" * 100
+    # a SQLite database of something else: not touched
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    line = _one_line_error(*run(capsys, "clients", "list", "--ledger", f"sqlite:///{other}")[::2])
+    assert "not a guardian ledger" in line
+    assert [r[0] for r in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")] == ["t"]
+    # a missing file, in a missing directory: neither is created
+    for action in (["list"], ["show", "x"], ["reset", "x"], ["block", "x", "--create"]):
+        line = _one_line_error(*run(capsys, "clients", *action, "--ledger", f"sqlite:///{tmp_path}/new/l.db")[::2])
+        assert "no such SQLite file" in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_bad_options_and_ids_one_line(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/l.db"
+    open_ledger(uri, RefusalRule(tau=4), "default").record("a", 1, 0)
+    line = _one_line_error(*run(capsys, "clients", "list", "--ledger", uri, "--window", "-5")[::2])
+    assert "--window" in line
+    line = _one_line_error(*run(capsys, "clients", "show", "x" * 300, "--ledger", uri)[::2])
+    assert "longer than 256" in line
+    line = _one_line_error(*run(capsys, "clients", "reset", "", "--ledger", uri)[::2])
+    assert "non-empty" in line
+    line = _one_line_error(*run(capsys, "clients", "list", "--ledger", uri + "?retention=soon")[::2])
+    assert "bad duration" in line
+    line = _one_line_error(*run(capsys, "clients", "list", "--ledger", uri + "?colour=red")[::2])
+    assert "unknown option" in line
+
+
+def test_bad_redis_targets_one_line(capsys):
+    url = redis_url()
+    base = url.rsplit("/", 1)[0]
+    line = _one_line_error(*run(capsys, "clients", "list", "--ledger", base + "/99")[::2])
+    assert "DB index is out of range" in line
+    line = _one_line_error(*run(capsys, "clients", "list", "--ledger", base + "/abc")[::2])
+    assert "database number" in line
+    line = _one_line_error(*run(capsys, "clients", "list", "--ledger", f"redis://127.0.0.1:{free_port()}/0")[::2])
+    assert "ConnectionError" in line
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"\x00garbage" * 50)
+    exe = os.path.join(os.path.dirname(sys.executable), "guardian")
+    r = subprocess.run([exe, "clients", "list", "--ledger", f"sqlite:///{junk}"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_errors_exit_2(tmp_path, capsys):

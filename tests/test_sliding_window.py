@@ -4,6 +4,7 @@ rule, identical on memory, SQLite and Redis."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import deque
 
 import pytest
@@ -141,7 +142,8 @@ def test_sqlite_file_from_before_the_window_is_migrated(tmp_path):
         queries INTEGER NOT NULL DEFAULT 0, flagged INTEGER NOT NULL DEFAULT 0, refused INTEGER NOT NULL DEFAULT 0,
         blocked INTEGER NOT NULL DEFAULT 0, refused_at_query INTEGER, first_seen REAL, last_seen REAL,
         PRIMARY KEY (namespace, client_id))""")
-    con.execute("INSERT INTO clients VALUES ('default', 'old', 7, 2, 0, 0, NULL, 1.0, 2.0)")
+    t = time.time()  # seen just now: the default retention keeps it
+    con.execute("INSERT INTO clients VALUES ('default', 'old', 7, 2, 0, 0, NULL, ?, ?)", (t - 60, t))
     con.commit()
     con.close()
     led = open_ledger(f"sqlite:///{path}", RefusalRule(tau=5, window=3))

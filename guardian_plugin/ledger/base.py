@@ -4,18 +4,31 @@ A client is refused from the moment ``queries >= tau`` and ``flagged / queries >
 update, and stays refused (sticky) until an operator resets or unblocks it. An operator may also block
 a client by hand. Backends apply the rule inside the same atomic update that adds the counts, so many
 workers (processes, hosts) sharing one store agree on the query at which a client was refused.
+
+:class:`Ledger` is a template: its public methods check their arguments and turn the backend's own
+store failures into :class:`~guardian_plugin.errors.LedgerUnavailable`, once for every backend; a
+backend implements the protected ``_record_many``, ``_get``, ``_clients``, ``_reset`` and
+``_set_blocked`` and names its URI schemes in ``schemes`` (registered with :func:`register_ledger`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
+import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
+from guardian_plugin.errors import ConfigError, LedgerUnavailable
+from guardian_plugin.registry import Registry
 
 MAX_WINDOW = 100_000
+MAX_CLIENT_ID_LENGTH = 256  # characters; identities longer than this must be hashed before the ledger
+DEFAULT_RETENTION_S = 30 * 86400  # SQLite and Redis forget clients idle this long (refused/blocked kept)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,7 @@ class RefusalRule:
     :func:`window_push`), the reading least likely to refuse.
     """
 
-    tau: int = 20
+    tau: int = field(default_factory=lambda: default_tau())
     rho: float = 0.5
     window: int = 0
     window_rho: Optional[float] = None
@@ -87,8 +100,11 @@ def false_refusal_probability(tau: int, rho: float, fpr: float, horizon: int = 1
     return min(total, 1.0)
 
 
+@functools.lru_cache(maxsize=None)
 def default_tau(rho: float = 0.5, fpr: float = 0.05, max_false_refusal: float = 1e-6) -> int:
-    """Smallest tau whose false-refusal bound (see above) is at most ``max_false_refusal``.
+    """Smallest tau whose false-refusal bound (see above) is at most ``max_false_refusal``; with the
+    defaults this is also ``RefusalRule()``'s tau and YAML ``tau: auto``'s (14). Computed once per
+    process and arguments.
 
     ``fpr`` is the per-query false-positive rate assumed for benign traffic. The default 5% is five
     times the calibrated 1% target: real images a detector never saw (other cameras, other content)
@@ -98,6 +114,15 @@ def default_tau(rho: float = 0.5, fpr: float = 0.05, max_false_refusal: float = 
         if false_refusal_probability(tau, rho, fpr) <= max_false_refusal:
             return tau
     raise ValueError("no tau below 100000 meets the bound")
+
+
+def parse_duration(text) -> int:
+    """``3600`` / ``90s`` / ``30m`` / ``12h`` / ``30d`` -> seconds (``0``: forever, where it means a
+    retention)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise ConfigError(f"bad duration {text!r}: expected e.g. 3600, 90s, 30m, 12h or 30d")
+    return int(m.group(1)) * _UNIT_S[m.group(2) or "s"]
 
 
 @dataclass
@@ -120,47 +145,98 @@ class ClientState:
     def denied(self) -> bool:
         return self.refused or self.blocked
 
+    @property
+    def known(self) -> bool:
+        """Whether the ledger holds the client (an unknown one reads as all zeros)."""
+        return self.first_seen is not None or self.queries > 0 or self.blocked
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["flagged_share"] = self.flagged_share
         return d
 
 
-class Ledger(ABC):
-    """Interchangeable per-client store. ``namespace`` separates protected models sharing a store."""
+def check_client_id(client_id) -> str:
+    if not isinstance(client_id, str) or not client_id:
+        raise ValueError(f"client id must be a non-empty string, got {client_id!r}")
+    if len(client_id) > MAX_CLIENT_ID_LENGTH:
+        raise ValueError(f"client id longer than {MAX_CLIENT_ID_LENGTH} characters: {client_id[:40]!r}...")
+    return client_id
 
-    scheme: str = ""
+
+def check_update(client_id, queries, flagged) -> Tuple[str, int, int]:
+    """One ``(client_id, queries, flagged)`` update, checked: ints with ``0 <= flagged <= queries``."""
+    try:
+        q, f = operator.index(queries), operator.index(flagged)
+    except TypeError:
+        raise ValueError(f"bad update queries={queries!r} flagged={flagged!r}: not integers") from None
+    if q < 0 or f < 0 or f > q:
+        raise ValueError(f"bad update queries={q} flagged={f}")
+    return check_client_id(client_id), q, f
+
+
+LEDGERS = Registry("ledger scheme")
+
+
+def register_ledger(cls):
+    """Class decorator: register a Ledger under each of its ``schemes``."""
+    for scheme in cls.schemes:
+        LEDGERS.register(scheme)(cls)
+    return cls
+
+
+class Ledger(ABC):
+    """Interchangeable per-client store. ``namespace`` separates protected models sharing a store.
+
+    Public methods check arguments (client ids: non-empty strings of at most MAX_CLIENT_ID_LENGTH
+    characters; counts: ints with 0 <= flagged <= queries; ValueError otherwise) and raise
+    LedgerUnavailable for store failures; backends implement the protected methods below and say
+    which of their exceptions mean "the store is unavailable" (:meth:`_unavailable`).
+    """
+
+    schemes: Tuple[str, ...] = ()  # URI schemes, registered by @register_ledger
+    where = "ledger"  # names the store in error messages (no password)
 
     def __init__(self, rule: RefusalRule, namespace: str = "default"):
         self.rule = rule
         self.namespace = namespace
 
-    @abstractmethod
+    @classmethod
+    def from_uri(cls, uri: str, rule: RefusalRule, namespace: str, must_exist: bool = False, **kw) -> "Ledger":
+        """The ledger a URI of one of ``schemes`` names; ``must_exist``: fail rather than create a store
+        (operator tools)."""
+        return cls(rule, namespace, **kw)
+
+    # ----------------------------------------------------------------- public API (template)
     def record(self, client_id: str, queries: int, flagged: int) -> ClientState:
         """Atomically add counts, apply the rule, and return the state after the update."""
+        return self.record_many([(client_id, queries, flagged)])[0]
 
     def record_many(self, updates: Iterable[tuple]) -> List[ClientState]:
-        """``updates``: (client_id, queries, flagged) triples; one state per triple, in order."""
-        return [self.record(c, q, f) for c, q, f in updates]
+        """``updates``: (client_id, queries, flagged) triples; one state per triple, in order, applied
+        atomically where the backend can."""
+        updates = [check_update(*u) for u in updates]
+        return self._call(self._record_many, updates) if updates else []
 
-    @abstractmethod
     def get(self, client_id: str) -> ClientState:
-        """The client's state (zeros for an unknown client)."""
+        """The client's state (zeros, ``known`` False, for an unknown client)."""
+        return self._call(self._get, check_client_id(client_id))
 
     def is_denied(self, client_id: str) -> bool:
         return self.get(client_id).denied
 
-    @abstractmethod
     def clients(self) -> List[ClientState]:
-        """Every known client of this namespace."""
+        """Every known client of this namespace, by client id."""
+        return self._call(self._clients)
 
-    @abstractmethod
     def reset(self, client_id: str) -> None:
         """Forget the client's counts and refusal."""
+        self._call(self._reset, check_client_id(client_id))
 
-    @abstractmethod
     def set_blocked(self, client_id: str, blocked: bool) -> ClientState:
-        """Block (or unblock) by hand. Unblocking also lifts a rule refusal and keeps the counts."""
+        """Block by hand (a never-seen client too), or unblock: that also lifts a rule refusal and keeps
+        the counts; unblocking an unknown client changes nothing (no row is created)."""
+        return self._call(self._set_blocked, check_client_id(client_id), bool(blocked))
 
     def close(self) -> None:
         pass
@@ -170,6 +246,39 @@ class Ledger(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+    # ------------------------------------------------------------------ error translation
+    def _unavailable(self, e: Exception) -> bool:
+        """Whether a backend exception means the store cannot be used now (a backend says which)."""
+        return False
+
+    def _call(self, fn, *args):
+        """``fn(*args)`` with the backend's store failures raised as LedgerUnavailable."""
+        try:
+            return fn(*args)
+        except LedgerUnavailable:
+            raise
+        except Exception as e:
+            if not self._unavailable(e):
+                raise
+            raise LedgerUnavailable(f"{self.where}: {type(e).__name__}: {e}") from e
+
+    # ------------------------------------------------------------- what a backend implements
+    @abstractmethod
+    def _record_many(self, updates: List[Tuple[str, int, int]]) -> List[ClientState]:
+        """Checked, non-empty updates."""
+
+    @abstractmethod
+    def _get(self, client_id: str) -> ClientState: ...
+
+    @abstractmethod
+    def _clients(self) -> List[ClientState]: ...
+
+    @abstractmethod
+    def _reset(self, client_id: str) -> None: ...
+
+    @abstractmethod
+    def _set_blocked(self, client_id: str, blocked: bool) -> ClientState: ...
 
 
 def now() -> float:

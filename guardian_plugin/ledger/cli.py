@@ -3,12 +3,14 @@
     guardian clients list    --ledger redis://127.0.0.1:6379/0 --namespace mnist [--denied] [--json]
     guardian clients show    CLIENT --ledger sqlite:///var/lib/guardian/ledger.db
     guardian clients reset   CLIENT [CLIENT ...] --ledger URL      # forget counts and refusal
-    guardian clients block   CLIENT [CLIENT ...] --ledger URL      # refuse by hand
+    guardian clients block   CLIENT [CLIENT ...] --ledger URL [--create]  # refuse by hand
     guardian clients unblock CLIENT [CLIENT ...] --ledger URL      # lift a block or a rule refusal
 
 ``--config guard.yaml`` takes the ledger, namespace and rule from a guard config instead. Every command
-prints a table, or JSON with ``--json``. Exit status: 0, 1 for an unknown client (show), 2 for errors
-(unreachable store, bad URI).
+prints a table, or JSON with ``--json``. reset, block and unblock act only on clients the ledger knows:
+naming an unknown one changes nothing and exits 1 (``block --create`` blocks a client never seen
+yet). The tool never creates a SQLite file. Exit status: 0; 1 for an unknown client; 2 for errors
+(unreachable store, bad URI or option), always as one line on stderr.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import List
 
 from guardian_plugin.errors import ConfigError
 from guardian_plugin.ledger import open_ledger
-from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule
+from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule, check_client_id
 
 
 def register(subparsers) -> None:
@@ -50,6 +52,9 @@ def register(subparsers) -> None:
         ap = sub.add_parser(name, parents=[common], help=what)
         ap.add_argument("clients", nargs="+", metavar="CLIENT")
         ap.set_defaults(func=fn)
+        if name == "block":
+            ap.add_argument("--create", action="store_true",
+                            help="also block clients the ledger has never seen (else: exit 1, nothing changed)")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -64,20 +69,31 @@ def _open(args) -> Ledger:
         rule = cfg.rule.to_rule()
     if not uri:
         raise ConfigError("give the ledger: --ledger URI or --config guard.yaml")
-    if uri.startswith("sqlite://") or "://" not in uri:
-        import os
-
-        from guardian_plugin.ledger import sqlite_path
-
-        path = sqlite_path(uri) if "://" in uri else uri
-        if not os.path.exists(path):
-            raise ConfigError(f"ledger {uri!r}: no such SQLite file {path!r}")
     if rule is None:
         rule = RefusalRule()
     if args.window is not None:
-        rule = RefusalRule(rule.tau, rule.rho, window=args.window,
-                           window_rho=rule.window_rho if rule.window else None)
-    return open_ledger(uri, rule, ns or "default")
+        try:
+            rule = RefusalRule(rule.tau, rule.rho, window=args.window,
+                               window_rho=rule.window_rho if rule.window else None)
+        except ValueError as e:
+            raise ConfigError(f"--window: {e}") from None
+    return open_ledger(uri, rule, ns or "default", must_exist=True)
+
+
+def _client_ids(ids: List[str]) -> List[str]:
+    try:
+        return [check_client_id(c) for c in ids]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _unknown(args, ledger, clients: List[str]) -> bool:
+    """Say so (stderr) and return True when a client is not in the ledger."""
+    missing = [c for c in clients if not ledger.get(c).known]
+    if missing:
+        print(f"guardian clients {args.action}: no client {', '.join(map(repr, missing))} in {_uri(ledger, args)} "
+              f"namespace={ledger.namespace}; nothing changed", file=sys.stderr)
+    return bool(missing)
 
 
 def _uri(ledger: Ledger, args) -> str:
@@ -150,31 +166,35 @@ def _list(args) -> int:
 
 def _show(args) -> int:
     with _open(args) as ledger:
-        s = ledger.get(args.client)
-        known = s.first_seen is not None or s.queries > 0 or s.blocked
+        s = ledger.get(_client_ids([args.client])[0])
         if args.json:
             d = _as_json(s)
-            d["known"] = known
+            d["known"] = s.known
             print(json.dumps({"ledger": _uri(ledger, args), "namespace": ledger.namespace, "client": d}, indent=2))
-        elif known:
+        elif s.known:
             _emit(args, ledger, [s], "client")
         else:
             print(f"no client {args.client!r} in {_uri(ledger, args)} namespace={ledger.namespace}", file=sys.stderr)
-        return 0 if known else 1
+        return 0 if s.known else 1
 
 
 def _reset(args) -> int:
+    clients = _client_ids(args.clients)
     with _open(args) as ledger:
-        for c in args.clients:
+        if _unknown(args, ledger, clients):
+            return 1
+        for c in clients:
             ledger.reset(c)
-        states = [ledger.get(c) for c in args.clients]
-        _emit(args, ledger, states, "reset")
+        _emit(args, ledger, [ledger.get(c) for c in clients], "reset")
     return 0
 
 
 def _set_blocked(args, blocked: bool) -> int:
+    clients = _client_ids(args.clients)
     with _open(args) as ledger:
-        states = [ledger.set_blocked(c, blocked) for c in args.clients]
+        if not getattr(args, "create", False) and _unknown(args, ledger, clients):
+            return 1
+        states = [ledger.set_blocked(c, blocked) for c in clients]
         _emit(args, ledger, states, "blocked" if blocked else "unblocked")
     return 0
 

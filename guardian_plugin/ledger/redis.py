@@ -14,8 +14,9 @@ the braces keep one namespace in one Redis Cluster hash slot.
 URI options (query string), besides redis-py's own (``socket_timeout``, ``socket_connect_timeout``…):
 
 - ``retention``: forget a client this long after its last update (``3600``, ``90s``, ``30m``, ``12h``,
-  ``30d``); every update refreshes the TTL. Refused and blocked clients are kept (no TTL) until an
-  operator resets or unblocks them, so an attacker cannot wait out its refusal.
+  ``30d``; default ``30d``, ``0`` = keep forever); every update refreshes the TTL. Refused and blocked
+  clients are kept (no TTL) until an operator resets or unblocks them, so an attacker cannot wait out
+  its refusal.
 - ``prefix``: the key prefix.
 
 Exactly once: a reply lost in transit (server killed after running the script, a timeout) leaves it
@@ -25,6 +26,8 @@ thread retires its writer id, and the raised :class:`LedgerUnavailable` carries 
 that resends the same update under the same (writer, sequence), applied at most once however often it
 runs. :class:`guardian_plugin.ledger.resilient.ResilientLedger` keeps these and replays them when the
 store is back. Writer keys expire after ``writer_ttl`` seconds (default 7 days) without use.
+
+redis-py is imported when a RedisLedger is made, so the package works without it.
 """
 
 from __future__ import annotations
@@ -34,19 +37,18 @@ import itertools
 import re
 import threading
 import uuid
-from typing import Iterable, List, Optional
+from typing import List, Optional
 from urllib.parse import parse_qsl, quote, urlencode, urlparse, urlunparse
 
-import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
-
 from guardian_plugin.errors import ConfigError, LedgerUnavailable
-from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule
+from guardian_plugin.ledger.base import (DEFAULT_RETENTION_S, ClientState, Ledger, RefusalRule, parse_duration,
+                                         register_ledger)
 
 DEFAULT_PREFIX = "guardian"
 DEFAULT_WRITER_TTL_S = 7 * 24 * 3600
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_FIELDS = ("q", "f", "r", "b", "at", "fs", "ls", "w")
+# server replies that mean "not now" rather than "wrong command"
+_UNAVAILABLE_REPLIES = {"LOADING", "MISCONF", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "BUSY"}
 
 # state of one client, as a flat reply: q, f, r, b, at, fs, ls, window length, window flagged
 _LUA_STATE = r"""
@@ -122,8 +124,9 @@ end
 return out
 """
 
-# KEYS[1]: client hash; ARGV: blocked (0/1), retention_s
+# KEYS[1]: client hash; ARGV: blocked (0/1), retention_s. Unblocking an unknown client creates nothing.
 _LUA_BLOCK = _LUA_STATE + r"""
+if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then return state(KEYS[1]) end
 local t = redis.call('TIME')
 local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 local k = KEYS[1]
@@ -143,49 +146,31 @@ return state(k)
 """
 
 
-def parse_duration(text: str) -> int:
-    """``3600`` / ``90s`` / ``30m`` / ``12h`` / ``30d`` -> seconds."""
-    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(text))
-    if not m:
-        raise ConfigError(f"bad duration {text!r}: expected e.g. 3600, 90s, 30m, 12h or 30d")
-    return int(m.group(1)) * _UNIT_S[m.group(2) or "s"]
+def _import_redis():
+    try:
+        import redis
+    except ImportError as e:
+        raise ConfigError(f"the redis ledger needs redis-py: pip install redis (guardian-plugin[redis]) ({e})") from e
+    return redis
 
 
 def _glob_escape(s: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", s)
 
 
-def _unavailable_errors(e: Exception) -> bool:
-    if isinstance(e, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                      redis.exceptions.ReadOnlyError)):
-        return True
-    if isinstance(e, redis.exceptions.ResponseError):
-        return str(e).split(" ", 1)[0] in {"LOADING", "MISCONF", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "BUSY"}
-    return False
-
-
-def _translate(fn):
-    """Store failures become LedgerUnavailable (read-only calls: nothing to replay)."""
-
-    @functools.wraps(fn)
-    def wrapper(self, *a, **kw):
-        try:
-            return fn(self, *a, **kw)
-        except redis.exceptions.RedisError as e:
-            if _unavailable_errors(e):
-                raise LedgerUnavailable(f"redis ledger {self.safe_url}: {type(e).__name__}: {e}") from e
-            raise
-
-    return wrapper
-
-
+@register_ledger
 class RedisLedger(Ledger):
-    scheme = "redis"
+    schemes = ("redis", "rediss")  # rediss: TLS
 
     def __init__(self, uri: str, rule: RefusalRule, namespace: str = "default", *,
                  retention_s: Optional[int] = None, prefix: Optional[str] = None,
-                 writer_ttl_s: int = DEFAULT_WRITER_TTL_S, client: Optional[redis.Redis] = None, **redis_kw):
+                 writer_ttl_s: int = DEFAULT_WRITER_TTL_S, client=None, **redis_kw):
         super().__init__(rule, namespace)
+        redis = _import_redis()
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self._errors = redis.exceptions
         u = urlparse(uri)
         own, passed = {}, []
         for k, v in parse_qsl(u.query, keep_blank_values=True):
@@ -193,11 +178,16 @@ class RedisLedger(Ledger):
                 own[k] = v
             else:
                 passed.append((k, v))
-        self.retention_s = int(retention_s if retention_s is not None else parse_duration(own.get("retention", "0")))
+        self.safe_url = urlunparse(u._replace(netloc=u.netloc.rsplit("@", 1)[-1], query=""))  # no password
+        self.where = f"redis ledger {self.safe_url}"
+        if not re.fullmatch(r"/?|/\d+", u.path):  # redis-py would read a bad one as db 0
+            raise ConfigError(f"ledger {self.safe_url}: the path must be a database number (/0), not {u.path!r}")
+        if retention_s is None:
+            retention_s = parse_duration(own["retention"]) if "retention" in own else DEFAULT_RETENTION_S
+        self.retention_s = int(retention_s)
         self.writer_ttl_s = int(parse_duration(own["writer_ttl"]) if "writer_ttl" in own else writer_ttl_s)
         self.prefix = prefix or own.get("prefix") or DEFAULT_PREFIX
         url = urlunparse(u._replace(query=urlencode(passed)))
-        self.safe_url = urlunparse(u._replace(netloc=u.netloc.rsplit("@", 1)[-1], query=""))  # no password
         if client is None:
             q = dict(passed)
             redis_kw.setdefault("socket_connect_timeout", None if "socket_connect_timeout" in q else 2.0)
@@ -216,6 +206,18 @@ class RedisLedger(Ledger):
         self._record = self.r.register_script(_LUA_RECORD)
         self._block = self.r.register_script(_LUA_BLOCK)
         self._local = threading.local()
+
+    @classmethod
+    def from_uri(cls, uri, rule, namespace, must_exist=False, **kw) -> "RedisLedger":
+        return cls(uri, rule, namespace, **kw)  # a Redis database always exists
+
+    def _unavailable(self, e: Exception) -> bool:
+        x = self._errors
+        if isinstance(e, (x.ConnectionError, x.TimeoutError, x.ReadOnlyError)):
+            return True
+        if isinstance(e, x.ResponseError):  # "DB index is out of range": the URI's db does not exist
+            return str(e).split(" ", 1)[0] in _UNAVAILABLE_REPLIES or "DB index is out of range" in str(e)
+        return False
 
     # ----------------------------------------------------------------------------- keys
     def key(self, client_id: str) -> str:
@@ -245,6 +247,11 @@ class RedisLedger(Ledger):
             s.extra = {"window": wlen, "window_flagged": wones}
         return s
 
+    def _hash_state(self, client_id: str, v) -> ClientState:
+        """State from an HMGET of _FIELDS (the window as its bits)."""
+        w = v[7] or b""
+        return self._state(client_id, v[:7] + [len(w), w.count(b"1")])
+
     def _argv_rule(self):
         r = self.rule
         return [self.writer_ttl_s, r.tau, repr(float(r.rho)), r.window, repr(float(r.window_rho)), self.retention_s]
@@ -253,33 +260,21 @@ class RedisLedger(Ledger):
         keys = [writer] + [self.key(c) for c, _, _ in updates]
         args = [seq] + self._argv_rule()
         for _, q, f in updates:
-            args += [int(q), int(f)]
+            args += [q, f]
         out = self._record(keys=keys, args=args)
         return [self._state(c, v) for (c, _, _), v in zip(updates, out)]
 
     def _replayable(self, updates: List[tuple], writer: str, seq: int) -> List[ClientState]:
         try:
-            return self._run_record(updates, writer, seq)
-        except redis.exceptions.RedisError as e:
-            if not _unavailable_errors(e):
-                raise
-            err = LedgerUnavailable(f"redis ledger {self.safe_url}: {type(e).__name__}: {e}")
+            return self._call(self._run_record, updates, writer, seq)
+        except LedgerUnavailable as err:
             # the same (writer, seq): applied at most once however often it is replayed
             err.replay = functools.partial(self._replayable, updates, writer, seq)
             err.updates = list(updates)
-            raise err from e
+            raise
 
-    # ------------------------------------------------------------------------ Ledger API
-    def record(self, client_id: str, queries: int, flagged: int) -> ClientState:
-        return self.record_many([(client_id, queries, flagged)])[0]
-
-    def record_many(self, updates: Iterable[tuple]) -> List[ClientState]:
-        updates = [(str(c), int(q), int(f)) for c, q, f in updates]
-        for c, q, f in updates:
-            if q < 0 or f < 0 or f > q:
-                raise ValueError(f"bad update queries={q} flagged={f}")
-        if not updates:
-            return []
+    # ------------------------------------------------------------------ Ledger operations
+    def _record_many(self, updates) -> List[ClientState]:
         writer, seq = self._writer()
         try:
             return self._replayable(updates, writer, seq)
@@ -287,14 +282,10 @@ class RedisLedger(Ledger):
             self._retire_writer()  # never send a newer sequence number under a writer with one in doubt
             raise
 
-    @_translate
-    def get(self, client_id: str) -> ClientState:
-        v = self.r.hmget(self.key(client_id), "q", "f", "r", "b", "at", "fs", "ls", "w")
-        w = v[7] or b""
-        return self._state(client_id, v[:7] + [len(w), w.count(b"1")])
+    def _get(self, client_id: str) -> ClientState:
+        return self._hash_state(client_id, self.r.hmget(self.key(client_id), *_FIELDS))
 
-    @_translate
-    def clients(self) -> List[ClientState]:
+    def _clients(self) -> List[ClientState]:
         pattern = _glob_escape(self._client_prefix) + "*"
         keys = sorted(set(self.r.scan_iter(match=pattern, count=1000)))
         out = []
@@ -302,27 +293,22 @@ class RedisLedger(Ledger):
             chunk = keys[i:i + 500]
             pipe = self.r.pipeline(transaction=False)
             for k in chunk:
-                pipe.hmget(k, "q", "f", "r", "b", "at", "fs", "ls", "w")
+                pipe.hmget(k, *_FIELDS)
             for k, v in zip(chunk, pipe.execute()):
-                cid = k.decode("utf-8", "surrogateescape")[len(self._client_prefix):]
-                w = v[7] or b""
-                s = self._state(cid, v[:7] + [len(w), w.count(b"1")])
-                if s.first_seen is not None or s.queries or s.blocked:  # expired between SCAN and HMGET
+                s = self._hash_state(k.decode("utf-8", "surrogateescape")[len(self._client_prefix):], v)
+                if s.known:  # else it expired between SCAN and HMGET
                     out.append(s)
         return sorted(out, key=lambda s: s.client_id)
 
-    @_translate
-    def reset(self, client_id: str) -> None:
+    def _reset(self, client_id: str) -> None:
         self.r.delete(self.key(client_id))
 
-    @_translate
-    def set_blocked(self, client_id: str, blocked: bool) -> ClientState:
+    def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         v = self._block(keys=[self.key(client_id)], args=["1" if blocked else "0", self.retention_s])
         return self._state(client_id, v)
 
-    @_translate
     def ping(self) -> bool:
-        return bool(self.r.ping())
+        return bool(self._call(self.r.ping))
 
     def close(self) -> None:
         self.r.close()

@@ -53,7 +53,7 @@ class ResilientLedger(Ledger):
         super().__init__(inner.rule, inner.namespace)
         self.inner = inner
         self.mode = mode
-        self.scheme = inner.scheme
+        self.where = inner.where
         self.retry_interval_s = float(retry_interval_s)
         self.background = background
         self._lock = threading.RLock()
@@ -237,17 +237,8 @@ class ResilientLedger(Ledger):
             s.extra["unconfirmed"] = True
             return s
 
-    # ------------------------------------------------------------------------ Ledger API
-    def record(self, client_id: str, queries: int, flagged: int) -> ClientState:
-        return self.record_many([(client_id, queries, flagged)])[0]
-
-    def record_many(self, updates: Iterable[tuple]) -> List[ClientState]:
-        updates = [(str(c), int(q), int(f)) for c, q, f in updates]
-        for c, q, f in updates:
-            if q < 0 or f < 0 or f > q:
-                raise ValueError(f"bad update queries={q} flagged={f}")
-        if not updates:
-            return []
+    # ------------------------------------------------------------------ Ledger operations
+    def _record_many(self, updates: List[tuple]) -> List[ClientState]:
         err = self._try_store() if (self._down_since is not None or self._has_pending()) else None
         if err is None:
             try:
@@ -267,7 +258,7 @@ class ResilientLedger(Ledger):
         self.stats["served_unchecked"] += sum(q for _, q, _ in updates)
         return [self._local_state(c) for c, _, _ in updates]
 
-    def get(self, client_id: str) -> ClientState:
+    def _get(self, client_id: str) -> ClientState:
         err = self._try_store() if (self._down_since is not None or self._has_pending()) else None
         if err is None:
             try:
@@ -283,16 +274,16 @@ class ResilientLedger(Ledger):
             raise err
         return self._local_state(client_id)
 
-    def clients(self) -> List[ClientState]:
+    def _clients(self) -> List[ClientState]:
         return self.inner.clients()
 
-    def reset(self, client_id: str) -> None:
+    def _reset(self, client_id: str) -> None:
         self.inner.reset(client_id)
         with self._lock:
             self._known.pop(client_id, None)
             self._local_refused.pop(client_id, None)
 
-    def set_blocked(self, client_id: str, blocked: bool) -> ClientState:
+    def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         s = self.inner.set_blocked(client_id, blocked)
         self._remember([s])
         return s

@@ -3,18 +3,24 @@
 WAL journal so readers never wait for the writer, a busy timeout so concurrent writers queue instead
 of failing, and one ``BEGIN IMMEDIATE`` transaction per update so the read-modify-write of a client's
 counts and the refusal decision happen atomically across processes.
+
+URI: ``sqlite:///abs/path.db`` or ``sqlite://relative/path.db``, option ``?retention=30d`` (default;
+``0`` keeps clients forever): clients idle that long are deleted, except refused and blocked ones. The
+deletion runs inside a write, at most once per ``PRUNE_INTERVAL_S`` (or per retention, if shorter) and
+process, over an index on ``last_seen``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sqlite3
 import threading
-from typing import List
+from typing import List, Tuple
+from urllib.parse import parse_qsl
 
-from guardian_plugin.errors import LedgerUnavailable
-from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule, now, window_push
+from guardian_plugin.errors import ConfigError
+from guardian_plugin.ledger.base import (DEFAULT_RETENTION_S, ClientState, Ledger, RefusalRule, now, parse_duration,
+                                         register_ledger, window_push)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -30,40 +36,76 @@ CREATE TABLE IF NOT EXISTS clients (
     PRIMARY KEY (namespace, client_id)
 )
 """
-# added after the first release; opened files without it are migrated in place
+# added after the first release; opened files without them are migrated in place
 _ADDED_COLUMNS = {"win": "TEXT"}  # sliding-window bits, see base.window_push
+_INDEX = "CREATE INDEX IF NOT EXISTS clients_last_seen ON clients(namespace, last_seen)"  # for pruning
+PRUNE_INTERVAL_S = 60.0
 
 
-def _unavailable(fn):
-    """A locked, unreadable or unwritable database file is an unavailable store (the transaction was
-    rolled back, so nothing of the failed call was applied)."""
+def parse_sqlite_uri(uri: str) -> Tuple[str, dict]:
+    """``sqlite:///abs.db?retention=7d`` -> (``/abs.db``, {"retention": "7d"})."""
+    if not uri.startswith("sqlite://"):
+        raise ConfigError(f"not a sqlite URI: {uri!r}")
+    rest, _, query = uri[len("sqlite://"):].partition("?")
+    if rest.startswith("//"):
+        rest = rest[1:]  # sqlite:////abs -> /abs (sqlite:///abs is /abs already)
+    if not rest:
+        raise ConfigError(f"ledger URI {uri!r} names no file")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = set(options) - {"retention"}
+    if unknown:
+        raise ConfigError(f"ledger URI {uri!r}: unknown option(s) {', '.join(sorted(unknown))}; known: retention")
+    return rest, options
 
-    @functools.wraps(fn)
-    def wrapper(self, *a, **kw):
-        try:
-            return fn(self, *a, **kw)
-        except sqlite3.OperationalError as e:
-            raise LedgerUnavailable(f"sqlite ledger {self.path}: {e}") from e
 
-    return wrapper
+def sqlite_path(uri: str) -> str:
+    return parse_sqlite_uri(uri)[0]
 
 
+@register_ledger
 class SQLiteLedger(Ledger):
-    scheme = "sqlite"
+    schemes = ("sqlite",)
 
-    def __init__(self, path: str, rule: RefusalRule, namespace: str = "default", timeout_s: float = 30.0):
+    def __init__(self, path: str, rule: RefusalRule, namespace: str = "default", timeout_s: float = 30.0,
+                 retention_s: int = DEFAULT_RETENTION_S, must_exist: bool = False):
         super().__init__(rule, namespace)
         self.path = path
+        self.where = f"sqlite ledger {path}"
         self.timeout_s = timeout_s
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.retention_s = int(retention_s)
+        self._prune_every_s = min(PRUNE_INTERVAL_S, self.retention_s)
+        self._next_prune = 0.0
         self._local = threading.local()
+        if must_exist and path != ":memory:" and not os.path.isfile(path):
+            what = "is a directory, not" if os.path.isdir(path) else "there is no"
+            raise ConfigError(f"{self.where}: {what} such SQLite file")
+        self._call(self._setup, must_exist)
+
+    @classmethod
+    def from_uri(cls, uri, rule, namespace, must_exist=False, **kw) -> "SQLiteLedger":
+        path, options = parse_sqlite_uri(uri)
+        if "retention" in options:
+            kw.setdefault("retention_s", parse_duration(options["retention"]))
+        return cls(path, rule, namespace, must_exist=must_exist, **kw)
+
+    def _setup(self, must_exist: bool) -> None:
+        if not must_exist and self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with self._tx() as con:
+            if must_exist and not con.execute("PRAGMA table_info(clients)").fetchall():
+                raise ConfigError(f"{self.where}: not a guardian ledger (no clients table)")
             con.execute(_SCHEMA)
             have = {r[1] for r in con.execute("PRAGMA table_info(clients)")}
             for col, typ in _ADDED_COLUMNS.items():
                 if col not in have:
                     con.execute(f"ALTER TABLE clients ADD COLUMN {col} {typ}")
+            con.execute(_INDEX)
+
+    def _unavailable(self, e: Exception) -> bool:
+        """A locked, unreadable, unwritable or corrupt file, or one that is not a database (the
+        transaction was rolled back, so nothing of the failed call was applied). Not IntegrityError
+        and the like: those are bugs."""
+        return isinstance(e, (sqlite3.OperationalError, OSError)) or type(e) is sqlite3.DatabaseError
 
     # one connection per thread: sqlite3 connections must not cross threads
     def _con(self) -> sqlite3.Connection:
@@ -108,9 +150,17 @@ class SQLiteLedger(Ledger):
             (self.namespace, client_id),
         ).fetchone()
 
+    def _prune(self, con) -> None:
+        """Forget clients idle longer than the retention, except refused and blocked ones; at most once
+        per interval and process, inside the caller's write transaction."""
+        t = now()
+        if not self.retention_s or t < self._next_prune:
+            return
+        self._next_prune = t + self._prune_every_s
+        con.execute("DELETE FROM clients WHERE namespace=? AND last_seen < ? AND refused=0 AND blocked=0",
+                    (self.namespace, t - self.retention_s))
+
     def _apply(self, con, client_id: str, queries: int, flagged: int) -> ClientState:
-        if queries < 0 or flagged < 0 or flagged > queries:
-            raise ValueError(f"bad update queries={queries} flagged={flagged}")
         t = now()
         con.execute(
             "INSERT INTO clients(namespace, client_id, queries, flagged, first_seen, last_seen)"
@@ -135,51 +185,36 @@ class SQLiteLedger(Ledger):
             )
         return s
 
-    @_unavailable
-    def record(self, client_id: str, queries: int, flagged: int) -> ClientState:
+    def _record_many(self, updates) -> List[ClientState]:
         with self._tx() as con:
-            return self._apply(con, client_id, queries, flagged)
-
-    @_unavailable
-    def record_many(self, updates) -> List[ClientState]:
-        with self._tx() as con:
+            self._prune(con)
             return [self._apply(con, c, q, f) for c, q, f in updates]
 
-    @_unavailable
-    def get(self, client_id: str) -> ClientState:
+    def _get(self, client_id: str) -> ClientState:
         return self._row_to_state(client_id, self._select(self._con(), client_id))
 
-    @_unavailable
-    def clients(self) -> List[ClientState]:
+    def _clients(self) -> List[ClientState]:
         rows = self._con().execute(
             f"SELECT client_id, {self._COLS} FROM clients WHERE namespace=? ORDER BY client_id",
             (self.namespace,),
         ).fetchall()
         return [self._row_to_state(r[0], r[1:]) for r in rows]
 
-    @_unavailable
-    def reset(self, client_id: str) -> None:
+    def _reset(self, client_id: str) -> None:
         with self._tx() as con:
             con.execute("DELETE FROM clients WHERE namespace=? AND client_id=?", (self.namespace, client_id))
 
-    @_unavailable
-    def set_blocked(self, client_id: str, blocked: bool) -> ClientState:
+    def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
+        key = (self.namespace, client_id)
         with self._tx() as con:
-            t = now()
-            con.execute(
-                "INSERT INTO clients(namespace, client_id, first_seen, last_seen) VALUES (?,?,?,?)"
-                " ON CONFLICT(namespace, client_id) DO NOTHING",
-                (self.namespace, client_id, t, t),
-            )
             if blocked:
-                con.execute(
-                    "UPDATE clients SET blocked=1 WHERE namespace=? AND client_id=?", (self.namespace, client_id)
-                )
-            else:
-                con.execute(
-                    "UPDATE clients SET blocked=0, refused=0, refused_at_query=NULL WHERE namespace=? AND client_id=?",
-                    (self.namespace, client_id),
-                )
+                t = now()
+                con.execute("INSERT INTO clients(namespace, client_id, first_seen, last_seen) VALUES (?,?,?,?)"
+                            " ON CONFLICT(namespace, client_id) DO NOTHING", key + (t, t))
+                con.execute("UPDATE clients SET blocked=1 WHERE namespace=? AND client_id=?", key)
+            else:  # an unknown client stays unknown
+                con.execute("UPDATE clients SET blocked=0, refused=0, refused_at_query=NULL"
+                            " WHERE namespace=? AND client_id=?", key)
             return self._row_to_state(client_id, self._select(con, client_id))
 
     def close(self) -> None:
