@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 from guardian_plugin.errors import ArtifactError
 from guardian_plugin.nets import build_classifier
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform
+from guardian_plugin.weights import load_into
 
 FORMAT_VERSION = 1
 DETECTOR_YAML = "detector.yaml"
@@ -189,9 +190,7 @@ def load_detector(directory: str, device: str | torch.device = "cpu", victim: Op
     subs = []
     for s in spec.subdetectors:
         sub = SubDetector(s.arch, spec.image.channels, spec.image.size, **s.arch_params)
-        from guardian_plugin.transform import _load_into
-
-        _load_into(sub, os.path.join(directory, s.weights), f"sub-detector {s.name!r}")
+        load_into(sub, os.path.join(directory, s.weights), f"sub-detector {s.name!r}")
         subs.append(sub)
     return Detector(spec, transforms, subs).to(device)
 
