@@ -88,6 +88,7 @@ class GuardConfig(_Strict):
     response: ResponseConfig = ResponseConfig()
     identity: IdentityConfig = IdentityConfig()
     device: str = "cpu"
+    allow_mismatch: bool = False  # guard a model the detector was not trained for (guardian_plugin.fit): warn only
 
 
 def format_errors(e: ValidationError) -> str:

@@ -1,7 +1,8 @@
 """DFMS-Detector: sub-detectors on gradient representations, the OR ensemble, and the artifact.
 
 An artifact is one directory:
-  detector.yaml      format version, image format, input mapping, transforms, sub-detectors + thresholds
+  detector.yaml      format version, image format, input mapping, the victim's class count, transforms,
+                     sub-detectors + thresholds (guardian_plugin.fit checks the first three against a model)
   *.pt               state dicts (sub-detectors, the discriminator transform) or TorchScript (victim)
   report.json        what training measured (optional for loading)
   roc.png            ROC curves (optional)
@@ -71,6 +72,7 @@ class DetectorSpec(BaseModel):
     format_version: int
     image: ImageSpec = ImageSpec()
     input: InputMapping = InputMapping()
+    num_classes: Optional[int] = Field(None, ge=1)  # the victim's; None (older artifacts): unchecked
     target_fpr: float = 0.01
     transforms: Dict[str, Dict] = {}
     subdetectors: List[SubDetectorSpec]

@@ -7,9 +7,11 @@ def _protect(args) -> int:
     from guardian_plugin.handlers.archive import protect
 
     s = protect(args.archive, args.detector, args.output, config=args.config, ledger=args.ledger,
-                namespace=args.namespace, output=args.model_output, max_image_pixels=args.max_image_pixels)
+                namespace=args.namespace, output=args.model_output, max_image_pixels=args.max_image_pixels,
+                allow_mismatch=args.allow_mismatch)
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
-          f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}")
+          f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
+          f"{s['fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
     return 0
 
 
@@ -19,7 +21,8 @@ def register(subparsers) -> None:
         description="Rewrite a TorchServe model archive so that its own handler runs behind Model-Guardian: "
                     "the manifest's handler becomes guardian_plugin.handlers.GuardedHandler, the original "
                     "handler is kept and delegated to, and the detector artifact and guard settings are "
-                    "embedded (model-config.yaml, `handler: guardian:`).")
+                    "embedded (model-config.yaml, `handler: guardian:`). The archive's model is probed first: "
+                    "a detector trained for other inputs or another class count is refused (exit 2).")
     p.add_argument("archive", help="the .mar to protect (zip format, as torch-model-archiver writes it)")
     p.add_argument("--detector", required=True, help="detector artifact directory (detector.yaml + weights)")
     p.add_argument("--config", help="guard settings YAML (ledger, namespace, rule, response, identity); "
@@ -30,4 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--model-output", choices=["auto", "logits", "probabilities"], default="auto",
                    help="what the original handler's inference returns (default: detected per batch)")
     p.add_argument("--max-image-pixels", type=int, help="answer larger images with 400 before decoding them")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="guard the model even if the detector was trained for other inputs or another class count "
+                        "(checked by probing the archive's model; see docs/detector.md); the workers log a warning")
     p.set_defaults(func=_protect)

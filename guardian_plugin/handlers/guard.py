@@ -329,4 +329,6 @@ def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
         log.info("guardian: detector on %s, model on %s", cfg.device, device)
     log.info("guardian: detector %s, ledger %s (namespace %s), rule tau=%d rho=%.2f", cfg.detector, cfg.ledger,
              cfg.namespace, guardian.ledger.rule.tau, guardian.ledger.rule.rho)
+    from guardian_plugin.fit import verify_handler_fit  # the detector fits the model, or the worker fails to load
+    verify_handler_fit(inner, guardian.detector, cfg)
     return HandlerGuard(inner, guardian, cfg.identity, settings.output, settings.max_image_pixels)
