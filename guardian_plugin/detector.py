@@ -169,7 +169,8 @@ class Detector(nn.Module):
 
 
 # ------------------------------------------------------------------------------- load / save
-def _read_spec(directory: str) -> DetectorSpec:
+def read_spec(directory: str) -> DetectorSpec:
+    """The artifact's detector.yaml, validated (ArtifactError naming the file otherwise)."""
     path = os.path.join(directory, DETECTOR_YAML)
     if not os.path.isdir(directory):
         raise ArtifactError(f"detector artifact {directory} is not a directory")
@@ -182,7 +183,7 @@ def _read_spec(directory: str) -> DetectorSpec:
 
 def load_detector(directory: str, device: str | torch.device = "cpu", victim: Optional[nn.Module] = None) -> Detector:
     """Load an artifact directory; every missing or corrupt file raises ArtifactError naming it."""
-    spec = _read_spec(directory)
+    spec = read_spec(directory)
     ctx = TransformContext(spec.image.channels, spec.image.size, artifact_dir=directory, victim=victim,
                            victim_mean=spec.input.mean, victim_std=spec.input.std)
     transforms = {}

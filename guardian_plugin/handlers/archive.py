@@ -159,11 +159,26 @@ def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _detector_files(detector_dir: str) -> Tuple[object, Dict[str, bytes]]:
-    """(the loaded Detector, the artifact's files under DETECTOR_DIR)."""
+def _check_fit(manifest: dict, files: Dict[str, bytes], detector_dir: str, allow_mismatch: bool):
+    """(ModelSpec or None, problems): the archive's model probed and checked against the detector
+    (guardian_plugin.fit); ModelMismatch unless ``allow_mismatch``."""
+    from guardian_plugin.detector import read_spec
+    from guardian_plugin.fit import check_fit
+
+    spec = read_spec(detector_dir)
+    try:
+        model = probe_archive(manifest, files, size=spec.image.size)
+    except GuardianError as e:
+        if not allow_mismatch:
+            raise
+        return None, [str(e)]
+    return model, check_fit(spec, model, allow_mismatch)
+
+
+def _detector_files(detector_dir: str) -> Dict[str, bytes]:
     from guardian_plugin.detector import load_detector
 
-    detector = load_detector(detector_dir)  # fails now, naming the file, rather than in every worker later
+    load_detector(detector_dir)  # fails now, naming the file, rather than in every worker later
     out = {}
     for root, _, names in os.walk(detector_dir):
         for n in sorted(names):
@@ -171,7 +186,7 @@ def _detector_files(detector_dir: str) -> Tuple[object, Dict[str, bytes]]:
             rel = os.path.relpath(p, detector_dir).replace(os.sep, "/")
             with open(p, "rb") as f:
                 out[f"{DETECTOR_DIR}/{rel}"] = f.read()
-    return detector, out
+    return out
 
 
 def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] = None, ledger: Optional[str] = None,
@@ -210,17 +225,8 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
     if allow_mismatch:
         guard["allow_mismatch"] = True
     cfg = parse_config(guard, config or "guard settings")  # validate now; names the bad field
-    detector, detector_files = _detector_files(detector_dir)
-    from guardian_plugin.fit import check_fit
-
-    try:
-        model = probe_archive(manifest, files, size=detector.spec.image.size)
-    except GuardianError as e:
-        if not cfg.allow_mismatch:
-            raise
-        model, problems = None, [str(e)]
-    else:
-        problems = check_fit(detector.spec, model, cfg.allow_mismatch)
+    detector_files = _detector_files(detector_dir)
+    model, problems = _check_fit(manifest, files, detector_dir, cfg.allow_mismatch)
     settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
     settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive
     if max_image_pixels:

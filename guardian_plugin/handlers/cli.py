@@ -1,4 +1,5 @@
-"""`guardian protect`: guard an existing TorchServe model archive without touching its code."""
+"""`guardian protect`: guard an existing TorchServe model archive without touching its code;
+`guardian handler-file NAME`: the path of a shipped handler file for torch-model-archiver's --handler."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ def _protect(args) -> int:
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
           f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
           f"{s['fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
+    return 0
+
+
+def _handler_file(args) -> int:
+    from guardian_plugin.handlers.files import handler_file
+
+    print(handler_file(args.name))
     return 0
 
 
@@ -37,3 +45,15 @@ def register(subparsers) -> None:
                    help="guard the model even if the detector was trained for other inputs or another class count "
                         "(checked by probing the archive's model; see docs/detector.md); the workers log a warning")
     p.set_defaults(func=_protect)
+
+    from guardian_plugin.handlers.files import FILES
+
+    h = subparsers.add_parser(
+        "handler-file", help="print the path of a guarded handler file for torch-model-archiver --handler",
+        description="Print the absolute path of a handler file shipped with guardian-plugin, for "
+                    "torch-model-archiver, which copies --handler as a file (a dotted module path such as "
+                    "guardian_plugin.handlers.GuardedImageClassifier fails there): "
+                    'torch-model-archiver ... --handler "$(guardian handler-file image-classifier)"')
+    h.add_argument("name", choices=sorted(FILES), help="image-classifier: TorchServe's ImageClassifier behind the "
+                   "guard; wrap: the archive's own handler (handler: guardian: wrap:) behind the guard")
+    h.set_defaults(func=_handler_file)
