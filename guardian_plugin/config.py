@@ -109,6 +109,7 @@ class GuardConfig(_Strict):
     identity: IdentityConfig = IdentityConfig()
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # larger images: 400 before decoding (guardian_plugin.inputs)
     device: str = "cpu"
+    allow_mismatch: bool = False  # guard a model the detector was not trained for (guardian_plugin.fit): warn only
 
 
 def format_errors(e: ValidationError) -> str:

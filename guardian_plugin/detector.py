@@ -1,7 +1,8 @@
 """DFMS-Detector: sub-detectors on gradient representations, the OR ensemble, and the artifact.
 
 An artifact is one directory:
-  detector.yaml      format version, image format, input mapping, transforms, sub-detectors + thresholds
+  detector.yaml      format version, image format, input mapping, the victim's class count, transforms,
+                     sub-detectors + thresholds (guardian_plugin.fit checks the first three against a model)
   *.pt               state dicts (sub-detectors, the discriminator transform) or TorchScript (victim)
   report.json        what training measured (optional for loading)
   roc.png            ROC curves (optional)
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field, field_validator
 from guardian_plugin.errors import ArtifactError
 from guardian_plugin.nets import build_classifier
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform
+from guardian_plugin.weights import load_into
 
 FORMAT_VERSION = 1
 DETECTOR_YAML = "detector.yaml"
@@ -70,6 +72,7 @@ class DetectorSpec(BaseModel):
     format_version: int
     image: ImageSpec = ImageSpec()
     input: InputMapping = InputMapping()
+    num_classes: Optional[int] = Field(None, ge=1)  # the victim's; None (older artifacts): unchecked
     target_fpr: float = 0.01
     transforms: Dict[str, Dict] = {}
     subdetectors: List[SubDetectorSpec]
@@ -166,7 +169,8 @@ class Detector(nn.Module):
 
 
 # ------------------------------------------------------------------------------- load / save
-def _read_spec(directory: str) -> DetectorSpec:
+def read_spec(directory: str) -> DetectorSpec:
+    """The artifact's detector.yaml, validated (ArtifactError naming the file otherwise)."""
     path = os.path.join(directory, DETECTOR_YAML)
     if not os.path.isdir(directory):
         raise ArtifactError(f"detector artifact {directory} is not a directory")
@@ -179,7 +183,7 @@ def _read_spec(directory: str) -> DetectorSpec:
 
 def load_detector(directory: str, device: str | torch.device = "cpu", victim: Optional[nn.Module] = None) -> Detector:
     """Load an artifact directory; every missing or corrupt file raises ArtifactError naming it."""
-    spec = _read_spec(directory)
+    spec = read_spec(directory)
     ctx = TransformContext(spec.image.channels, spec.image.size, artifact_dir=directory, victim=victim,
                            victim_mean=spec.input.mean, victim_std=spec.input.std)
     transforms = {}
@@ -189,9 +193,7 @@ def load_detector(directory: str, device: str | torch.device = "cpu", victim: Op
     subs = []
     for s in spec.subdetectors:
         sub = SubDetector(s.arch, spec.image.channels, spec.image.size, **s.arch_params)
-        from guardian_plugin.transform import _load_into
-
-        _load_into(sub, os.path.join(directory, s.weights), f"sub-detector {s.name!r}")
+        load_into(sub, os.path.join(directory, s.weights), f"sub-detector {s.name!r}")
         subs.append(sub)
     return Detector(spec, transforms, subs).to(device)
 

@@ -15,3 +15,7 @@ class ArtifactError(GuardianError):
 
 class LedgerUnavailable(GuardianError):
     """The per-client store cannot be reached."""
+
+
+class ModelMismatch(ConfigError):
+    """A detector artifact was trained for other inputs or another class count than the model it guards."""

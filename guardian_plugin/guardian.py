@@ -87,10 +87,13 @@ class Guardian:
 
     # ------------------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, config: GuardConfig | str, ledger: Ledger | None = None) -> "Guardian":
+    def from_config(cls, config: GuardConfig | str, ledger: Ledger | None = None, model=None) -> "Guardian":
         cfg = load_config(config) if isinstance(config, str) else config
         identity = Identity(cfg.identity)  # checks the secrets before anything is loaded
         detector = load_detector(cfg.detector, device=cfg.device)
+        if model is not None:  # a guardian_plugin.fit.ModelSpec: refuse a detector trained for another model
+            from guardian_plugin.fit import check_fit
+            check_fit(detector.spec, model, cfg.allow_mismatch)
         if ledger is None:
             from guardian_plugin.ledger.resilient import ResilientLedger
 

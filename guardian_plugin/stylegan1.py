@@ -217,7 +217,7 @@ def load_stylegan1(path: str, spec: dict | None = None) -> StyleGAN1Discriminato
     converter checkpoint ``{'generator': ..., 'discriminator': ..., ...}`` whose 'discriminator' is
     used. Missing, corrupt or mismatched files raise ArtifactError naming the file."""
     from guardian_plugin.errors import ArtifactError, ConfigError
-    from guardian_plugin.transform import _load_state
+    from guardian_plugin.weights import load_state
 
     spec = dict(spec or {})
     what = "transform 'stylegan1-discriminator'"
@@ -234,7 +234,7 @@ def load_stylegan1(path: str, spec: dict | None = None) -> StyleGAN1Discriminato
         raise ConfigError(f"{what}: `image_channels` must be 1 or 3, not {channels}")
     disc = StyleGAN1Discriminator(resolution, channels, fmaps_base, fmaps_max)
 
-    sd = _load_state(path, what)
+    sd = load_state(path, what)
     if isinstance(sd, dict) and isinstance(sd.get("discriminator"), dict):
         sd = sd["discriminator"]
     if not isinstance(sd, dict):

@@ -22,8 +22,9 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
-from guardian_plugin.errors import ArtifactError, ConfigError
+from guardian_plugin.errors import ConfigError
 from guardian_plugin.registry import Registry
+from guardian_plugin.weights import load_into, load_torchscript
 
 TRANSFORMS: Registry = Registry("transformation model")
 
@@ -92,29 +93,6 @@ class TransformContext:
         return os.path.join(self.artifact_dir, rel)
 
 
-def _load_state(path: str, what: str) -> dict:
-    import os
-
-    if not os.path.exists(path):
-        raise ArtifactError(f"{what}: weights file {path} is missing")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ArtifactError(f"{what}: weights file {path} is corrupt or not a torch state dict ({e})") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    return sd
-
-
-def _load_into(model: nn.Module, path: str, what: str) -> nn.Module:
-    sd = _load_state(path, what)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ArtifactError(f"{what}: weights file {path} does not fit the architecture ({e})") from e
-    return model
-
-
 @TRANSFORMS.register("identity")
 def _identity(spec: dict, ctx: TransformContext) -> TransformModel:
     return TransformModel("identity", None, gradient=False)
@@ -128,7 +106,7 @@ def _discriminator(spec: dict, ctx: TransformContext) -> TransformModel:
     weights = spec.get("weights")
     if weights is None:
         raise ConfigError("transform 'discriminator' needs `weights:` (the pipeline writes transform_discriminator.pt)")
-    _load_into(d, ctx.path(weights), "transform 'discriminator'")
+    load_into(d, ctx.path(weights), "transform 'discriminator'")
     return TransformModel("discriminator", d)
 
 
@@ -153,7 +131,7 @@ class _Normalised(nn.Module):
 @TRANSFORMS.register("victim")
 def _victim(spec: dict, ctx: TransformContext) -> TransformModel:
     if spec.get("weights"):  # a TorchScript export of the victim stored in the artifact
-        model = _load_torchscript(ctx.path(spec["weights"]), "transform 'victim'")
+        model = load_torchscript(ctx.path(spec["weights"]), "transform 'victim'")
     elif ctx.victim is not None:
         model = ctx.victim
     else:
@@ -161,17 +139,6 @@ def _victim(spec: dict, ctx: TransformContext) -> TransformModel:
     mean = spec.get("mean", ctx.victim_mean if ctx.victim_mean is not None else [0.0] * ctx.channels)
     std = spec.get("std", ctx.victim_std if ctx.victim_std is not None else [1.0] * ctx.channels)
     return TransformModel("victim", _Normalised(model, mean, std, ctx.channels, ctx.channels))
-
-
-def _load_torchscript(path: str, what: str) -> nn.Module:
-    import os
-
-    if not os.path.exists(path):
-        raise ArtifactError(f"{what}: TorchScript file {path} is missing")
-    try:
-        return torch.jit.load(path, map_location="cpu")
-    except Exception as e:
-        raise ArtifactError(f"{what}: {path} is not a loadable TorchScript file ({e})") from e
 
 
 @TRANSFORMS.register("stylegan1-discriminator")
@@ -204,12 +171,12 @@ def build_transform(name: str, spec: dict, ctx: TransformContext) -> TransformMo
         if not weights:
             raise ConfigError(f"transform {name!r} needs `weights:` (a local state-dict file; nothing is downloaded)")
         model = getattr(torchvision.models, arch)(weights=None)
-        _load_into(model, ctx.path(weights), f"transform {name!r}")
+        load_into(model, ctx.path(weights), f"transform {name!r}")
         mean, std = spec.get("mean", IMAGENET_MEAN), spec.get("std", IMAGENET_STD)
         return TransformModel(name, _Normalised(model, mean, std, ctx.channels, 3))
     if name.startswith("torchscript:"):
         path = name.split(":", 1)[1]
-        model = _load_torchscript(ctx.path(path), f"transform {name!r}")
+        model = load_torchscript(ctx.path(path), f"transform {name!r}")
         mean = spec.get("mean", [0.0] * ctx.channels)
         std = spec.get("std", [1.0] * ctx.channels)
         return TransformModel(name, _Normalised(model, mean, std, ctx.channels, int(spec.get("model_channels", ctx.channels))))

@@ -47,6 +47,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert saved["seed"] == cfg.seed and saved["versions"]["torch"] == torch.__version__
     det = load_detector(str(out))
     assert det.names == ["dfme", "gan", "diffusion"]
+    assert det.spec.num_classes == cfg.victim.num_classes == 10  # what guardian_plugin.fit checks a model against
     assert torch.allclose(det.thresholds, torch.tensor([report["thresholds"][n] for n in det.names]))
     # the second run reuses every cached source and the discriminator
     report2 = train_detector(cfg, base, str(tmp_path / "again"), progress=False)

@@ -101,6 +101,80 @@ def rewrite_archive(in_mar: str, out_mar: str, handler: Optional[str] = None, ha
     return manifest
 
 
+class _LoadContext:
+    """The part of TorchServe's worker context a handler's ``initialize`` reads."""
+
+    def __init__(self, model_dir: str, manifest: dict, model_yaml_config: dict):
+        self.system_properties = {"model_dir": model_dir, "gpu_id": None, "batch_size": 1,
+                                  "limit_max_image_pixels": True}
+        self.manifest = manifest
+        self.model_yaml_config = model_yaml_config
+        self.metrics = None
+
+
+def load_archive_handler(manifest: dict, files: Dict[str, bytes], model_dir: str):
+    """The archive's own handler, initialised as a TorchServe worker would (the archive extracted into
+    ``model_dir``). Its modules stay imported: call it in a process of its own, or see probe_archive."""
+    from guardian_plugin.handlers.settings import load_handler_class
+
+    root = os.path.realpath(model_dir)
+    for name, data in files.items():
+        path = os.path.realpath(os.path.join(root, name))
+        if not path.startswith(root + os.sep):
+            raise ArchiveError(f"archive member {name!r} lies outside the archive")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    handler = load_handler_class(manifest["model"]["handler"], root)()
+    handler.initialize(_LoadContext(root, manifest, model_config(manifest, files)[1]))
+    return handler
+
+
+def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64):
+    """guardian_plugin.fit.probe_handler on the archive's own handler, in a temporary directory; the
+    archive's modules are forgotten afterwards (another archive may have a module of the same name)."""
+    import shutil
+    import sys
+    import tempfile
+
+    from guardian_plugin.fit import probe_handler
+
+    tmp = os.path.realpath(tempfile.mkdtemp(prefix="guardian-probe-"))
+    try:
+        return probe_handler(load_archive_handler(manifest, files, tmp), size=size)
+    except GuardianError:
+        raise
+    except Exception as e:  # the archive's own code failed to load: same override as a mismatch
+        from guardian_plugin.errors import ModelMismatch
+        from guardian_plugin.fit import OVERRIDE_HINT
+
+        raise ModelMismatch(f"cannot load the archive's handler to probe its model ({type(e).__name__}: {e}); "
+                            f"{OVERRIDE_HINT}") from e
+    finally:
+        for name, mod in list(sys.modules.items()):
+            if (getattr(mod, "__file__", None) or "").startswith(tmp + os.sep):
+                del sys.modules[name]
+        if tmp in sys.path:
+            sys.path.remove(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_fit(manifest: dict, files: Dict[str, bytes], detector_dir: str, allow_mismatch: bool):
+    """(ModelSpec or None, problems): the archive's model probed and checked against the detector
+    (guardian_plugin.fit); ModelMismatch unless ``allow_mismatch``."""
+    from guardian_plugin.detector import read_spec
+    from guardian_plugin.fit import check_fit
+
+    spec = read_spec(detector_dir)
+    try:
+        model = probe_archive(manifest, files, size=spec.image.size)
+    except GuardianError as e:
+        if not allow_mismatch:
+            raise
+        return None, [str(e)]
+    return model, check_fit(spec, model, allow_mismatch)
+
+
 def _detector_files(detector_dir: str) -> Dict[str, bytes]:
     from guardian_plugin.detector import load_detector
 
@@ -116,9 +190,13 @@ def _detector_files(detector_dir: str) -> Dict[str, bytes]:
 
 
 def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] = None, ledger: Optional[str] = None,
-            namespace: Optional[str] = None, output: str = "auto", max_image_pixels: Optional[int] = None) -> dict:
-    """Rewrite ``in_mar`` into a guarded ``out_mar`` (see the module docstring). Returns a summary."""
-    manifest, _ = read_archive(in_mar)
+            namespace: Optional[str] = None, output: str = "auto", max_image_pixels: Optional[int] = None,
+            allow_mismatch: bool = False) -> dict:
+    """Rewrite ``in_mar`` into a guarded ``out_mar`` (see the module docstring). Returns a summary.
+    The archive's model is probed first (guardian_plugin.fit): a detector trained for other inputs or
+    another class count raises ModelMismatch unless ``allow_mismatch`` (then written into the guard
+    settings, so that the workers load too)."""
+    manifest, files = read_archive(in_mar)
     original = manifest["model"]["handler"]
     if original.startswith("guardian_plugin.handlers."):
         raise ArchiveError(f"{in_mar} is already guarded (handler {original})")
@@ -144,11 +222,16 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
         guard["namespace"] = namespace
     elif guard.get("namespace", "default") == "default":
         guard["namespace"] = manifest["model"].get("modelName") or "default"
+    if allow_mismatch:
+        guard["allow_mismatch"] = True
     cfg = parse_config(guard, config or "guard settings")  # validate now; names the bad field
+    detector_files = _detector_files(detector_dir)
+    model, problems = _check_fit(manifest, files, detector_dir, cfg.allow_mismatch)
     settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
     settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive
     if max_image_pixels:
         settings["max_image_pixels"] = int(max_image_pixels)
-    new = rewrite_archive(in_mar, out_mar, GUARDED_HANDLER, {"guardian": settings}, _detector_files(detector_dir))
+    new = rewrite_archive(in_mar, out_mar, GUARDED_HANDLER, {"guardian": settings}, detector_files)
     return {"archive": out_mar, "model": new["model"].get("modelName"), "handler": GUARDED_HANDLER,
-            "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace}
+            "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace,
+            "fit": model.describe() if model else "not probed", "mismatch": problems}

@@ -1,4 +1,5 @@
-"""`guardian protect`: guard an existing TorchServe model archive without touching its code."""
+"""`guardian protect`: guard an existing TorchServe model archive without touching its code;
+`guardian handler-file NAME`: the path of a shipped handler file for torch-model-archiver's --handler."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ def _protect(args) -> int:
     from guardian_plugin.handlers.archive import protect
 
     s = protect(args.archive, args.detector, args.output, config=args.config, ledger=args.ledger,
-                namespace=args.namespace, output=args.model_output, max_image_pixels=args.max_image_pixels)
+                namespace=args.namespace, output=args.model_output, max_image_pixels=args.max_image_pixels,
+                allow_mismatch=args.allow_mismatch)
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
-          f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}")
+          f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
+          f"{s['fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
+    return 0
+
+
+def _handler_file(args) -> int:
+    from guardian_plugin.handlers.files import handler_file
+
+    print(handler_file(args.name))
     return 0
 
 
@@ -19,7 +29,8 @@ def register(subparsers) -> None:
         description="Rewrite a TorchServe model archive so that its own handler runs behind Model-Guardian: "
                     "the manifest's handler becomes guardian_plugin.handlers.GuardedHandler, the original "
                     "handler is kept and delegated to, and the detector artifact and guard settings are "
-                    "embedded (model-config.yaml, `handler: guardian:`).")
+                    "embedded (model-config.yaml, `handler: guardian:`). The archive's model is probed first: "
+                    "a detector trained for other inputs or another class count is refused (exit 2).")
     p.add_argument("archive", help="the .mar to protect (zip format, as torch-model-archiver writes it)")
     p.add_argument("--detector", required=True, help="detector artifact directory (detector.yaml + weights)")
     p.add_argument("--config", help="guard settings YAML (ledger, namespace, rule, response, identity); "
@@ -30,4 +41,19 @@ def register(subparsers) -> None:
     p.add_argument("--model-output", choices=["auto", "logits", "probabilities"], default="auto",
                    help="what the original handler's inference returns (default: detected per batch)")
     p.add_argument("--max-image-pixels", type=int, help="answer larger images with 400 before decoding them")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="guard the model even if the detector was trained for other inputs or another class count "
+                        "(checked by probing the archive's model; see docs/detector.md); the workers log a warning")
     p.set_defaults(func=_protect)
+
+    from guardian_plugin.handlers.files import FILES
+
+    h = subparsers.add_parser(
+        "handler-file", help="print the path of a guarded handler file for torch-model-archiver --handler",
+        description="Print the absolute path of a handler file shipped with guardian-plugin, for "
+                    "torch-model-archiver, which copies --handler as a file (a dotted module path such as "
+                    "guardian_plugin.handlers.GuardedImageClassifier fails there): "
+                    'torch-model-archiver ... --handler "$(guardian handler-file image-classifier)"')
+    h.add_argument("name", choices=sorted(FILES), help="image-classifier: TorchServe's ImageClassifier behind the "
+                   "guard; wrap: the archive's own handler (handler: guardian: wrap:) behind the guard")
+    h.set_defaults(func=_handler_file)

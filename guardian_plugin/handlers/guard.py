@@ -159,13 +159,11 @@ class HandlerGuard:
     """Runs a TorchServe handler's template methods with the Guardian in between; every request gets
     its own answer: one bad row never changes another row's status or answer."""
 
-    def __init__(self, inner, guardian: Guardian, output: str = "auto", max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 input_shape: Optional[tuple] = None):
+    def __init__(self, inner, guardian: Guardian, output: str = "auto", max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.inner = inner
         self.guardian = guardian
         self.output = output
         self.max_image_pixels = max_image_pixels
-        self.input_shape = tuple(input_shape) if input_shape is not None else None  # (C, H, W) the model takes
         self._kind_logged = None
 
     # -- helpers
@@ -175,11 +173,8 @@ class HandlerGuard:
         except (IndexError, AttributeError, TypeError):
             return {}
 
-    def _check_row(self, x: torch.Tensor) -> Optional[RequestError]:
-        if self.input_shape is not None and tuple(x.shape) != self.input_shape:
-            shape = "x".join(map(str, self.input_shape))
-            return RequestError(400, "WrongInputShape", f"this model takes {shape} inputs; the request gave "
-                                                        f"{'x'.join(map(str, x.shape))}")
+    @staticmethod
+    def _check_row(x: torch.Tensor) -> Optional[RequestError]:
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             return RequestError(400, "NonFiniteInput", "the input contains NaN or infinite values")
         return None
@@ -329,4 +324,6 @@ def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
         log.info("guardian: detector on %s, model on %s", cfg.device, device)
     log.info("guardian: detector %s, ledger %s (namespace %s), rule tau=%d rho=%.2f", cfg.detector, cfg.ledger,
              cfg.namespace, guardian.ledger.rule.tau, guardian.ledger.rule.rho)
+    from guardian_plugin.fit import verify_handler_fit  # the detector fits the model, or the worker fails to load
+    verify_handler_fit(inner, guardian.detector, cfg)
     return HandlerGuard(inner, guardian, settings.output, settings.max_image_pixels)

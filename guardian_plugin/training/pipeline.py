@@ -276,6 +276,7 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
 
     spec = DetectorSpec(format_version=FORMAT_VERSION, image=ImageSpec(channels=cfg.channels, size=cfg.size),
                         input=InputMapping(mean=cfg.mean, std=cfg.std), target_fpr=cfg.target_fpr,
+                        num_classes=cfg.victim.num_classes if cfg.victim else None,
                         transforms=transform_specs, subdetectors=sub_specs)
     detector = Detector(spec, transforms, subs).to(dev)
 

@@ -1,7 +1,7 @@
 """Handler file for torch-model-archiver users: TorchServe's ImageClassifier behind Model-Guardian.
 
     torch-model-archiver --model-name mnist --version 1.0 --serialized-file model.pt \
-        --handler handlers/guarded_image_classifier.py --config-file model-config.yaml \
+        --handler "$(guardian handler-file image-classifier)" --config-file model-config.yaml \
         --extra-files index_to_name.json
 
 model-config.yaml needs a ``handler: guardian: guard: {detector: ...}`` section (docs/torchserve.md).

@@ -1,7 +1,7 @@
 """Handler file for torch-model-archiver users: any handler of the archive behind Model-Guardian.
 
     torch-model-archiver --model-name mnist --version 1.0 --serialized-file model.pt \
-        --handler handlers/guarded_handler.py --extra-files my_handler.py,index_to_name.json \
+        --handler "$(guardian handler-file wrap)" --extra-files my_handler.py,index_to_name.json \
         --config-file model-config.yaml
 
 with ``handler: guardian: {wrap: my_handler.py, guard: {detector: ...}}`` in model-config.yaml
