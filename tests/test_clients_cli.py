@@ -14,7 +14,7 @@ import yaml
 from guardian_plugin.cli import main
 from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import RefusalRule
-from guardian_plugin.ledger.redis_server import free_port
+from guardian_plugin.devserver.netutil import free_port
 from ledger_fixtures import fresh_namespace, redis_url  # noqa: F401
 
 

@@ -102,7 +102,7 @@ class TinyImageNetNet(nn.Module):
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
     pytest.importorskip("ts")
-    from guardian_plugin.torchserve.server import build_archive
+    from guardian_plugin.devserver.torchserve import build_archive
 
     w = tmp_path_factory.mktemp("fit")
     torch.manual_seed(0)

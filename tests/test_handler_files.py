@@ -31,7 +31,7 @@ def test_archive_built_with_the_printed_path_loads_as_a_worker_would(tmp_path, c
     pytest.importorskip("ts")
     from guardian_plugin.handlers.archive import DETECTOR_DIR, GUARDED_IMAGE_CLASSIFIER, load_archive_handler, read_archive
     from guardian_plugin.handlers.settings import load_handler_class
-    from guardian_plugin.torchserve.server import build_archive
+    from guardian_plugin.devserver.torchserve import build_archive
 
     assert main(["handler-file", "image-classifier"]) == 0
     handler = capsys.readouterr().out.strip()

@@ -74,11 +74,17 @@ def cluster(tmp_path_factory):
     redis_srv.stop()
 
 
+UNAVAILABLE_BODIES = []  # the 503 answers seen, to check their shape
+
+
 def _send(ts, model, body, client):
     try:
-        return ts.predict(model, body, {"X-Client-Id": client}, timeout_s=60).status_code
+        r = ts.predict(model, body, {"X-Client-Id": client}, timeout_s=60)
     except Exception:  # connection reset: no answer
         return -1
+    if r.status_code == 503:
+        UNAVAILABLE_BODIES.append((r.text, r.headers.get("Retry-After")))
+    return r.status_code
 
 
 def _run(jobs, threads, cluster, model="shared"):
@@ -217,6 +223,13 @@ def test_redis_killed_mid_load(cluster, model, mode):
     assert answered + unavailable == len(codes), sorted({c for _, c in codes})
     if mode == "closed":
         assert unavailable > 0
+        # the guard's own answer for a store outage, not TorchServe's generic "Prediction failed"
+        import json
+
+        for text, retry in UNAVAILABLE_BODIES:
+            assert json.loads(text) == {"code": 503, "type": "LedgerUnavailable",
+                                        "message": "the per-client store is unavailable; try again later"}, text
+            assert retry == "5"
     else:
         assert unavailable == 0
     # the workers' background flushers write what they held within about a second

@@ -10,8 +10,8 @@ import typing as t
 import torch
 
 from guardian_plugin.bento.conversion import _as_input_tensor
-from guardian_plugin.bento.middleware import denial_response, input_error
-from guardian_plugin.responses import Admission, Denial
+from guardian_plugin.bento.middleware import denial_exception, denial_response, input_error
+from guardian_plugin.responses import Admission
 
 if t.TYPE_CHECKING:
     from guardian_plugin.bento.decorator import GuardSettings
@@ -81,18 +81,6 @@ def _current_request():
     from bentoml._internal.context import _request_var
 
     return _request_var.get(None)
-
-
-def _denial_exception(denial: Denial):
-    """A denial raised inside BentoML's request handling (used only when the middleware is missing)."""
-    from http import HTTPStatus
-
-    from bentoml.exceptions import BentoMLException
-
-    class _Denied(BentoMLException):
-        error_code = HTTPStatus(denial.status)
-
-    return _Denied(f"[{denial.kind}] {denial.message}")
 
 
 # ------------------------------------------------------------------------------ API wrapping
@@ -168,7 +156,7 @@ def _wrap_api(method, settings: GuardSettings):
             req = _current_request()
             adm = rt.check_request(req) if req is not None else rt.local_admission()
             if adm.denial is not None:
-                raise _denial_exception(adm.denial)
+                raise denial_exception(adm.denial)
             x = None
             if rt.instance is not None:
                 try:

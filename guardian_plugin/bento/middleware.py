@@ -7,6 +7,8 @@ import json
 import re
 import typing as t
 
+from guardian_plugin.responses import UNAVAILABLE
+
 if t.TYPE_CHECKING:
     from guardian_plugin.bento.decorator import GuardSettings
 
@@ -21,8 +23,25 @@ def input_error(kind: str, message: str) -> ValueError:
     return ValueError(f"[{kind}] {message}")
 
 
+def denial_exception(denial):
+    """A denial raised inside BentoML's request handling, answered with the denial's status. BentoML
+    replaces the message of 401/403/5xx exceptions; the middleware restores the body (error_body)."""
+    from http import HTTPStatus
+
+    from bentoml.exceptions import BentoMLException
+
+    class _Denied(BentoMLException):
+        error_code = HTTPStatus(denial.status)
+
+    return _Denied(f"[{denial.kind}] {denial.message}")
+
+
 def error_body(status: int, raw: bytes) -> dict:
-    """BentoML's own error body (validation errors, exceptions) in the guard's shape."""
+    """BentoML's own error body (validation errors, exceptions) in the guard's shape. Inside a guarded
+    route a 503 comes only from the guard (the store is down: BentoML's own overload answers come from
+    its outer middleware), so it gets the guard's LedgerUnavailable body."""
+    if status == UNAVAILABLE.status:
+        return UNAVAILABLE.body()
     kind = {400: "BadInput", 404: "NotFound", 413: "TooLarge", 415: "UnsupportedMediaType"}.get(
         status, "ServerError" if status >= 500 else "BadRequest")
     message = raw.decode("utf-8", "replace")[:2000]
@@ -95,7 +114,10 @@ class _ErrorBodies:
             return
         status = self.start["status"]
         body = json.dumps(error_body(status, self.body)).encode()
-        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+        drop = (b"content-length", b"content-type", b"retry-after")
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in drop]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == UNAVAILABLE.status:
+            headers += [(k.lower().encode(), v.encode()) for k, v in UNAVAILABLE.headers().items()]
         await self.send({**self.start, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})

@@ -12,7 +12,9 @@ import typing as t
 from guardian_plugin.bento.conversion import _as_input_tensor, _as_prob_tensor
 from guardian_plugin.bento.metrics import _Metrics
 from guardian_plugin.inputs import DEFAULT_MAX_PIXELS
-from guardian_plugin.responses import Admission
+from guardian_plugin.bento.middleware import denial_exception
+from guardian_plugin.errors import LedgerUnavailable
+from guardian_plugin.responses import UNAVAILABLE, Admission
 
 if t.TYPE_CHECKING:
     from guardian_plugin.bento.decorator import GuardSettings
@@ -74,7 +76,10 @@ class _Runtime:
             raise ValueError(f"guarded API {api!r}: preprocess gave {x.shape[0]} rows, the method returned "
                              f"{p.shape[0]} probability rows for {len(admissions)} requests' rows")
         with self._lock:
-            res = self.guardian.inspect(x, p, list(admissions))
+            try:
+                res = self.guardian.inspect(x, p, list(admissions))
+            except LedgerUnavailable:  # ledger_failure: closed -> 503 for the requests of this call
+                raise denial_exception(UNAVAILABLE) from None
         n_flag = sum(res.flagged)
         self.metrics.inspected(api, p.shape[0], n_flag, res.newly_refused([a.client for a in admissions]),
                                time.perf_counter() - t0)
