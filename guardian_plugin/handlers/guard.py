@@ -326,4 +326,4 @@ def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
              cfg.namespace, guardian.ledger.rule.tau, guardian.ledger.rule.rho)
     from guardian_plugin.fit import verify_handler_fit  # the detector fits the model, or the worker fails to load
     verify_handler_fit(inner, guardian.detector, cfg)
-    return HandlerGuard(inner, guardian, settings.output, settings.max_image_pixels)
+    return HandlerGuard(inner, guardian, settings.output, settings.max_image_pixels or cfg.max_image_pixels)

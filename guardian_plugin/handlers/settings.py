@@ -10,7 +10,7 @@
           identity: {headers: [X-Client-Id], missing: anonymous}
         wrap: image_classifier         # GuardedHandler only: the original handler (built-in name or file)
         output: auto                   # what the original inference returns: auto | logits | probabilities
-        max_image_pixels: 12000000     # larger images are answered 400 before they are decoded
+        max_image_pixels: 12000000     # larger images: 400 before decoding (default: guard's, 12 MP)
 
 Ledger paths: a relative ``sqlite://`` path is taken relative to ``$GUARDIAN_STATE_DIR`` (default
 ``~/.local/state/guardian-plugin``), never to the worker's working directory, which TorchServe
@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from guardian_plugin.config import GuardConfig, parse_config
 from guardian_plugin.errors import ConfigError
-from guardian_plugin.inputs import DEFAULT_MAX_PIXELS
 
 SECTION = "guardian"
 DEFAULT_STATE_DIR = os.path.join("~", ".local", "state", "guardian-plugin")
@@ -38,7 +37,7 @@ class AdapterSettings(BaseModel):
     guard: Dict[str, Any]
     wrap: Optional[str] = None
     output: Literal["auto", "logits", "probabilities"] = "auto"
-    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_image_pixels: Optional[int] = Field(None, ge=1)  # default: the guard config's (12 MP)
 
 
 def state_dir() -> str:
