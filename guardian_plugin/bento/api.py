@@ -110,8 +110,8 @@ def _run_preprocess(settings, instance, api, value):
     fn = _resolve_preprocess(settings, instance, api)
     try:
         return fn(value)
-    except ValueError as e:  # the client's input: 400, before the method runs
-        raise BadInput(f"[BadInput] input cannot be preprocessed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - preprocess decodes the client's input: its failure is a 400
+        raise BadInput(f"[BadInput] input cannot be preprocessed: {type(e).__name__}: {e}") from e
 
 
 def _wrap_api(method, settings: GuardSettings):

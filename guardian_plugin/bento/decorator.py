@@ -140,11 +140,13 @@ def _attach(svc, settings: GuardSettings) -> None:
     if any(cls is GuardianMiddleware and opts.get("settings") is settings for cls, opts in svc.middlewares):
         return
     settings.service_name = svc.name
-    paths = set()
+    paths = {}
     for name in settings.api_names:
         route = join_paths(svc.path_prefix, svc.apis[name].route)
-        paths.update({route, route.rstrip("/") or "/"})
-    svc.add_asgi_middleware(GuardianMiddleware, settings=settings, paths=sorted(paths))
+        spec = svc.apis[name].input_spec
+        fields = (frozenset(spec.model_fields), frozenset(getattr(spec, "multipart_fields", ()) or ()))
+        paths.update({route: fields, route.rstrip("/") or "/": fields})
+    svc.add_asgi_middleware(GuardianMiddleware, settings=settings, paths=paths)
 
 
 def install_service_hook() -> None:

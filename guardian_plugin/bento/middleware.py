@@ -7,7 +7,7 @@ import json
 import re
 import typing as t
 
-from guardian_plugin.responses import UNAVAILABLE
+from guardian_plugin.responses import UNAVAILABLE, Denial
 
 if t.TYPE_CHECKING:
     from guardian_plugin.bento.decorator import GuardSettings
@@ -73,20 +73,95 @@ class GuardianMiddleware:
     error answer of those routes rewritten to the same ``{"code", "type", "message"}`` shape that the
     TorchServe adapter sends."""
 
-    def __init__(self, app, settings: GuardSettings, paths: t.Iterable[str]):
+    def __init__(self, app, settings: GuardSettings, paths: t.Mapping[str, tuple]):
         self.app = app
         self.settings = settings
-        self.paths = frozenset(paths)
+        self.paths = dict(paths)  # route -> (input field names, file field names)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
             return await self.app(scope, receive, send)
         from starlette.requests import Request
 
-        adm = self.settings.runtime().check_request(Request(scope))
+        request = Request(scope)
+        adm = self.settings.runtime().check_request(request)
         if adm.denial is not None:
             return await denial_response(adm.denial)(scope, receive, send)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data":
+            body, receive = await _buffered(receive)
+            problem = multipart_problem(request.headers["content-type"], body, *self.paths[scope["path"]])
+            if problem is not None:
+                return await denial_response(Denial.bad_input("BadMultipart", problem))(scope, receive, send)
         return await self.app(scope, receive, _ErrorBodies(send))
+
+
+async def _buffered(receive):
+    """The whole request body, and a ``receive`` that hands it to the app again."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def multipart_problem(content_type: str, body: bytes, fields: frozenset, file_fields: frozenset) -> t.Optional[str]:
+    """Why a multipart body cannot be one of this API's requests (None when it can): no boundary,
+    broken framing, a part that names no input of the API, or text where the API takes a file (BentoML
+    would fetch a text value of a file field as a URL)."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        return "multipart/form-data without a boundary"
+    parts: t.List[dict] = []
+    header = {"field": b"", "value": b""}
+
+    def on_part_begin():
+        parts.append({})
+
+    def on_header_field(data, start, end):
+        header["field"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        header["value"] += data[start:end]
+
+    def on_header_end():
+        if header["field"].lower() == b"content-disposition":
+            parts[-1]["disposition"] = parse_options_header(header["value"])[1]
+        header["field"], header["value"] = b"", b""
+
+    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                                        "on_header_value": on_header_value, "on_header_end": on_header_end})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception as e:  # noqa: BLE001 - python-multipart's errors for a malformed body
+        return f"malformed multipart body ({type(e).__name__}: {e})"
+    if not parts:
+        return "the multipart body has no parts"
+    for part in parts:
+        disp = part.get("disposition") or {}
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        if name not in fields:
+            return f"the part {name!r} is not an input of this API (inputs: {', '.join(sorted(fields))})"
+        if name in file_fields and b"filename" not in disp:
+            return f"the part {name!r} must be a file upload"
+    return None
 
 
 def denial_response(denial):

@@ -1,0 +1,112 @@
+"""Identity and store outages under a real `bentoml serve` of the example service (2 workers), with
+API keys (a secret salt from GUARDIAN_ID_SALT), anonymous requests allowed, and a Redis ledger:
+
+- no header value lets client A change client B's record, and no answer reveals a hashed id;
+- an anonymous attacker cannot get a benign anonymous client refused (docs/request-path.md);
+- with the store down (`ledger_failure: closed`, the default) every guarded request is answered 503
+  with the guard's JSON body and Retry-After -- TorchServe's answer too (tests/test_multi_instance.py)
+  -- and the service answers again once the store is back."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import yaml
+
+pytest.importorskip("bentoml")
+requests = pytest.importorskip("requests")
+
+from guardian_plugin.devserver.bentoml import BentoServer  # noqa: E402
+from guardian_plugin.devserver.redis import RedisServer  # noqa: E402
+
+SERVICE = "bento.service:MNISTGuarded"
+SALT = "bento-test-salt-0123456789"
+TAU = 14  # tau: auto
+EXPECTED = {"code": 503, "type": "LedgerUnavailable", "message": "the per-client store is unavailable; try again later"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bento_outage")
+    redis_srv = RedisServer(durable=True).start()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tmp / "guard.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "detector": os.path.join(root, "examples", "mnist", "artifacts", "detector"), "ledger": redis_srv.url,
+        "namespace": "mnist", "identity": {"api_key_header": "X-Api-Key", "missing": "anonymous"}}))
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GUARDIAN_TORCH_THREADS": "1",
+                "BENTOML_HOME": str(tmp / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
+                "GUARDIAN_CONFIG": str(cfg), "GUARDIAN_ID_SALT": SALT})
+    srv = BentoServer(SERVICE, env, str(tmp / "serve.log"))
+    yield srv, redis_srv
+    srv.stop()
+    redis_srv.stop()
+
+
+def _post(url, path, field, img, key=None, headers=None):
+    from bento.client import png
+
+    h = dict(headers or {})
+    if key is not None:
+        h["X-Api-Key"] = key
+    return requests.post(url + path, files=[(field, ("d.png", png(img), "image/png"))], headers=h, timeout=120)
+
+
+def test_api_keys_cannot_be_spoofed(stack):
+    from bento.client import real_digits, synthetic_digits
+
+    from guardian_plugin.identity import hash_key
+    from guardian_plugin.ledger import open_ledger
+
+    srv, redis_srv = stack
+    bob = hash_key("bobs-key", SALT)
+    codes = []
+    for img in synthetic_digits(2 * TAU, seed=3):
+        r = _post(srv.url, "/classify", "image", img, key="mallory", headers={"X-Client-Id": bob})
+        codes.append(r.status_code)
+        assert "key:" not in r.text
+    assert codes[-1] == 403 and 200 in codes, codes
+    assert _post(srv.url, "/classify", "image", real_digits(1)[0][0], key="bobs-key").status_code == 200
+    led = open_ledger(redis_srv.url, namespace="mnist")
+    assert led.get(bob).queries == 1 and not led.get(bob).denied
+
+
+def test_anonymous_attacker_cannot_lock_out_anonymous_users(stack):
+    from bento.client import real_digits, synthetic_digits
+
+    srv, _ = stack
+    for img in synthetic_digits(2 * TAU, seed=4):
+        assert _post(srv.url, "/classify", "image", img).status_code == 200
+    for img in real_digits(3)[0]:
+        r = _post(srv.url, "/classify", "image", img)
+        assert r.status_code == 200 and len(r.json()) == 10
+
+
+def test_store_down_is_503_with_the_guards_body_then_served_again(stack):
+    from bento.client import real_digits
+
+    srv, redis_srv = stack
+    img = real_digits(1)[0][0]
+    routes = (("/classify", "image"), ("/classify_batch", "images"))
+    for path, field in routes:
+        assert _post(srv.url, path, field, img, "outage-client").status_code == 200
+    redis_srv.kill()
+    # a client unknown to the store (its admission needs the store) and a known one
+    try:
+        for path, field in routes:
+            for cid in ("outage-client", "outage-new-client"):  # known and unknown clients alike
+                r = _post(srv.url, path, field, img, cid)
+                assert r.status_code == 503, (path, r.status_code, r.text)
+                assert r.json() == EXPECTED and r.headers.get("Retry-After") == "5", (path, r.text, r.headers)
+    finally:
+        redis_srv.start()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if _post(srv.url, "/classify", "image", img, "outage-client").status_code == 200:
+            break
+        time.sleep(0.5)
+    for path, field in routes:
+        assert _post(srv.url, path, field, img, "outage-client").status_code == 200
