@@ -45,7 +45,7 @@ import fuzz_strategies as fz  # noqa: E402
 from examples.mnist import serving as ex  # noqa: E402
 
 # cases per endpoint; the three endpoints together keep the file near 90 s on a 2-core machine
-EXAMPLES = {"torchserve": 300, "classify": 250, "classify_batch": 250}
+EXAMPLES = {"torchserve": 400, "classify": 400, "classify_batch": 400}
 if os.environ.get("FUZZ_EXAMPLES"):
     EXAMPLES = {k: int(os.environ["FUZZ_EXAMPLES"]) for k in EXAMPLES}
 
