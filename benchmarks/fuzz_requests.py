@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,23 +58,31 @@ def fuzz_target(target, digits, examples: int | None, seconds: float | None, see
             chunk += 1
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
 def versions() -> dict:
+    """The evaluation harness's versions (python, torch, git commit, ...) and the serving packages'."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchserve", "bentoml", "hypothesis", "requests", "pillow"):
+    from guardian_plugin.evaluation.harness import versions as base
+
+    out = base()
+    for pkg in ("torchserve", "bentoml", "hypothesis", "requests", "pillow"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def write_report(path: str, out: dict, failures: list, ok: str) -> int:
+    """Write a benchmark's JSON (with versions, commit and machine) and say where; exit status."""
+    v = versions()
+    out = {**out, "git_commit": v.get("git_commit", ""), "versions": v, "machine": platform.machine(),
+           "cpus": os.cpu_count(), "failures": failures}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\nwrote {path}; {'FAILURES: ' + ', '.join(failures) if failures else ok}")
+    return 1 if failures else 0
 
 
 def main(argv=None) -> int:
@@ -121,14 +128,8 @@ def main(argv=None) -> int:
     finally:
         for srv in servers:
             srv.stop()
-    out = {"benchmark": "fuzz_requests", "examples": args.examples, "seconds": args.seconds, "seed": args.seed,
-           "git_commit": git_commit(), "versions": versions(), "machine": platform.machine(),
-           "cpus": os.cpu_count(), "targets": results, "failures": failures}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}; {'FAILURES: ' + ', '.join(failures) if failures else 'no failures'}")
-    return 1 if failures else 0
+    return write_report(args.out, {"benchmark": "fuzz_requests", "examples": args.examples, "seconds": args.seconds,
+                                   "seed": args.seed, "targets": results}, failures, "no failures")
 
 
 if __name__ == "__main__":

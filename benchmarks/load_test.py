@@ -26,9 +26,7 @@ Exit status 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -43,7 +41,7 @@ for p in (ROOT, os.path.join(ROOT, "tests")):
 import requests  # noqa: E402
 
 import fuzz_strategies as fz  # noqa: E402
-from benchmarks.fuzz_requests import git_commit, versions  # noqa: E402
+from benchmarks.fuzz_requests import write_report  # noqa: E402
 from examples.mnist import serving as ex  # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "load_test.json")
@@ -211,14 +209,8 @@ def main(argv=None) -> int:
         if res["5xx"] or res["ledger_mismatches"] or res["server_problems"] or \
                 any(k["malformed_200"] for k in res["kinds"].values()):
             failures.append(name)
-    out = {"benchmark": "load_test", "seconds": args.seconds, "threads": args.threads, "seed": args.seed,
-           "git_commit": git_commit(), "versions": versions(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "servers": results, "failures": failures}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"\nwrote {args.out}; {'FAILURES: ' + ', '.join(failures) if failures else 'all checks passed'}")
-    return 1 if failures else 0
+    return write_report(args.out, {"benchmark": "load_test", "seconds": args.seconds, "threads": args.threads,
+                                   "seed": args.seed, "servers": results}, failures, "all checks passed")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def test_a_bad_image_never_fails_its_batch_neighbours(server, oracle, env):
     them): every benign request gets its correct 200, the bad one its 400, the ledger counts answers."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bento.client import png, real_digits
+    from bento.client import real_digits
 
     imgs = real_digits(7)[0]
     want, flags = oracle(imgs)

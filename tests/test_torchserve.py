@@ -298,7 +298,7 @@ def test_a_bad_image_never_fails_its_batch_neighbours(served):
     statuses = {"bad": [], "good": []}
     with ThreadPoolExecutor(8) as pool:
         for rnd in range(20):
-            jobs = [("bad", bad, f"nb-bad")] + [("good", d, f"nb-good-{j}") for j, d in enumerate(digits)]
+            jobs = [("bad", bad, "nb-bad")] + [("good", d, f"nb-good-{j}") for j, d in enumerate(digits)]
             rs = list(pool.map(lambda j: post(ts, "mnist_g", j[1], client=j[2]), jobs))
             for (kind, _, _), r in zip(jobs, rs):
                 statuses[kind].append(r.status_code)
@@ -333,7 +333,7 @@ def test_api_keys_cannot_be_spoofed(served):
     ts = served["ts"]
     victim_key = "key-of-bob"
     for i, img in enumerate(served["fakes"][:3 * TAU]):
-        r = post(ts, "literal", img, headers={"X-Api-Key": f"mallory", "X-Client-Id": hash_key(victim_key, SALT)})
+        r = post(ts, "literal", img, headers={"X-Api-Key": "mallory", "X-Client-Id": hash_key(victim_key, SALT)})
         assert r.status_code in (200, 403)
         assert "key:" not in r.text
     assert r.status_code == 403 and json.loads(r.text)["type"] == "ClientRefused"

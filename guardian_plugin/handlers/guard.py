@@ -46,7 +46,7 @@ import torch
 from guardian_plugin.errors import LedgerUnavailable
 from guardian_plugin.guardian import Guardian
 from guardian_plugin.inputs import DEFAULT_MAX_PIXELS, InputError, decode_error, image_size
-from guardian_plugin.responses import UNAVAILABLE, Denial
+from guardian_plugin.responses import UNAVAILABLE
 
 log = logging.getLogger("guardian_plugin.handlers")
 
