@@ -159,11 +159,14 @@ class HandlerGuard:
     """Runs a TorchServe handler's template methods with the Guardian in between; every request gets
     its own answer: one bad row never changes another row's status or answer."""
 
-    def __init__(self, inner, guardian: Guardian, output: str = "auto", max_image_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, inner, guardian: Guardian, output: str = "auto", max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_input_elements: Optional[int] = None, model_input: str = ""):
         self.inner = inner
         self.guardian = guardian
         self.output = output
         self.max_image_pixels = max_image_pixels
+        self.max_input_elements = max_input_elements  # per row; None: unbounded
+        self.model_input = model_input  # e.g. "1x28x28", for the message
         self._kind_logged = None
 
     # -- helpers
@@ -173,8 +176,10 @@ class HandlerGuard:
         except (IndexError, AttributeError, TypeError):
             return {}
 
-    @staticmethod
-    def _check_row(x: torch.Tensor) -> Optional[RequestError]:
+    def _check_row(self, x: torch.Tensor) -> Optional[RequestError]:
+        if self.max_input_elements is not None and x.numel() > self.max_input_elements:
+            return RequestError(400, "InputTooLarge", f"the model takes {self.model_input} inputs; this request "
+                                                      f"gives {'x'.join(map(str, x.shape))}")
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             return RequestError(400, "NonFiniteInput", "the input contains NaN or infinite values")
         return None
@@ -325,5 +330,10 @@ def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
     log.info("guardian: detector %s, ledger %s (namespace %s), rule tau=%d rho=%.2f", cfg.detector, cfg.ledger,
              cfg.namespace, guardian.ledger.rule.tau, guardian.ledger.rule.rho)
     from guardian_plugin.fit import verify_handler_fit  # the detector fits the model, or the worker fails to load
-    verify_handler_fit(inner, guardian.detector, cfg)
-    return HandlerGuard(inner, guardian, settings.output, settings.max_image_pixels or cfg.max_image_pixels)
+    model = verify_handler_fit(inner, guardian.detector, cfg)
+    limit, shape = None, ""
+    if model is not None and settings.max_input_ratio > 0:
+        limit = int(settings.max_input_ratio * model.channels * model.height * model.width)
+        shape = f"{model.channels}x{model.height}x{model.width}"
+    return HandlerGuard(inner, guardian, settings.output, settings.max_image_pixels or cfg.max_image_pixels,
+                        limit, shape)

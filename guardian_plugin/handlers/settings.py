@@ -11,6 +11,7 @@
         wrap: image_classifier         # GuardedHandler only: the original handler (built-in name or file)
         output: auto                   # what the original inference returns: auto | logits | probabilities
         max_image_pixels: 12000000     # larger images: 400 before decoding (default: guard's, 12 MP)
+        max_input_ratio: 4             # inputs > 4x the probed model input: 400 before inference (0: off)
 
 Ledger paths: a relative ``sqlite://`` path is taken relative to ``$GUARDIAN_STATE_DIR`` (default
 ``~/.local/state/guardian-plugin``), never to the worker's working directory, which TorchServe
@@ -38,6 +39,9 @@ class AdapterSettings(BaseModel):
     wrap: Optional[str] = None
     output: Literal["auto", "logits", "probabilities"] = "auto"
     max_image_pixels: Optional[int] = Field(None, ge=1)  # default: the guard config's (12 MP)
+    # a preprocessed input larger than this many times what the model took when probed at load -> 400
+    # before inference (a small PNG of many pixels must not hold a worker for seconds); 0: off
+    max_input_ratio: float = Field(4.0, ge=0.0)
 
 
 def state_dir() -> str:
