@@ -68,8 +68,12 @@ class InspectResult:
         for c in clients:
             if c is not None:
                 rows[c] = rows.get(c, 0) + 1
-        return sum(1 for c, s in self.states.items() if s.refused and s.refused_at_query is not None
-                   and s.refused_at_query > s.queries - rows.get(c, 0))
+        return sum(1 for c, s in self.states.items() if crossed(s, rows.get(c, 0)))
+
+
+def crossed(state, rows: int) -> bool:
+    """Whether a client's state after an update of ``rows`` queries shows the refusal happening in it."""
+    return state.refused and state.refused_at_query is not None and state.refused_at_query > state.queries - rows
 
 
 Client = Union[str, Admission]
@@ -197,7 +201,7 @@ class Guardian:
         if per_client:
             for st in self.ledger.record_many([(c, q, f) for c, (q, f) in per_client.items()]):
                 states[st.client_id] = st
-                if st.refused and st.refused_at_query is not None and st.refused_at_query > st.queries - per_client[st.client_id][0]:
+                if crossed(st, per_client[st.client_id][0]):
                     log.warning("guardian: client %r refused at query %d (flagged %d)", st.client_id,
                                 st.refused_at_query, st.flagged)
         return states
