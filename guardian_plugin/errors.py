@@ -19,3 +19,7 @@ class LedgerUnavailable(GuardianError):
 
 class ModelMismatch(ConfigError):
     """A detector artifact was trained for other inputs or another class count than the model it guards."""
+
+
+class MissingDependency(GuardianError, ImportError):
+    """An optional package that a configured component needs is not installed; the message names it."""

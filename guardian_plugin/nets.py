@@ -103,6 +103,14 @@ for _arch in ("resnet18", "resnet34", "resnet50"):
     CLASSIFIERS.register(_arch)(_torchvision(_arch))
 
 
+@CLASSIFIERS.register("effnet_lite0_head")
+def _effnet_lite0_head(**kw):
+    """The frozen ImageNet-pretrained EfficientNet-Lite0 with a small trainable head (pretrained.py)."""
+    from guardian_plugin.pretrained import EffNetLite0Head
+
+    return EffNetLite0Head(**kw)
+
+
 def build_classifier(arch: str, **kw) -> nn.Module:
     return CLASSIFIERS.get(arch)(**kw)
 

