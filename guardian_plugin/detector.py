@@ -192,7 +192,8 @@ def load_detector(directory: str, device: str | torch.device = "cpu", victim: Op
             transforms[s.transform] = build_transform(s.transform, dict(spec.transforms.get(s.transform, {})), ctx)
     subs = []
     for s in spec.subdetectors:
-        sub = SubDetector(s.arch, spec.image.channels, spec.image.size, **s.arch_params)
+        sub = SubDetector(s.arch, transforms[s.transform].out_channels or spec.image.channels, spec.image.size,
+                          **s.arch_params)
         load_into(sub, os.path.join(directory, s.weights), f"sub-detector {s.name!r}")
         subs.append(sub)
     return Detector(spec, transforms, subs).to(device)

@@ -5,6 +5,13 @@ more outputs per sample. The representation of ``x`` is ``g = d(sum T(x)) / dx``
 per sample over C, H, W jointly to [0, 255]. ``T``'s parameters are frozen and it runs in eval mode, so
 the backward pass computes the input gradient only (about 2.2x a forward pass instead of 4-8x) and,
 as long as ``T`` has no batch-coupling layer, one backward pass gives every sample its own gradient.
+A transform built with ``gradient=False`` uses ``T(x)`` itself (a feature map, a residual) instead.
+
+Normalisation (settings of every transform but identity): ``normalise: minmax`` (the default for
+gradients: per sample, which discards the gradient's scale) or ``normalise: scale`` with ``scale: s``,
+one fixed scale for all images: ``clip(g / s, -1, 1)`` mapped to [0, 255]. train-detector estimates a
+missing ``s`` once, as the ``scale_quantile`` (default 0.99) quantile of ``|g|`` on real training
+images, and stores it in the artifact's transform settings.
 
 Registry names (the ``transform`` field of a detector config):
   identity                      the raw image x 255 (the paper's "w/o gradient transformation" row)
@@ -13,6 +20,9 @@ Registry names (the ``transform`` field of a detector config):
   torchvision:<arch>            a torchvision classifier with a local weights file (``weights: PATH``)
   torchscript:<path>            any TorchScript module with the same contract
   stylegan1-discriminator       StyleGAN (v1) discriminator, LGrad-compatible weights from a local file
+  effnet_gradient               the ImageNet-pretrained EfficientNet-Lite0 (pretrained.py) at a chosen resolution
+  effnet_features               that network's feature map after a chosen block (not a gradient)
+  npr                           the NPR residual x - up(down(x)) (nearest, factor 2; no weights)
 """
 
 from __future__ import annotations
@@ -21,8 +31,10 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from guardian_plugin.errors import ConfigError
+from guardian_plugin.pretrained import block_channels, check_block, efficientnet_lite0, features, trunk_input
 from guardian_plugin.registry import Registry
 from guardian_plugin.weights import load_into, load_torchscript
 
@@ -32,11 +44,14 @@ TRANSFORMS: Registry = Registry("transformation model")
 class TransformModel(nn.Module):
     """Wraps ``T`` and computes the representation. ``gradient=False`` means ``T`` is used as is."""
 
-    def __init__(self, name: str, model: Optional[nn.Module], gradient: bool = True, out_channels: int | None = None):
+    def __init__(self, name: str, model: Optional[nn.Module], gradient: bool = True, out_channels: int | None = None,
+                 normalise: str = "minmax", scale: float | None = None):
         super().__init__()
         self.name = name
         self.model = model
         self.gradient = gradient
+        self.out_channels = out_channels  # the representation's channels when not the image's (feature maps)
+        self.normalise, self.scale = normalise, scale
         if model is not None:
             model.eval()
             for p in model.parameters():
@@ -61,14 +76,35 @@ def minmax_255(g: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def representation(t: TransformModel, x: torch.Tensor) -> torch.Tensor:
     """The representation of a batch of [0, 1] pixel images, as float32 in [0, 255]."""
-    if not t.gradient:
+    if t.model is None:
         return x.detach().float() * 255.0
+    g = raw_output(t, x)
+    if t.normalise == "minmax":
+        return minmax_255(g)
+    if t.scale is None:
+        raise ConfigError(f"transform {t.name!r}: `normalise: scale` needs `scale:` (train-detector estimates it)")
+    return (g / t.scale).clamp(-1.0, 1.0) * 127.5 + 127.5
+
+
+def raw_output(t: TransformModel, x: torch.Tensor) -> torch.Tensor:
+    """Before normalisation: the input gradient of ``sum T(x)``, or ``T(x)`` for ``gradient=False``."""
+    if not t.gradient:
+        with torch.no_grad():
+            return t.model(x.detach().float()).float()
     with torch.inference_mode(False), torch.enable_grad():
         # a fresh leaf outside inference mode: TorchServe calls us under torch.inference_mode()
         xi = x.detach().clone().float().requires_grad_(True)
         out = t.model(xi)
         (g,) = torch.autograd.grad(out.sum(), xi)
-    return minmax_255(g.detach())
+    return g.detach()
+
+
+def estimate_scale(t: TransformModel, x: torch.Tensor, quantile: float = 0.99, batch: int = 64) -> float:
+    """The ``quantile`` of ``|raw output|`` over [0, 1] pixel images ``x``: ``normalise: scale``'s ``s``."""
+    import numpy as np
+
+    g = np.concatenate([raw_output(t, x[k:k + batch]).abs().flatten().cpu().numpy() for k in range(0, len(x), batch)])
+    return max(float(np.quantile(g, quantile)), 1e-12)
 
 
 # ----------------------------------------------------------------------------------- factories
@@ -155,6 +191,94 @@ def _stylegan1(spec: dict, ctx: TransformContext) -> TransformModel:
     return TransformModel("stylegan1-discriminator", StyleGAN1Input(disc, ctx.channels))
 
 
+class _NPR(nn.Module):
+    """NPR (CVPR 2024): x minus its nearest-neighbour down- then up-sampled copy (factor 2), in [-1, 1]."""
+
+    def forward(self, x):
+        return x - F.interpolate(F.interpolate(x, scale_factor=0.5, mode="nearest"), size=x.shape[-2:], mode="nearest")
+
+
+@TRANSFORMS.register("npr")
+def _npr(spec: dict, ctx: TransformContext) -> TransformModel:
+    """The residual is not a gradient and needs no weights; ``scale: 1`` maps its [-1, 1] to [0, 255]."""
+    _check_keys("npr", spec, ())
+    return TransformModel("npr", _NPR(), gradient=False, normalise="scale", scale=1.0)
+
+
+class _EffNet(nn.Module):
+    """[0, 1] pixels -> the pretrained EfficientNet-Lite0 at ``resolution``: one scalar per sample of
+    ``objective`` (for the gradient) or, with ``objective=None``, the feature map after ``block``
+    resized back to the input's size (bilinear, antialiased) so a sub-detector sees the image's geometry."""
+
+    def __init__(self, resolution: int, block, objective: str | None = None):
+        super().__init__()
+        self.net, self.resolution, self.block, self.objective = efficientnet_lite0(), resolution, block, objective
+
+    def forward(self, x):
+        z = trunk_input(x * 2.0 - 1.0, self.resolution)
+        if self.objective in ("sum_logits", "max_logit"):
+            logits = self.net._fc(features(self.net, z).mean((2, 3)))
+            return logits.sum(1) if self.objective == "sum_logits" else logits.max(1).values
+        f = features(self.net, z, self.block)
+        if self.objective == "feature_norm":
+            return f.flatten(1).norm(dim=1)
+        return F.interpolate(f, size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+
+
+EFFNET_OBJECTIVES = ("sum_logits", "max_logit", "feature_norm")
+
+
+def _effnet_settings(name: str, spec: dict, extra: tuple, block_default):
+    _check_keys(name, spec, ("resolution", "block") + extra)
+    res = spec.get("resolution", 224)
+    if not isinstance(res, int) or isinstance(res, bool) or not 16 <= res <= 1024:
+        raise ConfigError(f"transform {name!r}: resolution must be an integer in 16..1024 (32, 64, 128, 224), got {res!r}")
+    return res, check_block(spec.get("block", block_default), f"transform {name!r}")
+
+
+@TRANSFORMS.register("effnet_gradient")
+def _effnet_gradient(spec: dict, ctx: TransformContext) -> TransformModel:
+    """Input gradient of the ImageNet-pretrained EfficientNet-Lite0: ``resolution`` (default 224; the
+    image is resized to it inside the graph, the gradient comes back at the image's size),
+    ``objective`` sum_logits (default) | max_logit | feature_norm (the L2 norm of ``block``'s map,
+    default 'head')."""
+    res, block = _effnet_settings("effnet_gradient", spec, ("objective",), "head")
+    objective = spec.get("objective", "sum_logits")
+    if objective not in EFFNET_OBJECTIVES:
+        raise ConfigError(f"transform 'effnet_gradient': objective must be one of {', '.join(EFFNET_OBJECTIVES)}, got {objective!r}")
+    return TransformModel("effnet_gradient", _EffNet(res, block, objective))
+
+
+@TRANSFORMS.register("effnet_features")
+def _effnet_features(spec: dict, ctx: TransformContext) -> TransformModel:
+    """The pretrained EfficientNet-Lite0's feature map after ``block`` (default 2: 24 channels at 1/4 of
+    ``resolution``, default 224), resized to the image's size; its channels become the sub-detectors'
+    input channels. Default normalisation: one fixed scale (estimated by train-detector)."""
+    res, block = _effnet_settings("effnet_features", spec, (), 2)
+    return TransformModel("effnet_features", _EffNet(res, block), gradient=False,
+                          out_channels=block_channels(block), normalise="scale")
+
+
+NORMALISE_KEYS = ("normalise", "scale", "scale_quantile")
+
+
+def _check_keys(name: str, spec: dict, allowed: tuple) -> None:
+    unknown = sorted(set(spec) - set(allowed) - set(NORMALISE_KEYS))
+    if unknown:
+        raise ConfigError(f"transform {name!r}: unknown setting(s) {', '.join(unknown)}")
+
+
+def _normalisation(t: TransformModel, spec: dict) -> TransformModel:
+    """Apply the generic ``normalise`` / ``scale`` settings to a built transform."""
+    t.normalise = spec.get("normalise", t.normalise)
+    t.scale = spec.get("scale", t.scale)
+    if t.normalise not in ("minmax", "scale"):
+        raise ConfigError(f"transform {t.name!r}: normalise must be minmax or scale, got {t.normalise!r}")
+    if t.scale is not None and (isinstance(t.scale, bool) or not isinstance(t.scale, (int, float)) or t.scale <= 0):
+        raise ConfigError(f"transform {t.name!r}: scale must be a positive number, got {t.scale!r}")
+    return t
+
+
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -173,18 +297,19 @@ def build_transform(name: str, spec: dict, ctx: TransformContext) -> TransformMo
         model = getattr(torchvision.models, arch)(weights=None)
         load_into(model, ctx.path(weights), f"transform {name!r}")
         mean, std = spec.get("mean", IMAGENET_MEAN), spec.get("std", IMAGENET_STD)
-        return TransformModel(name, _Normalised(model, mean, std, ctx.channels, 3))
+        return _normalisation(TransformModel(name, _Normalised(model, mean, std, ctx.channels, 3)), spec)
     if name.startswith("torchscript:"):
         path = name.split(":", 1)[1]
         model = load_torchscript(ctx.path(path), f"transform {name!r}")
         mean = spec.get("mean", [0.0] * ctx.channels)
         std = spec.get("std", [1.0] * ctx.channels)
-        return TransformModel(name, _Normalised(model, mean, std, ctx.channels, int(spec.get("model_channels", ctx.channels))))
+        model = _Normalised(model, mean, std, ctx.channels, int(spec.get("model_channels", ctx.channels)))
+        return _normalisation(TransformModel(name, model), spec)
     try:
         factory: Callable = TRANSFORMS.get(name)
     except KeyError as e:
         raise ConfigError(str(e)) from None
-    return factory(spec, ctx)
+    return _normalisation(factory(spec, ctx), spec)
 
 
 def transform_names() -> Dict[str, str]:

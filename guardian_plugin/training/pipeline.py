@@ -34,7 +34,7 @@ from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
 from guardian_plugin.training.data import cifar10, image_folder, mnist_splits, photo_crops, to_float, to_uint8
 from guardian_plugin.training.sources import SourceContext, build_source, uses_victim
-from guardian_plugin.transform import TransformContext, TransformModel, build_transform
+from guardian_plugin.transform import TransformContext, TransformModel, build_transform, estimate_scale
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def train_subdetector(name: str, transform: TransformModel, real: np.ndarray, fa
                       device, seed: int, progress: bool = True) -> Tuple[SubDetector, List[dict]]:
     d = cfg.detector
     seed_everything(seed)
-    sub = SubDetector(d.arch, cfg.channels, cfg.size, **d.arch_params).to(device)
+    sub = SubDetector(d.arch, transform.out_channels or cfg.channels, cfg.size, **d.arch_params).to(device)
     opt = torch.optim.Adam(sub.parameters(), lr=d.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=d.lr_step, gamma=d.lr_gamma)
     x = np.concatenate([real, fake])
@@ -229,8 +229,9 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
         source_info[name] = {**info, "kind": s.kind, "train": len(fake_train[name]), "val": n_val, "test": n_test,
                              "cache": path}
 
-    # 3. transformation models
+    # 3. transformation models (a fixed `normalise: scale` is estimated on real training images)
     t = time.time()
+    real_pool = np.concatenate(list(real["train"].values()))
     names = {src: cfg.detector.per_source_transform.get(src, cfg.detector.transform) for src in cfg.sources}
     tctx = TransformContext(cfg.channels, cfg.size, artifact_dir=out_dir, victim=victim,
                             victim_mean=cfg.mean, victim_std=cfg.std)
@@ -239,25 +240,27 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
     for tname in sorted(set(names.values())):
         spec = dict(cfg.detector.transform_params.get(tname, {}))
         if tname == "discriminator":
-            spec = {"weights": "transform_discriminator.pt", "width": cfg.discriminator.width}
+            spec.update(weights="transform_discriminator.pt", width=cfg.discriminator.width)
             dpath = _train_discriminator(cfg, gen_data, cache, dev, progress)
             shutil.copyfile(dpath, os.path.join(out_dir, spec["weights"]))
         elif tname == "victim":
             if victim is None:
                 raise ValueError("transform 'victim' needs `victim:` in the config")
-            spec = {"weights": "transform_victim.torchscript.pt", "mean": cfg.mean, "std": cfg.std}
+            spec.update(weights="transform_victim.torchscript.pt", mean=cfg.mean, std=cfg.std)
             torch.jit.trace(victim.cpu().eval(), torch.zeros(1, cfg.channels, cfg.size, cfg.size)).save(
                 os.path.join(out_dir, spec["weights"]))
             victim.to(dev)
+        tm = transforms[tname] = build_transform(tname, spec, tctx).to(dev)
+        if tm.model is not None and tm.normalise == "scale" and tm.scale is None:
+            sample = to_float(real_pool[np.random.RandomState(cfg.seed).permutation(len(real_pool))[:512]]).to(dev)
+            spec["scale"] = tm.scale = estimate_scale(tm, sample, spec.get("scale_quantile", 0.99))
         transform_specs[tname] = spec
-        transforms[tname] = build_transform(tname, spec, tctx).to(dev)
     timings["transforms"] = time.time() - t
     if prepare_only:
         return {"prepared": True, "sources": source_info, "transforms": names,
                 "timings_s": {k: round(v, 1) for k, v in timings.items()}}
 
     # 4. sub-detectors: each gets as many real training images as it has synthetic ones
-    real_pool = np.concatenate(list(real["train"].values()))
     dseed = cfg.seed if cfg.detector.seed is None else cfg.detector.seed
     subs, sub_specs, histories = [], [], {}
     for i, (src, x_fake) in enumerate(fake_train.items()):
