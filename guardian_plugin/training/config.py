@@ -95,6 +95,9 @@ class TrainConfig(_Strict):
     # synthetic images held out for choosing between settings (transforms, architectures) without
     # touching the test split that is reported
     val_fraction: float = Field(0.0, ge=0, lt=1)
+    # JPEG quality of one round trip every synthetic image goes through before training, calibration and
+    # evaluation (null: none): set it when the real images are JPEG, or "JPEG means real" is learnt
+    synthetic_jpeg: Optional[int] = Field(None, ge=1, le=100)
     discriminator: TransformTrain = TransformTrain()
     detector: DetectorTrain = DetectorTrain()
     target_fpr: float = Field(0.01, gt=0, lt=0.5)

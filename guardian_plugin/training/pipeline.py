@@ -1,7 +1,8 @@
 """``guardian train-detector``: the offline pipeline that builds a DFMS-Detector artifact.
 
 1. real images in three disjoint splits: train (the real class), calibrate (thresholds), evaluate
-2. synthetic sources (cached by their settings), each split into train / test
+2. synthetic sources (cached by their settings), each split into train / test; with ``synthetic_jpeg``
+   every synthetic image first goes through that JPEG round trip, like the real images of a JPEG data set
 3. transformation models (the discriminator is a GAN trained here on the defender's data)
 4. one sub-detector per source: equal numbers of real and synthetic training images, augmentation
    before the transform, Adam with a step decay
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from guardian_plugin.detector import (FORMAT_VERSION, Detector, DetectorSpec, ImageSpec, InputMapping, SubDetector,
                                       SubDetectorSpec, save_detector)
-from guardian_plugin.training.augment import augment
+from guardian_plugin.training.augment import augment, jpeg_roundtrip
 from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
 from guardian_plugin.training.data import cifar10, image_folder, mnist_splits, photo_crops, to_float, to_uint8
@@ -66,6 +67,12 @@ def _path(p: str | None, base_dir: str) -> str:
     if not p:
         raise ValueError("a path is required")
     return p if os.path.isabs(p) else os.path.join(base_dir, p)
+
+
+def jpeg_images(x: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 (N, C, H, W) images through one JPEG round trip at ``quality`` (PIL, 4:2:0 chroma subsampling:
+    the same quantisation tables and subsampling as the CIFAR-10 JPEG files at quality 75)."""
+    return np.stack([to_uint8(jpeg_roundtrip(img, quality)) for img in to_float(x)]) if len(x) else x
 
 
 def _hash(obj) -> str:
@@ -219,6 +226,9 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
             info = {**sctx.info.get(s.kind, {}), "seconds": round(time.time() - t, 1)}
             np.savez_compressed(path, x=x, info=json.dumps(info))
             info["cached"] = False
+        if cfg.synthetic_jpeg is not None:
+            x = jpeg_images(x, cfg.synthetic_jpeg)
+            info["jpeg_quality"] = cfg.synthetic_jpeg
         timings[f"source_{name}"] = time.time() - t
         perm = np.random.RandomState(cfg.seed).permutation(len(x))
         n_test = int(round(len(x) * cfg.test_fraction))
@@ -303,6 +313,7 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
         "seed": cfg.seed,
         "detector_seed": dseed,
         "target_fpr": cfg.target_fpr,
+        "synthetic_jpeg": cfg.synthetic_jpeg,  # JPEG quality every synthetic image went through (None: none)
         "quantile_level": level,
         "thresholds": {s.name: s.threshold for s in spec.subdetectors},
         "calibration_fpr": cal_fpr,
