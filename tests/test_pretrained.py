@@ -41,6 +41,8 @@ def test_efficientnet_lite0_is_frozen_and_says_egyptian_cat_for_chelsea():
         p = net((x - 0.5) / 0.5).softmax(1)[0]
     assert int(p.argmax()) == 285  # ImageNet class 285: "Egyptian cat"
     assert float(p[285]) == pytest.approx(0.79, abs=0.02)
+    with torch.no_grad():  # batch norm folded into the convolutions (the default) or kept: the same function
+        assert torch.allclose(efficientnet_lite0(fold_batchnorm=False)((x - 0.5) / 0.5).softmax(1)[0], p, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,spec", TRANSFORMS)
