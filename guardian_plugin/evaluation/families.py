@@ -15,8 +15,11 @@ step: they exist to be evaluated on.
                        kernel, output layer and training run, not by the upsampling operator
 - ``gan_bilinear``     the same GAN with bilinear upsampling + conv: an operator in no source
 - ``random_bn_train``  randomly initialised GeneratorA (the DFME generator before its first step),
-                       BatchNorm in train mode (batch statistics), as an attacker's first queries
-- ``random_bn_eval``   the same in eval mode (fresh running statistics): low-contrast grey images
+                       BatchNorm in train mode (batch statistics), as an attacker's first queries.
+                       The ``dfme`` source also samples its generators' initial states in train mode:
+                       this family is unseen by initialisation seed only
+- ``random_bn_eval``   the same in eval mode (fresh running statistics): low-contrast grey images.
+                       Unseen only where the ``dfme`` source's ``eval_share`` is 0 (the CIFAR-10 config)
 - ``ddim_few_steps``   the ``diffusion`` source's architecture, trained independently (another seed)
                        and sampled with few DDIM steps (5 and 10): unseen by sampler, NOT by
                        architecture or training objective
