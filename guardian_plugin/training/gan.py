@@ -3,7 +3,10 @@ discriminator is the `discriminator` transformation model."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -27,12 +30,15 @@ def gan_step(g, d, opt_g, opt_d, real: torch.Tensor, z: torch.Tensor):
 
 
 def train_dcgan(x01: torch.Tensor, *, epochs: int = 20, batch_size: int = 64, nz: int = 64, width: int = 64,
-                lr: float = 2e-4, seed: int = 0, device="cpu", progress: bool = True, desc: str = "gan"):
+                lr: float = 2e-4, seed: int = 0, device="cpu", progress: bool = True, desc: str = "gan",
+                generator: Callable[..., nn.Module] = DCGANGenerator):
     """Non-saturating GAN loss, Adam(2e-4, betas 0.5/0.999). ``x01``: (N, C, H, W) in [0, 1].
+    ``generator(nz, channels, size, width)`` builds the generator (output in [0, 1], an ``nz``
+    attribute); the discriminator is always :class:`DCGANDiscriminator`.
     Returns (generator, discriminator, history)."""
     seed_everything(seed)
     c, size = x01.shape[1], x01.shape[-1]
-    g = DCGANGenerator(nz, c, size, width).to(device)
+    g = generator(nz, c, size, width).to(device)
     d = DCGANDiscriminator(c, width).to(device)
     opt_g = torch.optim.Adam(g.parameters(), lr=lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d.parameters(), lr=lr, betas=(0.5, 0.999))
@@ -50,7 +56,7 @@ def train_dcgan(x01: torch.Tensor, *, epochs: int = 20, batch_size: int = 64, nz
 
 
 @torch.no_grad()
-def sample_generator(g: DCGANGenerator, n: int, seed: int = 0, device="cpu") -> torch.Tensor:
+def sample_generator(g: nn.Module, n: int, seed: int = 0, device="cpu") -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     g.eval()
