@@ -6,22 +6,26 @@ clone is built and trained one step on its own, as a whole attack with it takes 
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import torch
 import yaml
 from test_attacks import TINY as ATTACK_TINY
+from test_cifar10_data import needs_data
 
 from examples.cifar10.train_victim import VICTIM, train_victim
 from guardian_plugin.evaluation.config import load_eval_config, parse_eval_config
 from guardian_plugin.evaluation.harness import run_evaluation
 from guardian_plugin.nets import build_classifier
 from guardian_plugin.training.config import load_train_config
-from guardian_plugin.training.data import photo_crops
+from guardian_plugin.training.common import accuracy
+from guardian_plugin.training.data import cifar10_split, normalise, photo_crops, to_float
 from guardian_plugin.training.victim import save_victim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ART = os.path.join(ROOT, "examples", "cifar10", "artifacts")
 ATTACKS_CFG = os.path.join(ROOT, "benchmarks", "attacks_cifar10.yaml")
 DETECTOR_CFG = os.path.join(ROOT, "examples", "cifar10", "detector-config.yaml")
 # test_attacks' few iterations each, with the photo proxy (3-channel crops) for DFMS and QUDA
@@ -41,6 +45,27 @@ def test_configs_parse_and_agree_with_the_victim():
     assert set(tcfg.sources) == {"dfme", "gan", "diffusion"}
     splits = {g: [e.split for e in getattr(tcfg.real, g) if e.kind == "cifar10"] for g in ("train", "calibrate", "evaluate")}
     assert splits == {"train": ["detector_train"], "calibrate": ["calibrate"], "evaluate": ["test"]}
+
+
+@needs_data
+def test_committed_victim_loads_and_scores_what_it_says():
+    with open(os.path.join(ART, "victim.json")) as f:
+        info = json.load(f)
+    assert (info["arch"], info["mean"], info["std"]) == (VICTIM["arch"], VICTIM["mean"], VICTIM["std"])
+    assert info["test_accuracy"] == info["history"][-1]["test_accuracy"] >= 0.88
+    m = build_classifier(info["arch"])
+    m.load_state_dict(torch.load(os.path.join(ART, "victim.pt"), map_location="cpu", weights_only=True))
+    scripted = torch.jit.load(os.path.join(ART, "victim.torchscript.pt"), map_location="cpu")
+    x, y = cifar10_split("test", 500)   # 50 per class: within 5 points of the whole split's figure
+    x = normalise(to_float(x), VICTIM["mean"], VICTIM["std"])
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert abs(accuracy(m, x, torch.from_numpy(y)) - info["test_accuracy"]) < 0.05
+        with torch.no_grad():
+            assert torch.allclose(scripted(x[:8]), m.eval()(x[:8]), atol=1e-4)
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_cifar_stem_keeps_32x32_resolution():

@@ -48,12 +48,12 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     t0 = time.time()
     x_train, y_train = cifar10_split("victim_train")
     x_test, y_test = cifar10_split("test")
     model, hist = train_victim(x_train, y_train, x_test, y_test, arch=a.arch, epochs=a.epochs, lr=a.lr,
                                seed=a.seed, device=device)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     info = save_victim(model, a.out, {
         **VICTIM, "arch": a.arch, "pretrained": f"../shared/data/cifar10-resnets/resnet{a.arch[12:]}-*.th",
         "seed": a.seed, "epochs": a.epochs, "lr": a.lr, "batch_size": 128,
