@@ -88,7 +88,7 @@ def test_victim_and_every_attack_run_on_3x32x32(tmp_path):
         model, hist = train_victim(x[:64], y[:64], x[64:], y[64:], pretrained=False, epochs=1, seed=0,
                                    device="cpu", batch_size=32, progress=False)
         assert [h["epoch"] for h in hist] == [0, 1]
-        info = save_victim(model, str(tmp_path / "victim"), {**VICTIM, "history": hist}, (3, 32, 32))
+        save_victim(model, str(tmp_path / "victim"), {**VICTIM, "history": hist}, (3, 32, 32))
         assert os.path.exists(tmp_path / "victim" / "victim.torchscript.pt")
         torch.save({"x": torch.from_numpy(x[64:]), "y": torch.from_numpy(y[64:])}, tmp_path / "test.pt")
 
