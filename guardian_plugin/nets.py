@@ -6,6 +6,8 @@ through :func:`build_classifier`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,20 +18,29 @@ CLASSIFIERS: Registry = Registry("classifier architecture")
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    """Two 3x3 convs with batch norm. Where the shape changes, the shortcut is a 1x1 conv + batch norm
+    (option B), or with ``pad_shortcut`` He et al.'s parameter-free option A: stride-2 subsampling
+    ``x[:, :, ::2, ::2]`` and zero-padded channels."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, pad_shortcut: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.short = None
-        if stride != 1 or cin != cout:
+        self.pad = (cout - cin) // 2 if pad_shortcut and (stride != 1 or cin != cout) else None
+        if self.pad is None and (stride != 1 or cin != cout):
             self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.short is None else self.short(x)))
+        if self.pad is not None:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        elif self.short is not None:
+            x = self.short(x)
+        return F.relu(out + x)
 
 
 class SmallResNet(nn.Module):
@@ -55,6 +66,47 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (depth 6n+2): a 3x3 conv, three stages of ``n`` basic blocks with 16, 32,
+    64 channels and option-A shortcuts, global pool, linear. Its state-dict keys are those of the
+    pretrained checkpoints in ../shared/data/cifar10-resnets (akamaster/pytorch_resnet_cifar10)."""
+
+    def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin = 16
+        for i, cout in enumerate((16, 32, 64), 1):
+            blocks = [BasicBlock(cin if b == 0 else cout, cout, 2 if (i > 1 and b == 0) else 1, pad_shortcut=True)
+                      for b in range(n)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            cin = cout
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def load_cifar_resnet_checkpoint(model: CifarResNet, depth: int) -> CifarResNet:
+    """Load the shared pretrained ResNet-``depth`` (``module.``-prefixed keys) into ``model``."""
+    import glob
+
+    from guardian_plugin.training.data import data_path
+
+    folder = data_path("cifar10-resnets")
+    files = sorted(glob.glob(os.path.join(folder, f"resnet{depth}-*.th")))
+    if not files:
+        raise FileNotFoundError(f"no resnet{depth}-*.th checkpoint in {folder}")
+    sd = torch.load(files[0], map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+    return model
+
+
 class LeNet5(nn.Module):
     """The classic small CNN, a cheap clone architecture for the MNIST example."""
 
@@ -73,6 +125,20 @@ class LeNet5(nn.Module):
 @CLASSIFIERS.register("small_resnet")
 def _small_resnet(in_channels=1, num_classes=10, width=16, blocks=1, **_):
     return SmallResNet(in_channels, num_classes, width, blocks)
+
+
+def _cifar_resnet(depth):
+    def make(in_channels=3, num_classes=10, pretrained=False, **_):
+        """``pretrained``: the shared checkpoint (CIFAR-10 trained, inputs normalised with ImageNet's
+        mean and std)."""
+        m = CifarResNet(depth, in_channels, num_classes)
+        return load_cifar_resnet_checkpoint(m, depth) if pretrained else m
+
+    return make
+
+
+for _depth in (20, 32, 44, 56):
+    CLASSIFIERS.register(f"cifar_resnet{_depth}")(_cifar_resnet(_depth))
 
 
 @CLASSIFIERS.register("lenet5")

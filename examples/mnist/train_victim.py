@@ -33,6 +33,8 @@ def load_victim(directory: str = os.path.join(HERE, "artifacts"), device="cpu") 
 def main(argv=None):
     ap = victim_arg_parser(__doc__, os.path.join(HERE, "artifacts"), epochs=15)
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     t0 = time.time()
     s = mnist_splits(seed=0)

@@ -103,7 +103,7 @@ class EvalConfig(_Strict):
     device: str = "cpu"
     threads: Optional[int] = None
     victim: VictimSpec
-    test_data: str = "mnist"             # mnist | cifar10:<dir> | file:<path.pt with x uint8 (N,C,H,W), y>
+    test_data: str = "mnist"             # mnist | cifar10:<split> | file:<path.pt with x uint8 (N,C,H,W), y>
     split_seed: int = 0
     test_limit: Optional[int] = None
     clone: CloneSpec = CloneSpec()
@@ -120,6 +120,15 @@ class EvalConfig(_Strict):
     @classmethod
     def _configs(cls, v):
         _check_configurations(v)
+        return v
+
+    @field_validator("test_data")
+    @classmethod
+    def _test_data(cls, v):
+        from guardian_plugin.training.data import CIFAR10_SPLITS
+
+        if v.startswith("cifar10:") and v[8:] not in CIFAR10_SPLITS:
+            raise ValueError(f"cifar10:<split> needs one of {', '.join(CIFAR10_SPLITS)} (got {v[8:]!r})")
         return v
 
     @model_validator(mode="after")
@@ -157,9 +166,8 @@ def parse_eval_config(raw: Any, source: str = "<config>", base_dir: Optional[str
         cfg.guard.detector = _resolve(base_dir, cfg.guard.detector)
         cfg.guard.raw_detector = _resolve(base_dir, cfg.guard.raw_detector)
         cfg.cache_dir = _resolve(base_dir, cfg.cache_dir)
-        for prefix in ("file:", "cifar10:"):
-            if cfg.test_data.startswith(prefix):
-                cfg.test_data = prefix + _resolve(base_dir, cfg.test_data[len(prefix):])
+        if cfg.test_data.startswith("file:"):
+            cfg.test_data = "file:" + _resolve(base_dir, cfg.test_data[5:])
     return cfg
 
 

@@ -118,7 +118,7 @@ def load_victim(cfg: EvalConfig, device) -> nn.Module:
 
 def load_test_set(cfg: EvalConfig):
     """The victim's test set as (normalised inputs, labels)."""
-    from guardian_plugin.training.data import cifar10, mnist_splits, normalise, to_float
+    from guardian_plugin.training.data import cifar10_split, mnist_splits, normalise, to_float
 
     spec = cfg.test_data
     if spec == "mnist":
@@ -129,11 +129,11 @@ def load_test_set(cfg: EvalConfig):
         x, y = d["x"], d["y"]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         y = torch.as_tensor(y).long()
-    elif spec.startswith("cifar10:"):
-        x, y = cifar10(spec[8:], train=False)
+    elif spec.startswith("cifar10:"):  # a named split of the shared copy; a prefix of it stays stratified
+        x, y = cifar10_split(spec[8:], cfg.test_limit)
         x, y = to_float(x), torch.from_numpy(y)
     else:
-        raise ValueError(f"test_data {spec!r}: use mnist, cifar10:<dir> or file:<path>")
+        raise ValueError(f"test_data {spec!r}: use mnist, cifar10:<split> or file:<path>")
     if cfg.test_limit:
         x, y = x[: cfg.test_limit], y[: cfg.test_limit]
     return normalise(x, cfg.victim.mean, cfg.victim.std), y

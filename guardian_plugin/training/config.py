@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from guardian_plugin.config import read_yaml, validate
 from guardian_plugin.training.augment import AugmentConfig
+from guardian_plugin.training.data import CIFAR10_SPLITS
 
 
 class _Strict(BaseModel):
@@ -18,7 +19,7 @@ class _Strict(BaseModel):
 
 class RealEntry(_Strict):
     """Real images: ``kind`` mnist (split train|test), photos (group train|calibrate|evaluate, n),
-    folder (path), cifar10 (root, train: bool; a local copy, nothing is downloaded)."""
+    folder (path), cifar10 (split: one of the named splits of the shared copy, docs/cifar10.md)."""
 
     name: str
     kind: str
@@ -26,8 +27,6 @@ class RealEntry(_Strict):
     group: Optional[str] = None
     n: Optional[int] = None
     path: Optional[str] = None
-    root: Optional[str] = None
-    train: bool = True
     range: Optional[Tuple[int, int]] = None
     seed: int = 0
 
@@ -37,6 +36,12 @@ class RealEntry(_Strict):
         if v not in ("mnist", "photos", "folder", "cifar10"):
             raise ValueError("kind must be one of mnist, photos, folder, cifar10")
         return v
+
+    @model_validator(mode="after")
+    def _split(self):
+        if self.kind == "cifar10" and self.split not in CIFAR10_SPLITS:
+            raise ValueError(f"split: cifar10 needs one of {', '.join(CIFAR10_SPLITS)} (got {self.split!r})")
+        return self
 
 
 class RealConfig(_Strict):

@@ -7,17 +7,23 @@ Images are uint8 arrays (N, C, H, W) in pixel space; :func:`to_float` gives [0, 
 - Photographs: scikit-image's bundled photos (and scikit-learn's two), cut into random square crops,
   converted to the victim's input format. Photos are divided into three DISJOINT groups so a detector
   can train on some photos, calibrate on others and be evaluated on photos it never saw.
+- CIFAR-10: the shared JPEG copy (:func:`data_root`), in fixed named splits (:func:`cifar10_split`,
+  docs/cifar10.md).
 - ImageFolder directories of the defender's own images (any image files, recursively).
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
@@ -43,17 +49,113 @@ def mnist_splits(seed: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
 
 
-def cifar10(root: str, train: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10 from a local copy (``root`` holds ``cifar-10-batches-py``; nothing is downloaded):
-    (uint8 images N x 3 x 32 x 32, int64 labels), or a FileNotFoundError that says where it looked."""
-    import torchvision
+# CIFAR-10: the shared JPEG copy (../shared/data/cifar10-jpeg, docs/cifar10.md). Named splits, fixed
+# once: per class, a seeded permutation of that class's images is cut into consecutive runs, and each
+# split lists its images round-robin over the classes, so every prefix of a split is stratified too.
+CIFAR10_SPLIT_SEED = 0
+CIFAR10_SPLITS: Dict[str, Tuple[str, int]] = {   # name -> (file, images per class)
+    "victim_train": ("train", 4000),   # the victim's fine-tuning
+    "detector_train": ("train", 600),  # the detector's real class (and what the GAN/diffusion sources learn)
+    "calibrate": ("train", 400),       # detection thresholds
+    "test": ("test", 1000),            # the victim's test accuracy and the detector's held-out real images
+}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CACHE_DIR = os.path.join(REPO_ROOT, ".cache")   # gitignored
 
-    try:
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=False)
-    except RuntimeError as e:
-        raise FileNotFoundError(f"no CIFAR-10 copy under {root!r} (expected {root}/cifar-10-batches-py; "
-                                f"nothing is downloaded): {e}") from e
-    return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
+
+def data_root() -> str:
+    """The shared data folder: $GUARDIAN_DATA, else ``<repository root>/../shared/data``."""
+    return os.environ.get("GUARDIAN_DATA") or os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
+
+
+def data_path(*parts: str) -> str:
+    """A path under :func:`data_root`, or a FileNotFoundError naming the folder it should be in."""
+    path = os.path.join(data_root(), *parts)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: the shared data folder {data_root()} (set GUARDIAN_DATA to "
+                                f"move it) must hold {os.path.join(*parts)}; nothing is downloaded")
+    return path
+
+
+def _decode(jpeg: np.ndarray, offsets: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+    out = np.empty((len(indices), 3, 32, 32), np.uint8)
+    for k, i in enumerate(indices):
+        with Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())) as im:
+            out[k] = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    return out
+
+
+def _cifar10_path(part: str) -> str:
+    if part not in ("train", "test"):
+        raise ValueError(f"CIFAR-10 part {part!r}: use train or test")
+    return data_path("cifar10-jpeg", f"{part}.npz")
+
+
+def _cifar10_cache(part: str) -> str:
+    st = os.stat(_cifar10_path(part))
+    return os.path.join(CACHE_DIR, "cifar10-jpeg", f"{part}-{st.st_size}-{st.st_mtime_ns}")
+
+
+def _cifar10_decoded(part: str) -> Tuple[np.ndarray, np.ndarray]:
+    """All of ``part``, decoded once and then memory-mapped from the cache."""
+    cache = _cifar10_cache(part)
+    if not os.path.exists(cache + ".y.npy"):
+        with np.load(_cifar10_path(part)) as d:
+            y = d["labels"].astype(np.int64)
+            x = _decode(d["jpeg"], d["offsets"], range(len(y)))
+        try:  # x first, y last: y marks a complete entry
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            for suffix, arr in ((".x.npy", x), (".y.npy", y)):
+                np.save(f"{cache}.{os.getpid()}.tmp.npy", arr)
+                os.replace(f"{cache}.{os.getpid()}.tmp.npy", cache + suffix)
+        except OSError as e:
+            log.warning("CIFAR-10 decode cache not written (%s): %s", cache, e)
+            return x, y
+    return np.load(cache + ".x.npy", mmap_mode="r"), np.load(cache + ".y.npy")
+
+
+def cifar10(part: str, indices: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Images ``indices`` (all when None) of the shared CIFAR-10 ``part`` ("train" or "test") as (uint8
+    N x 3 x 32 x 32, int64 labels). Decoding all 60,000 JPEGs takes seconds, so a whole file is decoded
+    once and kept under <repository>/.cache/cifar10-jpeg, keyed by the file's size and mtime; a slice
+    of a file not cached yet decodes only that slice."""
+    if indices is not None and not os.path.exists(_cifar10_cache(part) + ".y.npy"):
+        idx = np.asarray(indices, dtype=np.int64)
+        with np.load(_cifar10_path(part)) as d:
+            return _decode(d["jpeg"], d["offsets"], idx), d["labels"][idx].astype(np.int64)
+    x, y = _cifar10_decoded(part)
+    if indices is None:
+        return np.array(x), y
+    idx = np.asarray(indices, dtype=np.int64)
+    return np.asarray(x[idx]), y[idx]
+
+
+def cifar10_split_indices(name: str) -> Tuple[str, np.ndarray]:
+    """(file, indices into it) of the named split (:data:`CIFAR10_SPLITS`)."""
+    if name not in CIFAR10_SPLITS:
+        raise KeyError(f"CIFAR-10 split {name!r}; known: {', '.join(CIFAR10_SPLITS)}")
+    part = CIFAR10_SPLITS[name][0]
+    with np.load(_cifar10_path(part)) as d:
+        labels = d["labels"]
+    start = 0
+    for other, (p, per_class) in CIFAR10_SPLITS.items():
+        if other == name:
+            break
+        start += per_class if p == part else 0
+    per_class = CIFAR10_SPLITS[name][1]
+    rng = np.random.RandomState(CIFAR10_SPLIT_SEED)
+    runs = [rng.permutation(np.flatnonzero(labels == c))[start:start + per_class] for c in range(10)]
+    if min(len(r) for r in runs) < per_class:
+        raise ValueError(f"CIFAR-10 {part} has too few images per class for split {name!r}")
+    return part, np.stack(runs, 1).reshape(-1)   # round-robin: class 0, 1, ..., 9, 0, 1, ...
+
+
+def cifar10_split(name: str, n: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The named split as (uint8 images, int64 labels); ``n``: its first n images (still stratified)."""
+    part, idx = cifar10_split_indices(name)
+    if n is None:  # a whole split: decode (and cache) the whole file once
+        _cifar10_decoded(part)
+    return cifar10(part, idx[:n])
 
 
 def to_float(x: np.ndarray) -> torch.Tensor:

@@ -33,7 +33,7 @@ from guardian_plugin.detector import (FORMAT_VERSION, Detector, DetectorSpec, Im
 from guardian_plugin.training.augment import augment, jpeg_roundtrip
 from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
-from guardian_plugin.training.data import cifar10, image_folder, mnist_splits, photo_crops, to_float, to_uint8
+from guardian_plugin.training.data import cifar10_split, image_folder, mnist_splits, photo_crops, to_float, to_uint8
 from guardian_plugin.training.sources import SourceContext, build_source, uses_victim
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform, estimate_scale
 
@@ -50,8 +50,8 @@ def load_real(e: RealEntry, cfg: TrainConfig, base_dir: str) -> np.ndarray:
         x = photo_crops(e.group or "train", e.n or 1000, cfg.size, cfg.channels, seed=e.seed)
     elif e.kind == "folder":
         x = image_folder(_path(e.path, base_dir), cfg.size, cfg.channels)
-    else:  # cifar10, from a local copy only
-        x = cifar10(_path(e.root, base_dir), e.train)[0]
+    else:  # cifar10: a named split of the shared copy
+        x = cifar10_split(e.split)[0]
         if cfg.channels == 1:
             x = to_uint8(to_float(x).mean(1, keepdim=True))
         if cfg.size != 32:
