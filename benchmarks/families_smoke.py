@@ -6,17 +6,17 @@ images) for a person to look at.
 
     OMP_NUM_THREADS=1 python benchmarks/families_smoke.py      # about an hour on one core
 
-CIFAR-10 is decoded here from ../shared/data/cifar10-jpeg/train.npz, in a seeded random order (the
-file is sorted by class): the first ``fit`` fit the families, the next 2,000 calibrate the rule, the
-next 2,000 measure its FPR. The project's split
-loader (guardian_plugin/training/data.py, written on another branch) is to replace this decode, and
-its detector-train split the first range, once merged.
+Real images come from the project's CIFAR-10 splits (docs/cifar10.md): the first ``fit`` of
+``detector_train`` fit the families (the only split a family may learn from), 2,000 of ``calibrate``
+calibrate the rule, 2,000 of ``test`` measure its FPR. The committed smoke.json was produced before
+this script used the split loader (5,000 + 2,000 + 2,000 seeded-random train images, and the random
+generators mapped with the earlier CIFAR normalisation 0.4914.../0.2470...); a rerun gives
+figures of the same kind, not the same numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -30,26 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guardian_plugin.evaluation.families import FamilyContext, generate, hf_energy_rule  # noqa: E402
 from guardian_plugin.evaluation.harness import versions  # noqa: E402
-from guardian_plugin.training.data import to_float  # noqa: E402
+from guardian_plugin.training.data import cifar10_split, to_float  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg", "train.npz")
 OUT = os.path.join(ROOT, "benchmarks", "results", "families")
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # examples/cifar10 victim normalisation
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the CIFAR victim's normalisation (docs/cifar10.md)
 FAMILIES = ["random_bn_train", "random_bn_eval", "vae", "gan_transposed", "gan_bilinear", "ddim_few_steps",
             "laundered:gan_transposed", "laundered:random_bn_train"]
-
-
-def cifar_jpeg(path: str, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` images of a cifar10-jpeg npz, in a seeded random order (the file is sorted by class), as
-    uint8 (n, 3, 32, 32)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: the CIFAR-10 JPEG copy lives in ../shared/data/cifar10-jpeg")
-    z = np.load(path)
-    jpeg, off = z["jpeg"], z["offsets"]
-    idx = np.random.RandomState(seed).permutation(len(off) - 1)[:n]
-    return np.stack([np.asarray(Image.open(io.BytesIO(jpeg[off[i]:off[i + 1]].tobytes())).convert("RGB")).transpose(2, 0, 1)
-                     for i in idx])
 
 
 def save_grid(x: np.ndarray, path: str, side: int = 6, pad: int = 2) -> None:
@@ -75,8 +62,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
 
-    real = cifar_jpeg(DATA, args.fit + 4000, seed=args.seed)
-    fit, calib, held = real[:args.fit], real[args.fit:args.fit + 2000], real[args.fit + 2000:]
+    fit = cifar10_split("detector_train", args.fit)[0]
+    calib, held = cifar10_split("calibrate", 2000)[0], cifar10_split("test", 2000)[0]
     rule = hf_energy_rule(calib)
     save_grid(held, os.path.join(args.out, "real.png"))
     ctx = FamilyContext(to_float(fit), MEAN, STD, seed=args.seed, cache_dir=os.path.join(ROOT, ".cache", "families"),
