@@ -103,10 +103,12 @@ def test_store_down_is_503_with_the_guards_body_then_served_again(stack):
                 assert r.json() == EXPECTED and r.headers.get("Retry-After") == "5", (path, r.text, r.headers)
     finally:
         redis_srv.start()
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if _post(srv.url, "/classify", "image", img, "outage-client").status_code == 200:
-            break
-        time.sleep(0.5)
-    for path, field in routes:
-        assert _post(srv.url, path, field, img, "outage-client").status_code == 200
+    # each worker finds the store again on its own next try (a stale connection may cost it one more
+    # 503, which Retry-After covers): within the deadline, both routes answer 200 several times running
+    deadline, ok = time.time() + 60, 0
+    while time.time() < deadline and ok < 8:
+        path, field = routes[ok % 2]
+        ok = ok + 1 if _post(srv.url, path, field, img, "outage-client").status_code == 200 else 0
+        if ok == 0:
+            time.sleep(0.5)
+    assert ok >= 8, "the service did not recover after the store came back"
