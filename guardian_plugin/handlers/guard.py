@@ -6,8 +6,8 @@ and postprocess::
 
     per request: Guardian.admit_batch(headers)       -> 401/400 identity, 403 refused, 503 store down
                  image larger than max_image_pixels?  -> 400, not decoded
-    live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400); a row of
-                 another shape than the model takes, or with NaN/inf values -> 400
+    live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400); a row
+                 with NaN/inf values, or larger than max_input_ratio x the model's probed input -> 400
                  inner.inference (a failing batch is retried row by row: a failing row -> 400)
                  Guardian.inspect(preprocessed, probabilities, admissions): counts answered rows only
                  flagged rows' outputs replaced so that the inner postprocess yields DPreds(p)
@@ -39,6 +39,7 @@ import binascii
 import json
 import logging
 import time
+from http import HTTPStatus
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -46,7 +47,7 @@ import torch
 from guardian_plugin.errors import LedgerUnavailable
 from guardian_plugin.guardian import Guardian
 from guardian_plugin.inputs import DEFAULT_MAX_PIXELS, InputError, decode_error, image_size
-from guardian_plugin.responses import UNAVAILABLE
+from guardian_plugin.responses import UNAVAILABLE, Denial
 
 log = logging.getLogger("guardian_plugin.handlers")
 
@@ -55,9 +56,6 @@ PROB_TOLERANCE = 1e-3
 
 RequestError = InputError  # one request's 400, with its Denial
 
-
-PHRASES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests",
-           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 # ---------------------------------------------------------------------------------- input checks
@@ -216,7 +214,7 @@ class HandlerGuard:
         groups = [([i for i, _ in its], torch.cat([t for _, t in its])) for its in by_shape.values()]
         return groups, errors
 
-    def _infer(self, idx: List[int], x: torch.Tensor, errors: Dict[int, RequestError]):
+    def _infer(self, idx: List[int], x: torch.Tensor, errors: Dict[int, Denial]):
         """(indices, inputs, outputs) groups; a failing batch is retried row by row, and a row that still
         fails (or gives no (1, classes) output) is a 400 for that row alone."""
         out = self._try_infer(x, len(idx))
@@ -226,7 +224,7 @@ class HandlerGuard:
         for j, i in enumerate(idx):
             o = self._try_infer(x[j:j + 1], 1) if len(idx) > 1 else None
             if o is None:
-                errors[i] = RequestError(400, "BadInput", "the model could not process this input")
+                errors[i] = Denial.bad_input("BadInput", "the model could not process this input")
             else:
                 groups.append(([i], x[j:j + 1], o))
         return groups
@@ -249,7 +247,7 @@ class HandlerGuard:
         t_start = time.perf_counter()
         n = len(data)
         responses: List[object] = [None] * n
-        errors: Dict[int, object] = {}
+        errors: Dict[int, Denial] = {}
         admissions = self.guardian.admit_batch([self._headers(context, i) for i in range(n)])
         for i, a in enumerate(admissions):
             if not a.ok:
@@ -258,14 +256,14 @@ class HandlerGuard:
                 try:
                     precheck(data[i], self.max_image_pixels)
                 except RequestError as e:
-                    errors[i] = e
+                    errors[i] = e.denial
         live = [i for i in range(n) if i not in errors]
 
         queries = flagged_n = 0
         guard_ms = 0.0
         if live:
             groups, pre_errors = self._preprocess(live, data)
-            errors.update(pre_errors)
+            errors.update({i: e.denial for i, e in pre_errors.items()})
             for idx, x in groups:
                 for gidx, gx, out in self._infer(idx, x, errors):
                     kind = output_kind(out, self.output)
@@ -288,14 +286,13 @@ class HandlerGuard:
                     flagged_n += sum(res.flagged)
                     guard_ms += res.guard_ms
 
-        for i, e in errors.items():
-            d = e.denial if isinstance(e, RequestError) else e
+        for i, d in errors.items():
             responses[i] = json.dumps(d.body())
-            context.set_response_status(d.status, PHRASES.get(d.status, d.kind), idx=i)
+            context.set_response_status(d.status, HTTPStatus(d.status).phrase, idx=i)
             context.set_response_content_type(i, "application/json")
             for k, v in d.headers().items():
                 context.set_response_header(i, k, v)
-        statuses = [(e.denial if isinstance(e, RequestError) else e).status for e in errors.values()]
+        statuses = [d.status for d in errors.values()]
         self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
                       (time.perf_counter() - t_start) * 1000.0)
         return responses
