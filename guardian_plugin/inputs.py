@@ -43,9 +43,7 @@ def image_size(raw: bytes, max_pixels: int) -> Optional[Tuple[int, int]]:
         raise InputError(400, "ImageTooLarge", f"the image is too large: {e}") from None
     except Exception:  # noqa: BLE001 - not an image PIL can identify
         return None
-    if w * h > max_pixels:
-        raise InputError(400, "ImageTooLarge", f"the image is {w}x{h} = {w * h} pixels; at most {max_pixels} "
-                                               "are accepted")
+    check_pixels(w, h, max_pixels)
     return w, h
 
 
@@ -67,15 +65,18 @@ def decode_error(raw: bytes, exc: BaseException | None = None) -> Optional[Input
     return None
 
 
-def checked_image(raw: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """A fully decoded PIL image, or InputError (too large from the header, not an image, corrupt)."""
-    from PIL import Image
+def check_pixels(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise InputError(400, "ImageTooLarge", f"the image is {w}x{h} = {w * h} pixels; at most {max_pixels} "
+                                               "are accepted")
 
-    if image_size(raw, max_pixels) is None:
-        raise InputError(400, "NotAnImage", NOT_AN_IMAGE)
-    err = decode_error(raw)
-    if err is not None:
-        raise err
-    im = Image.open(io.BytesIO(raw))
-    im.load()
+
+def load_checked(im, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """A lazily opened PIL image, size-checked from its header, then fully decoded; InputError for an
+    image too large, truncated or corrupt."""
+    check_pixels(*im.size, max_pixels)
+    try:
+        im.load()
+    except Exception as e:  # noqa: BLE001
+        raise InputError(400, "CorruptImage", f"the image is truncated or corrupt ({type(e).__name__}: {e})") from None
     return im

@@ -11,6 +11,7 @@ import torch
 
 from guardian_plugin.bento.conversion import _as_input_tensor
 from guardian_plugin.bento.middleware import denial_exception, denial_response, input_error
+from guardian_plugin.inputs import InputError, load_checked
 from guardian_plugin.responses import Admission
 
 if t.TYPE_CHECKING:
@@ -255,14 +256,10 @@ def _checked_input(settings, value, handler):
     limit = settings.runtime().max_image_pixels
     for im in (out if isinstance(out, (list, tuple)) else [out]):
         if isinstance(im, Image.Image):
-            w, h = im.size
-            if w * h > limit:
-                raise input_error("ImageTooLarge", f"the image is {w}x{h} = {w * h} pixels; at most {limit} "
-                                                   "are accepted")
             try:
-                im.load()
-            except Exception as e:  # noqa: BLE001
-                raise input_error("CorruptImage", f"the image is truncated or corrupt ({type(e).__name__}: {e})") from None
+                load_checked(im, limit)
+            except InputError as e:
+                raise input_error(e.kind, e.message) from None
     return out
 
 
