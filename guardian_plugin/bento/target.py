@@ -23,22 +23,12 @@ class _BentoTarget:
                  client_id: t.Optional[str] = "attacker", headers: t.Optional[dict] = None,
                  batch_field: t.Optional[str] = "images", field: str = "image", concurrency: int = 8,
                  timeout_s: float = 120.0):
-        import requests
+        from guardian_plugin.torchserve.target import http_client_setup
 
-        self.endpoint = url.rstrip("/") + "/" + api.lstrip("/")
-        self.num_classes = num_classes
-        self.mean = torch.tensor(list(mean)).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std)).view(1, -1, 1, 1)
-        self.headers = dict(headers or {})
-        if client_id is not None:
-            self.headers["X-Client-Id"] = client_id
+        http_client_setup(self, url.rstrip("/") + "/" + api.lstrip("/"), num_classes, mean, std, client_id, headers,
+                          timeout_s)
         self.batch_field, self.field = batch_field, field
         self.concurrency = concurrency
-        self.timeout_s = timeout_s
-        self.queries = 0
-        self.refused_at: t.Optional[int] = None
-        self.statuses: dict = {}
-        self._session = requests.Session()
 
     def _refused(self, n: int):
         from guardian_plugin.attacks.target import QueryRefused

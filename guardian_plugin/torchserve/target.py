@@ -45,25 +45,33 @@ def parse_topk(body: str, num_classes: int, labels: Optional[Sequence[str]] = No
     return p
 
 
+def http_client_setup(target, endpoint: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
+                      client_id: Optional[str], headers: Optional[Dict[str, str]], timeout_s: float) -> None:
+    """The state every HTTP query target keeps: endpoint, the victim's normalisation (to send pixels),
+    the identity headers (``X-Client-Id`` when ``client_id`` is given), counters and a session."""
+    target.endpoint = endpoint
+    target.num_classes = num_classes
+    target.mean = torch.tensor(list(mean)).view(1, -1, 1, 1)
+    target.std = torch.tensor(list(std)).view(1, -1, 1, 1)
+    target.headers = dict(headers or {})
+    if client_id is not None:
+        target.headers["X-Client-Id"] = client_id
+    target.timeout_s = timeout_s
+    target.queries = 0
+    target.refused_at = None
+    target.statuses = {}
+    target._session = requests.Session()
+
+
 class TorchServeTarget(QueryTarget):
     """One client of ``{url}/predictions/{model}``, identified by ``headers`` (e.g. X-Client-Id)."""
 
     def __init__(self, url: str, model: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
                  client_id: Optional[str] = None, headers: Optional[Dict[str, str]] = None,
                  labels: Optional[Sequence[str]] = None, concurrency: int = 8, timeout_s: float = 60.0):
-        self.endpoint = f"{url.rstrip('/')}/predictions/{model}"
-        self.num_classes = num_classes
-        self.mean = torch.tensor(list(mean)).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std)).view(1, -1, 1, 1)
-        self.headers = dict(headers or {})
-        if client_id is not None:
-            self.headers["X-Client-Id"] = client_id
+        http_client_setup(self, f"{url.rstrip('/')}/predictions/{model}", num_classes, mean, std, client_id,
+                          headers, timeout_s)
         self.labels = labels
-        self.timeout_s = timeout_s
-        self.queries = 0
-        self.refused_at: Optional[int] = None
-        self.statuses: Dict[int, int] = {}
-        self._session = requests.Session()
         self._pool = ThreadPoolExecutor(max_workers=concurrency)
 
     def _post(self, body: bytes):
