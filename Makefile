@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test train-example clean
+.PHONY: setup demo test train-example train-cifar10 clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ test: setup
 train-example: setup
 	$(BIN)/python -m examples.mnist.train_victim
 	$(BIN)/guardian train-detector --config examples/mnist/detector-config.yaml --out examples/mnist/artifacts/detector --threads 1
+
+# The CIFAR-10 pipeline (docs/cifar10.md): victim, detector sources, detector; times each stage.
+# Needs ../shared/data (or GUARDIAN_DATA). SKIP_VICTIM=1 keeps the committed victim.
+train-cifar10: setup
+	$(BIN)/python -m examples.cifar10.train_all $(if $(SKIP_VICTIM),--skip-victim,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -19,6 +19,9 @@ def register(sub) -> None:
                    help="override only the sub-detectors' training seed (sources stay cached)")
     p.add_argument("--prepare-only", action="store_true",
                    help="only generate (and cache) the synthetic sources and transformation models")
+    p.add_argument("--sources", nargs="+", default=None, metavar="NAME",
+                   help="only these sources of the config (with --prepare-only: fill the cache for them, e.g. one "
+                        "process per source in parallel; each source's cache entry does not depend on the others)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; use 1 on a machine other jobs share)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -37,6 +40,11 @@ def _run(args) -> int:
     if args.transform:
         cfg.detector.transform = args.transform
         cfg.detector.per_source_transform = {}
+    if args.sources:
+        unknown = sorted(set(args.sources) - set(cfg.sources))
+        if unknown:
+            raise SystemExit(f"--sources: {', '.join(unknown)} not in the config (it has {', '.join(cfg.sources)})")
+        cfg.sources = {k: v for k, v in cfg.sources.items() if k in args.sources}
     if args.seed is not None:
         cfg.seed = args.seed
     if args.detector_seed is not None:

@@ -83,6 +83,12 @@ class DetectorTrain(_Strict):
     lr_gamma: float = Field(0.9, gt=0, le=1)
     augment: AugmentConfig = AugmentConfig()
     seed: Optional[int] = None  # sub-detector training seed; default: the top-level seed
+    # precompute: representations are computed ONCE per training image (``precompute_views`` augmented
+    # views, the input-space augmentation applied before the transform), and each epoch only crops and
+    # flips them. For transforms that cost milliseconds per image (a victim or pretrained gradient):
+    # the transform's cost is paid views x images times instead of epochs x images times.
+    precompute: bool = False
+    precompute_views: int = Field(2, ge=1)
 
 
 class TrainConfig(_Strict):

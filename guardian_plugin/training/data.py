@@ -240,6 +240,29 @@ def photo_crops(group: str, n: int, size: int = 28, channels: int = 1, seed: int
     return out
 
 
+def natural_photos(size: int = 32, channels: int = 3) -> Dict[str, np.ndarray]:
+    """Natural photos that are not CIFAR-10, whole (not cropped), resized to ``size``: the 20 ImageNet and
+    20 CIFAR-100 samples that ship in the ``foolbox`` package (its data folder, read without importing
+    foolbox), every scikit-image / scikit-learn photo of the ``evaluate`` photo group and its 50 LFW faces
+    (grey, 25 x 25): no photo of the train or calibrate groups. For false-positive rates on images a CIFAR-10 detector never saw."""
+    import importlib.util
+
+    out: Dict[str, np.ndarray] = {}
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the foolbox package (pip install foolbox==3.3.4; the `train` extra) ships the "
+                                  "ImageNet and CIFAR-100 samples")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    for prefix in ("imagenet", "cifar100"):
+        files = sorted(f for f in os.listdir(folder) if f.startswith(prefix + "_") and f.endswith((".png", ".jpg")))
+        out[f"foolbox_{prefix}"] = np.stack([_convert(np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
+                                                      / 255.0, size, channels) for f in files])
+    for group, names in (("skimage_photos", [n for n in PHOTO_GROUPS["evaluate"] if not n.startswith("lfw:")]),
+                         ("lfw_faces", [n for n in PHOTO_GROUPS["evaluate"] if n.startswith("lfw:")])):
+        out[group] = np.stack([_convert(p, size, channels) for name in names for p in _load_photo(name)])
+    return out
+
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

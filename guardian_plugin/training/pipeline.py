@@ -75,6 +75,15 @@ def jpeg_images(x: np.ndarray, quality: int) -> np.ndarray:
     return np.stack([to_uint8(jpeg_roundtrip(img, quality)) for img in to_float(x)]) if len(x) else x
 
 
+def source_splits(x: np.ndarray, cfg: TrainConfig) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A source's images (after its JPEG round trip) as (train, validation, test): one seeded
+    permutation, ``test_fraction`` and ``val_fraction`` of it held out. Reports rebuild the same splits."""
+    perm = np.random.RandomState(cfg.seed).permutation(len(x))
+    n_test = int(round(len(x) * cfg.test_fraction))
+    n_val = int(round(len(x) * cfg.val_fraction))
+    return x[perm[n_test + n_val:]], x[perm[n_test:n_test + n_val]], x[perm[:n_test]]
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -127,6 +136,8 @@ def train_subdetector(name: str, transform: TransformModel, real: np.ndarray, fa
     x = np.concatenate([real, fake])
     y = torch.cat([torch.zeros(len(real)), torch.ones(len(fake))])
     gen = torch.Generator().manual_seed(seed)
+    views = _precomputed_views(transform, x, d, gen, device, name, progress) if d.precompute else None
+    geometric = d.augment.model_copy(update={"blur": 0.0, "jpeg": 0.0})
     hist = []
     bar = tqdm(range(d.epochs), desc=f"sub-detector {name}", disable=not progress)
     for ep in bar:
@@ -136,8 +147,10 @@ def train_subdetector(name: str, transform: TransformModel, real: np.ndarray, fa
         loss_sum = 0.0
         for k in range(0, len(x), d.batch_size):
             idx = perm[k:k + d.batch_size]
-            xb = augment(to_float(x[idx.numpy()]), d.augment, gen).to(device)
-            rep = transform(xb)
+            if views is not None:  # crop / flip the stored representation of this epoch's view
+                rep = augment(views[ep % len(views)][idx].float(), geometric, gen).to(device)
+            else:
+                rep = transform(augment(to_float(x[idx.numpy()]), d.augment, gen).to(device))
             logit = sub(rep)
             yb = y[idx].to(device)
             loss = F.binary_cross_entropy_with_logits(logit, yb)
@@ -151,6 +164,22 @@ def train_subdetector(name: str, transform: TransformModel, real: np.ndarray, fa
         hist.append({"epoch": ep + 1, "loss": loss_sum / tot, "train_accuracy": correct / tot})
         bar.set_postfix(loss=f"{loss_sum / tot:.4f}", acc=f"{correct / tot:.3f}")
     return sub.eval(), hist
+
+
+def _precomputed_views(transform: TransformModel, x: np.ndarray, d, gen: torch.Generator, device, name: str,
+                       progress: bool, batch: int = 256) -> List[torch.Tensor]:
+    """``d.precompute_views`` representations of every image (CPU, float16 for memory: the
+    representations are in [0, 255], where float16 keeps 0.1 resolution), each of an independently
+    augmented copy (blur and JPEG included; crop and flip are redone per epoch on the representation)."""
+    views = []
+    for v in range(d.precompute_views):
+        out = []
+        for k in tqdm(range(0, len(x), batch), desc=f"representations {name} (view {v + 1}/{d.precompute_views})",
+                      disable=not progress, leave=False):
+            xb = augment(to_float(x[k:k + batch]), d.augment, gen).to(device)
+            out.append(transform(xb).detach().cpu().half())
+        views.append(torch.cat(out))
+    return views
 
 
 def calibrate(cal_scores: Dict[str, np.ndarray], target_fpr: float) -> Tuple[np.ndarray, float, Dict[str, float]]:
@@ -230,14 +259,9 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
             x = jpeg_images(x, cfg.synthetic_jpeg)
             info["jpeg_quality"] = cfg.synthetic_jpeg
         timings[f"source_{name}"] = time.time() - t
-        perm = np.random.RandomState(cfg.seed).permutation(len(x))
-        n_test = int(round(len(x) * cfg.test_fraction))
-        n_val = int(round(len(x) * cfg.val_fraction))
-        fake_test[name] = x[perm[:n_test]]
-        fake_val[name] = x[perm[n_test:n_test + n_val]]
-        fake_train[name] = x[perm[n_test + n_val:]]
-        source_info[name] = {**info, "kind": s.kind, "train": len(fake_train[name]), "val": n_val, "test": n_test,
-                             "cache": path}
+        fake_train[name], fake_val[name], fake_test[name] = source_splits(x, cfg)
+        source_info[name] = {**info, "kind": s.kind, "train": len(fake_train[name]), "val": len(fake_val[name]),
+                             "test": len(fake_test[name]), "cache": path}
 
     # 3. transformation models (a fixed `normalise: scale` is estimated on real training images)
     t = time.time()
