@@ -86,6 +86,10 @@ CANDIDATES: Dict[str, dict] = {
     # the pretrained backbone: frozen ImageNet EfficientNet-Lite0 at 64 px, a trained one-hidden-layer head
     "effnet_head_64": {"transform": "identity", "arch": "effnet_lite0_head",
                        "arch_params": {"resolution": 64, "hidden": 64}, "precompute": False, "epochs": 6},
+    # ablations, never candidates for the default: synthetic images WITHOUT the JPEG round trip the real
+    # ones had (the report still tests on the round-tripped test splits: an attacker who sends JPEGs)
+    "raw_no_jpeg": {"transform": "identity", "top": {"synthetic_jpeg": None}, "ablation": True},
+    "npr_no_jpeg": {"transform": "npr", "top": {"synthetic_jpeg": None}, "ablation": True},
 }
 
 
@@ -94,6 +98,9 @@ def candidate_config(name: str):
 
     cfg, base = load_train_config(CONFIG)
     c = dict(CANDIDATES[name])
+    c.pop("ablation", None)
+    for k, v in c.pop("top", {}).items():
+        setattr(cfg, k, v)
     d = cfg.detector
     d.transform = c.pop("transform")
     d.per_source_transform = {}
@@ -192,7 +199,7 @@ def evaluate_artifact(path: str, data: dict, device) -> dict:
     return out
 
 
-def build_data(cfg, base, attack_runs: str | None, n_family: int) -> dict:
+def build_data(cfg, base, attack_runs: str | None, n_family: int, families: List[str]) -> dict:
     """The images every artifact is scored on (one copy, the same for all)."""
     from guardian_plugin.training.data import natural_photos
     from guardian_plugin.training.pipeline import jpeg_images, load_real, source_splits
@@ -200,7 +207,9 @@ def build_data(cfg, base, attack_runs: str | None, n_family: int) -> dict:
     sets = {"calibrate": {e.name: load_real(e, cfg, base) for e in cfg.real.calibrate}}
     real = {f"{e.name}_test" if e.name == "cifar" else f"{e.name}_evaluate": load_real(e, cfg, base)
             for e in cfg.real.evaluate}
-    real.update(natural_photos(cfg.size, cfg.channels))
+    natural = natural_photos(cfg.size, cfg.channels)
+    real["non_cifar_photos"] = np.concatenate(list(natural.values()))  # the acceptance's pooled figure
+    real.update(natural)
     sets["real"] = real
     sets["val"], sets["test"], laundered = {}, {}, {}
     rep_sources = {}
@@ -212,7 +221,7 @@ def build_data(cfg, base, attack_runs: str | None, n_family: int) -> dict:
         _, sets["val"][name], sets["test"][name] = source_splits(x, cfg)
         laundered[f"laundered:{name} (test split)"] = to_uint8(launder(to_float(sets["test"][name]), seed=7))
         rep_sources[name] = os.path.relpath(path, ROOT)
-    fam = {name: family_images(name, n_family) for name in FAMILIES}
+    fam = {name: family_images(name, n_family) for name in families}
     fam.update(laundered)
     sets["families"] = fam
     info = attack_windows(attack_runs) if attack_runs else {}
@@ -227,7 +236,7 @@ def _cached_source(cfg, base, name: str) -> str:
     victim_hash = _file_hash(_path(cfg.victim.weights, base)) if cfg.victim else None
     path = os.path.join(_path(cfg.cache, base), f"source-{name}-{source_cache_key(cfg, cfg.sources[name], victim_hash)}.npz")
     if not os.path.exists(path):
-        raise SystemExit(f"source {name!r} is not cached ({path}): run guardian train-detector --config {CONFIG} first")
+        raise SystemExit(f"source {name!r} is not cached ({path}): run guardian train-detector --prepare-only first")
     return path
 
 
@@ -238,8 +247,8 @@ def cmd_report(args) -> int:
 
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device or "cpu")
-    cfg, base = load_train_config(CONFIG)
-    data = build_data(cfg, base, args.attack_runs, args.n_family)
+    cfg, base = load_train_config(args.config)
+    data = build_data(cfg, base, args.attack_runs, args.n_family, args.families)
     rule = hf_energy_rule(data["sets"]["calibrate"]["cifar"])
     hf = {"fpr": {g: float(rule(x).mean()) for g, x in data["sets"]["real"].items()},
           "families": {f: float(rule(x).mean()) for f, x in data["sets"]["families"].items()},
@@ -249,7 +258,8 @@ def cmd_report(args) -> int:
         name, _, path = item.partition("=")
         print(f"scoring {name} ({path}) ...", flush=True)
         results[name] = evaluate_artifact(os.path.abspath(path), data, dev)
-    chosen = max(results, key=lambda k: (round(results[k]["validation_loso_mean"], 4), results[k]["validation_dacc_mean"]))
+    eligible = [k for k in results if not CANDIDATES.get(k, {}).get("ablation")]
+    chosen = max(eligible, key=lambda k: (round(results[k]["validation_loso_mean"], 4), results[k]["validation_dacc_mean"]))
     out = {"command": "python benchmarks/cifar10_detectors.py " + " ".join(argv_of(args)),
            "chosen_on_validation": chosen,
            "selection_rule": "max mean leave-one-source-out DAcc on the sources' validation split, then max "
@@ -342,7 +352,7 @@ def main(argv=None) -> int:
     f.add_argument("--threads", type=int, default=1)
     f.set_defaults(func=cmd_families)
     t = sub.add_parser("train", help="train the candidate detectors (sources from the config's cache)")
-    t.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
+    t.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))  # ablations too
     t.add_argument("--runs", default=os.path.join(ROOT, "runs", "cifar10", "detectors"))
     t.add_argument("--resume", action="store_true", help="skip candidates whose report.json exists")
     t.add_argument("--device", default=None)
@@ -353,6 +363,8 @@ def main(argv=None) -> int:
     r.add_argument("--detectors", nargs="+", required=True, metavar="NAME=DIR")
     r.add_argument("--attack-runs", default=None, help="guardian evaluate output of cifar10_attack_queries.yaml")
     r.add_argument("--n-family", type=int, default=1000)
+    r.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    r.add_argument("--config", default=CONFIG, help="the training config the artifacts were trained with")
     r.add_argument("--out", default=OUT)
     r.add_argument("--device", default=None)
     r.add_argument("--threads", type=int, default=1)
