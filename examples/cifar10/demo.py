@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ledger_uri = f"sqlite:///{work}/ledger.db"
     guard_yaml = demo.write_guard_yaml(os.path.join(work, "guard.yaml"), ledger_uri, NAME)
 
-    print(f"[1/5] torch-model-archiver --handler image_classifier: the ResNet-56 behind a 224 -> 32 px "
+    print(f"[1/5] torch-model-archiver --handler image_classifier: the ResNet-56 behind a 224 -> 28 -> 32 px "
           f"wrapper ({work})", flush=True)
     model_pt = cx.served_victim(os.path.join(work, "victim224.torchscript.pt"))
     names = cx.index_to_name(os.path.join(work, "index_to_name.json"))

@@ -2,15 +2,23 @@
 
 That handler preprocesses every image with Resize(256), CenterCrop(224), ToTensor and the ImageNet
 normalisation, which cannot be changed without a handler file. The victim takes 32 x 32 inputs with
-that same normalisation, so the archived model is a TorchScript wrapper that brings the 3 x 224 x 224
-tensor back to 32 x 32 by 7 x 7 block averages (``F.interpolate(mode="area")``; averaging commutes
-with the per-channel normalisation, so nothing is re-normalised) and runs the ResNet. The detector is
-told the same (``guardian protect --input-fit area``).
+that same normalisation, so the archived model is a TorchScript wrapper around the ResNet that maps the
+3 x 224 x 224 tensor back to 32 x 32. A 32 px image reaches the model as its central 28 x 28 pixels
+scaled up 8x (bilinear; 224 = 8 x 28), so the wrapper takes 8 x 8 block averages
+(``F.interpolate(mode="area")`` to 28 x 28: the original pixel scale) and pads the 2 lost pixels on
+each side by repeating the edge (``replicate``) to 32 x 32. Averaging and padding commute with the
+per-channel normalisation, so nothing is re-normalised.
 
-What this path costs: a 32 px image is upsampled to 256 (bilinear), its central 224 px kept, i.e. the
-central 28 x 28 of the original, and that is averaged back to 32 px: the victim and the detector see a
-slightly zoomed, blurred version of the image, not the image. The demo measures what that does to
-accuracy and to the detector's false-positive share.
+Measured on the first 2,000 images of the test split (stratified; in process, the handler's own
+transform on the PNGs a client sends): the victim on the 32 px images 89.35%; through the handler with
+this wrapper 85.30%; other wrappers: area to 28 + zero padding (the mean colour) 85.10%, + reflect padding 84.15%, area
+straight to 32 (a 8/7 zoom) 81.75%, bilinear antialiased to 32 77.90%. The wrapper was chosen on
+these same images. The 4 points it still loses are the cost of the handler's crop (the 2 px border is
+gone) and its bilinear up-sampling; only a handler file (no resize, no crop) would avoid them.
+
+The detector is told about the 224 px tensors with ``guardian protect --input-fit area`` (block
+averages to its 32 px; its input mapping offers center_crop, resize or area, not this wrapper's
+crop-and-pad). The demo measures what the served path does to the detector's false-positive share.
 """
 
 from __future__ import annotations
@@ -35,15 +43,17 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 class ImageNetInputCifar(nn.Module):
-    """The 32 px CIFAR-10 victim behind an ImageNet-style input (3 x 224 x 224, ImageNet normalisation)."""
+    """The 32 px CIFAR-10 victim behind an ImageNet-style input (3 x 224 x 224, ImageNet normalisation):
+    8 x 8 block averages to 28 px, the edge repeated 2 px on each side to 32 px (module docstring)."""
 
-    def __init__(self, victim: nn.Module, size: int = SIZE):
+    def __init__(self, victim: nn.Module, size: int = SIZE, seen: int = 28):
         super().__init__()
         self.victim = victim
-        self.size = size
+        self.seen, self.pad = seen, (size - seen) // 2
 
     def forward(self, x):
-        return self.victim(F.interpolate(x, size=(self.size, self.size), mode="area"))
+        x = F.interpolate(x, size=(self.seen, self.seen), mode="area")
+        return self.victim(F.pad(x, (self.pad,) * 4, mode="replicate"))
 
 
 def served_victim(path: str) -> str:
