@@ -26,6 +26,39 @@ def png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def add_common_args(ap) -> None:
+    """The options every demo takes."""
+    ap.add_argument("--attack-budget", type=int, default=4000, help="DFME query budget (it is refused long before)")
+    ap.add_argument("--workdir", default=None, help="where the archives, server logs and ledger go (default: temp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+
+
+def workdir(path: Optional[str], prefix: str, namespace: str) -> Tuple[str, str, str, str]:
+    """(work dir, model store, ledger URI, guard.yaml) of one demo run; a temp dir unless ``path``."""
+    import tempfile
+
+    work = os.path.abspath(path or tempfile.mkdtemp(prefix=prefix))
+    store = os.path.join(work, "model-store")
+    os.makedirs(store, exist_ok=True)
+    ledger_uri = f"sqlite:///{work}/ledger.db"
+    return work, store, ledger_uri, write_guard_yaml(os.path.join(work, "guard.yaml"), ledger_uri, namespace)
+
+
+def serve(store: str, work: str, names: Sequence[str]):
+    """A started TorchServe serving ``names`` (NAME.mar in ``store``), 2 workers each, batching on."""
+    from guardian_plugin.devserver.torchserve import TorchServe
+
+    ts = TorchServe(store, os.path.join(work, "server"))
+    ts.start()
+    try:
+        for name in names:
+            ts.register(f"{name}.mar", name, workers=2, batch_size=8, max_batch_delay_ms=10)
+    except Exception:
+        ts.stop()
+        raise
+    return ts
+
+
 def write_guard_yaml(path: str, ledger_uri: str, namespace: str) -> str:
     """The demo's guard settings: one SQLite ledger, the default rule and DPreds, clients named by
     X-Client-Id (anonymous requests served, never refused)."""

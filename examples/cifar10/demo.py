@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -69,12 +68,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1000,
                     help="benign test images to send (a stratified prefix of the test split; default 1,000)")
-    ap.add_argument("--attack-budget", type=int, default=4000, help="DFME query budget (it is refused long before)")
     ap.add_argument("--detector", default=cx.DETECTOR, help="detector artifact (default: examples/cifar10/artifacts/detector)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto, for the in-process parts (TorchServe "
                     "puts its workers on a GPU by itself when one is present)")
-    ap.add_argument("--workdir", default=None, help="where the archives, server logs and ledger go (default: temp)")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.add_common_args(ap)
     args = ap.parse_args(argv)
     t0 = time.time()
     detector = os.path.abspath(args.detector)
@@ -85,7 +82,7 @@ def main(argv=None) -> int:
         sys.exit(f"{cx.VICTIM_TS} is missing (a committed artifact): `python -m examples.cifar10.train_victim`")
 
     from guardian_plugin.attacks.dfme import DFME
-    from guardian_plugin.devserver.torchserve import TorchServe, build_archive
+    from guardian_plugin.devserver.torchserve import build_archive
     from guardian_plugin.nets import build_classifier
     from guardian_plugin.torchserve.target import TorchServeTarget
     from guardian_plugin.training.common import resolve_device
@@ -97,11 +94,7 @@ def main(argv=None) -> int:
     x, labels = cx.benign_images(args.images)  # fails naming ../shared/data when the data is absent
     bodies = cx.png_bodies(x)
 
-    work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="guardian-demo-cifar10-"))
-    store = os.path.join(work, "model-store")
-    os.makedirs(store, exist_ok=True)
-    ledger_uri = f"sqlite:///{work}/ledger.db"
-    guard_yaml = demo.write_guard_yaml(os.path.join(work, "guard.yaml"), ledger_uri, NAME)
+    work, store, ledger_uri, guard_yaml = demo.workdir(args.workdir, "guardian-demo-cifar10-", NAME)
 
     print(f"[1/5] torch-model-archiver --handler image_classifier: the ResNet-56 behind a 224 -> 28 -> 32 px "
           f"wrapper ({work})", flush=True)
@@ -116,11 +109,8 @@ def main(argv=None) -> int:
     inproc = in_process(bodies, x, labels, detector, device)
 
     print(f"[3/5] TorchServe: {NAME} and {NAME}_protected, 2 workers each, batching on", flush=True)
-    ts = TorchServe(store, os.path.join(work, "server"))
-    ts.start()
+    ts = demo.serve(store, work, (NAME, f"{NAME}_protected"))
     try:
-        for name in (NAME, f"{NAME}_protected"):
-            ts.register(f"{name}.mar", name, workers=2, batch_size=8, max_batch_delay_ms=10)
 
         print(f"[4/5] benign client: {args.images} CIFAR-10 test images (PNG) to both endpoints", flush=True)
         plain = TorchServeTarget(ts.url, NAME, 10, cx.MEAN, cx.STD, client_id="benign-user", labels=cx.CLASSES)

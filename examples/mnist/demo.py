@@ -19,7 +19,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -48,9 +47,7 @@ def ensure_artifacts() -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--digits", type=int, default=1000, help="benign test digits to send (default: all 1,000)")
-    ap.add_argument("--attack-budget", type=int, default=4000, help="DFME query budget (it is refused long before)")
-    ap.add_argument("--workdir", default=None, help="where the archives, server logs and ledger go (default: temp)")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.add_common_args(ap)
     args = ap.parse_args(argv)
     t0 = time.time()
     torch.set_num_threads(1)
@@ -59,26 +56,19 @@ def main(argv=None) -> int:
     from guardian_plugin.attacks.dfme import DFME
     from guardian_plugin.attacks.target import QueryRefused  # noqa: F401 (raised by the target)
     from guardian_plugin.nets import LeNet5
-    from guardian_plugin.devserver.torchserve import TorchServe, build_archive
+    from guardian_plugin.devserver.torchserve import build_archive
     from guardian_plugin.torchserve.target import TorchServeTarget
     from guardian_plugin.training.data import mnist_splits, normalise, to_float
 
-    work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="guardian-demo-"))
-    store = os.path.join(work, "model-store")
-    os.makedirs(store, exist_ok=True)
-    ledger_uri = f"sqlite:///{work}/ledger.db"
-    guard_yaml = demo.write_guard_yaml(os.path.join(work, "guard.yaml"), ledger_uri, "mnist")
+    work, store, ledger_uri, guard_yaml = demo.workdir(args.workdir, "guardian-demo-", "mnist")
 
     print(f"[1/4] torch-model-archiver: the example archive with its own handler file ({work})", flush=True)
     mar = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)
     demo.protect_archive(mar, ex.DETECTOR, guard_yaml, os.path.join(store, "mnist_protected.mar"))
 
     print("[2/4] TorchServe: mnist and mnist_protected, 2 workers each, batching on", flush=True)
-    ts = TorchServe(store, os.path.join(work, "server"))
-    ts.start()
+    ts = demo.serve(store, work, ("mnist", "mnist_protected"))
     try:
-        for name in ("mnist", "mnist_protected"):
-            ts.register(f"{name}.mar", name, workers=2, batch_size=8, max_batch_delay_ms=10)
 
         print(f"[3/4] benign client: {args.digits} held-out MNIST test digits to both endpoints", flush=True)
         x, y = mnist_splits()["test"]
