@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test train-example train-cifar10 clean
+.PHONY: setup demo demo-cifar10 test train-example train-cifar10 clean
 
 setup: $(VENV)/.installed
 
@@ -13,6 +13,11 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 demo: setup
 	$(BIN)/python -m examples.mnist.demo
+
+# The CIFAR-10 ResNet-56 behind TorchServe's built-in image_classifier handler (docs/cifar10.md);
+# needs ../shared/data and the detector artifact of `make train-cifar10`.
+demo-cifar10: setup
+	$(BIN)/python -m examples.cifar10.demo
 
 test: setup
 	bash scripts/test.sh

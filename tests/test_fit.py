@@ -154,3 +154,33 @@ def test_protect_accepts_the_mnist_detector_on_the_mnist_archive(tmp_path, archi
     model = verify_handler_fit(guarded.inner, guarded.guard.guardian.detector, parse_config({"detector": "."}))
     assert (model.channels, model.height, model.num_classes) == (1, 28, 10)
     assert model.mean == pytest.approx(ex.MNIST_MEAN, abs=1e-4) and model.std == pytest.approx(ex.MNIST_STD, abs=1e-4)
+
+
+def test_protect_input_fit_maps_a_224_handler_to_a_32_px_detector(tmp_path, archives, capsys, monkeypatch):
+    """A CIFAR-style detector (3 x 32 x 32, ImageNet normalisation, center_crop) cannot read the 224 px
+    tensors of TorchServe's image_classifier handler; `--input-fit area` sets the embedded copy's
+    mapping (the artifact on disk is unchanged) and the workers load with it."""
+    from guardian_plugin.cli import main
+    from guardian_plugin.detector import SubDetector, read_spec, save_detector
+    from guardian_plugin.handlers.archive import load_archive_handler, protect, read_archive
+
+    det = str(tmp_path / "det32")
+    torch.manual_seed(0)
+    save_detector(det, spec(3, 32, 1000, ex.IMAGENET_MEAN, ex.IMAGENET_STD).model_copy(
+        update={"subdetectors": [SubDetectorSpec(name="s", transform="identity", weights="s.pt",
+                                                 arch_params={"width": 4, "blocks": 1}, threshold=0.0)]}),
+                  [SubDetector("small_resnet", 3, 32, width=4, blocks=1)])
+    with pytest.raises(ModelMismatch, match="center crop"):
+        protect(archives["resnet"], det, str(tmp_path / "no.mar"))
+    out = str(tmp_path / "area.mar")
+    assert main(["protect", archives["resnet"], "--detector", det, "-o", out, "--input-fit", "area"]) == 0
+    assert "detector input fit area" in capsys.readouterr().out
+    manifest, files = read_archive(out)
+    embedded = yaml.safe_load(files["guardian/detector/detector.yaml"])
+    assert embedded["input"] == {"mean": ex.IMAGENET_MEAN, "std": ex.IMAGENET_STD, "fit": "area"}
+    assert read_spec(det).input.fit == "center_crop"  # the artifact itself is not rewritten
+    monkeypatch.setenv("GUARDIAN_STATE_DIR", str(tmp_path / "state"))
+    guarded = load_archive_handler(manifest, files, str(tmp_path / "x"))  # the worker-load fit check passes
+    assert guarded.guard.guardian.detector.spec.input.fit == "area"
+    with pytest.raises(ConfigError, match="fit must be"):
+        protect(archives["resnet"], det, str(tmp_path / "bad.mar"), input_fit="nearest")

@@ -16,16 +16,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
+from examples import torchserve_demo as demo
 from examples.mnist import serving as ex
 
 DETECTOR_CONFIG = os.path.join(ex.ROOT, "examples", "mnist", "detector-config.yaml")
@@ -46,21 +44,10 @@ def ensure_artifacts() -> None:
             sys.exit(f"training did not produce {ex.DETECTOR}/detector.yaml")
 
 
-def accuracy(responses, labels) -> float:
-    ok = 0
-    for r, y in zip(responses, labels):
-        if r.status_code == 200:
-            probs = json.loads(r.text)
-            ok += max(probs, key=probs.get) == str(y)
-    return ok / len(labels)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--digits", type=int, default=1000, help="benign test digits to send (default: all 1,000)")
-    ap.add_argument("--attack-budget", type=int, default=4000, help="DFME query budget (it is refused long before)")
-    ap.add_argument("--workdir", default=None, help="where the archives, server logs and ledger go (default: temp)")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.add_common_args(ap)
     args = ap.parse_args(argv)
     t0 = time.time()
     torch.set_num_threads(1)
@@ -68,37 +55,20 @@ def main(argv=None) -> int:
 
     from guardian_plugin.attacks.dfme import DFME
     from guardian_plugin.attacks.target import QueryRefused  # noqa: F401 (raised by the target)
-    from guardian_plugin.config import RuleConfig
-    from guardian_plugin.ledger import open_ledger
     from guardian_plugin.nets import LeNet5
-    from guardian_plugin.devserver.torchserve import TorchServe, build_archive
+    from guardian_plugin.devserver.torchserve import build_archive
     from guardian_plugin.torchserve.target import TorchServeTarget
     from guardian_plugin.training.data import mnist_splits, normalise, to_float
 
-    work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="guardian-demo-"))
-    store = os.path.join(work, "model-store")
-    os.makedirs(store, exist_ok=True)
-    ledger_uri = f"sqlite:///{work}/ledger.db"
-    guard_yaml = os.path.join(work, "guard.yaml")
-    with open(guard_yaml, "w") as f:
-        f.write(f"ledger: {ledger_uri}\nnamespace: mnist\nrule: {{tau: auto, rho: 0.5}}\n"
-                "response: {policy: dpreds, d: 0.5}\nidentity: {headers: [X-Client-Id], missing: anonymous}\n")
+    work, store, ledger_uri, guard_yaml = demo.workdir(args.workdir, "guardian-demo-", "mnist")
 
     print(f"[1/4] torch-model-archiver: the example archive with its own handler file ({work})", flush=True)
     mar = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)
-    protected = os.path.join(store, "mnist_protected.mar")
-    cmd = [sys.executable, "-m", "guardian_plugin.cli", "protect", mar, "--detector", ex.DETECTOR,
-           "--config", guard_yaml, "-o", protected]
-    print("      guardian protect mnist.mar --detector examples/mnist/artifacts/detector --config guard.yaml "
-          "-o mnist_protected.mar", flush=True)
-    subprocess.run(cmd, check=True, cwd=ex.ROOT, stdout=subprocess.DEVNULL)
+    demo.protect_archive(mar, ex.DETECTOR, guard_yaml, os.path.join(store, "mnist_protected.mar"))
 
     print("[2/4] TorchServe: mnist and mnist_protected, 2 workers each, batching on", flush=True)
-    ts = TorchServe(store, os.path.join(work, "server"))
-    ts.start()
+    ts = demo.serve(store, work, ("mnist", "mnist_protected"))
     try:
-        for name in ("mnist", "mnist_protected"):
-            ts.register(f"{name}.mar", name, workers=2, batch_size=8, max_batch_delay_ms=10)
 
         print(f"[3/4] benign client: {args.digits} held-out MNIST test digits to both endpoints", flush=True)
         x, y = mnist_splits()["test"]
@@ -107,8 +77,8 @@ def main(argv=None) -> int:
         plain = TorchServeTarget(ts.url, "mnist", 10, ex.MNIST_MEAN, ex.MNIST_STD, client_id="benign-user")
         guarded = TorchServeTarget(ts.url, "mnist_protected", 10, ex.MNIST_MEAN, ex.MNIST_STD, client_id="benign-user")
         t = time.time()
-        acc_plain = accuracy(plain.send(bodies), labels)
-        acc_guarded = accuracy(guarded.send(bodies), labels)
+        acc_plain = demo.accuracy(plain.send(bodies), labels)
+        acc_guarded = demo.accuracy(guarded.send(bodies), labels)
         benign_s = time.time() - t
 
         print("[4/4] attacker: DFME (generator-synthesised queries) against the protected endpoint", flush=True)
@@ -124,53 +94,18 @@ def main(argv=None) -> int:
                       evaluate=clone_accuracy, progress=False, batch_size=16, m=1, clone_steps=5)
         result = attack.run()
 
-        import yaml
-
-        with open(guard_yaml) as f:
-            rule_cfg = RuleConfig.model_validate(yaml.safe_load(f)["rule"])
-        ledger = open_ledger(ledger_uri, rule_cfg.to_rule(), "mnist")
-        att, ben = ledger.get("attacker"), ledger.get("benign-user")
         summary = {
             "benign_accuracy_unprotected": acc_plain,
             "benign_accuracy_protected": acc_guarded,
-            "benign_queries": ben.queries,
-            "benign_flagged_share": ben.flagged / max(ben.queries, 1),
-            "benign_refused": ben.refused,
-            "attacker_queries_answered": att.queries,
-            "attacker_flagged_share": att.flagged / max(att.queries, 1),
-            "attacker_refused": att.refused,
-            "attacker_refused_at_query": att.refused_at_query,
-            "attacker_first_403_after": target.refused_at,
-            "attacker_clone_accuracy": result.clone_accuracy,
-            "rule": {"tau": rule_cfg.resolve_tau(), "rho": rule_cfg.rho},
+            **demo.ledger_summary(guard_yaml, ledger_uri, "mnist", target, result),
             "benign_seconds": round(benign_s, 1),
             "total_seconds": round(time.time() - t0, 1),
         }
-        with open(os.path.join(work, "demo-summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
     finally:
         ts.stop()
 
-    s = summary
-    print()
-    print("Model-Guardian on TorchServe: MNIST example")
-    print(f"  benign accuracy, unprotected endpoint : {s['benign_accuracy_unprotected']:.3f} ({args.digits} test digits)")
-    print(f"  benign accuracy, protected endpoint   : {s['benign_accuracy_protected']:.3f} "
-          f"(flagged {s['benign_flagged_share']:.1%} of its {s['benign_queries']} queries, "
-          f"refused: {'yes' if s['benign_refused'] else 'no'})")
-    print(f"  attacker (DFME) flagged share         : {s['attacker_flagged_share']:.1%} of {s['attacker_queries_answered']} answered queries")
-    if s["attacker_refused"]:
-        print(f"  attacker refused at query             : {s['attacker_refused_at_query']} "
-              f"(rule: refuse once queries >= tau={s['rule']['tau']} and flagged share > {s['rule']['rho']}); "
-              f"its first HTTP 403 came after {s['attacker_first_403_after']} answers")
-    else:
-        print("  attacker refused                      : no (budget exhausted first)")
-    print(f"  attacker's clone accuracy             : {s['attacker_clone_accuracy']:.3f} (trained on what it got)")
-    if not args.keep and args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
-        print(f"  total time                            : {s['total_seconds']:.0f} s")
-    else:
-        print(f"  total time                            : {s['total_seconds']:.0f} s; details in {work}/demo-summary.json")
+    demo.print_summary("Model-Guardian on TorchServe: MNIST example", summary, f"{args.digits} test digits")
+    demo.finish(work, args.keep or args.workdir is not None, summary)
     return 0
 
 

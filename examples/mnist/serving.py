@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from examples.torchserve_demo import png  # noqa: F401 (part of this module's interface)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARTIFACTS = os.path.join(ROOT, "examples", "mnist", "artifacts")
 DETECTOR = os.environ.get("GUARDIAN_TEST_DETECTOR") or os.path.join(ARTIFACTS, "detector")
@@ -22,13 +24,6 @@ VICTIM_TS = os.path.join(ARTIFACTS, "victim.torchscript.pt")
 MNIST_HANDLER = os.path.join(ROOT, "examples", "mnist", "mnist_handler.py")
 MNIST_MEAN, MNIST_STD = [0.1307], [0.3081]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-def png(a: np.ndarray) -> bytes:
-    """uint8 (H, W) or (H, W, 3) -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def real_digits(n: int, offset: int = 0):

@@ -159,13 +159,11 @@ def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_fit(manifest: dict, files: Dict[str, bytes], detector_dir: str, allow_mismatch: bool):
-    """(ModelSpec or None, problems): the archive's model probed and checked against the detector
+def _check_fit(manifest: dict, files: Dict[str, bytes], spec, allow_mismatch: bool):
+    """(ModelSpec or None, problems): the archive's model probed and checked against the detector's spec
     (guardian_plugin.fit); ModelMismatch unless ``allow_mismatch``."""
-    from guardian_plugin.detector import read_spec
     from guardian_plugin.fit import check_fit
 
-    spec = read_spec(detector_dir)
     try:
         model = probe_archive(manifest, files, size=spec.image.size)
     except GuardianError as e:
@@ -189,13 +187,27 @@ def _detector_files(detector_dir: str) -> Dict[str, bytes]:
     return out
 
 
+def _with_input_fit(spec, detector_files: Dict[str, bytes], input_fit: str):
+    """(spec, files) with the embedded copy's ``input.fit`` set to ``input_fit``; the artifact on disk
+    is not touched."""
+    from guardian_plugin.detector import DETECTOR_YAML, InputMapping
+
+    spec = spec.model_copy(update={"input": InputMapping(**{**spec.input.model_dump(), "fit": input_fit})})
+    name = f"{DETECTOR_DIR}/{DETECTOR_YAML}"
+    raw = yaml.safe_load(detector_files[name])
+    raw["input"] = spec.input.model_dump()
+    return spec, {**detector_files, name: yaml.safe_dump(raw, sort_keys=False).encode()}
+
+
 def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] = None, ledger: Optional[str] = None,
             namespace: Optional[str] = None, output: str = "auto", max_image_pixels: Optional[int] = None,
-            allow_mismatch: bool = False) -> dict:
+            allow_mismatch: bool = False, input_fit: Optional[str] = None) -> dict:
     """Rewrite ``in_mar`` into a guarded ``out_mar`` (see the module docstring). Returns a summary.
     The archive's model is probed first (guardian_plugin.fit): a detector trained for other inputs or
     another class count raises ModelMismatch unless ``allow_mismatch`` (then written into the guard
-    settings, so that the workers load too)."""
+    settings, so that the workers load too). ``input_fit`` (center_crop | resize | area) replaces the
+    artifact's ``input.fit`` in the embedded copy: how the model's larger preprocessed input is brought
+    to the detector's size (e.g. ``area`` for a 224 px handler in front of a 32 px detector)."""
     manifest, files = read_archive(in_mar)
     original = manifest["model"]["handler"]
     if original.startswith("guardian_plugin.handlers."):
@@ -225,13 +237,21 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
     if allow_mismatch:
         guard["allow_mismatch"] = True
     cfg = parse_config(guard, config or "guard settings")  # validate now; names the bad field
+    from guardian_plugin.detector import read_spec
+
     detector_files = _detector_files(detector_dir)
-    model, problems = _check_fit(manifest, files, detector_dir, cfg.allow_mismatch)
+    spec = read_spec(detector_dir)
+    if input_fit:
+        try:
+            spec, detector_files = _with_input_fit(spec, detector_files, input_fit)
+        except ValueError as e:  # pydantic's ValidationError names the allowed values
+            raise ConfigError(f"input fit {input_fit!r}: {e}") from None
+    model, problems = _check_fit(manifest, files, spec, cfg.allow_mismatch)
     settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
     settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive
     if max_image_pixels:
         settings["max_image_pixels"] = int(max_image_pixels)
     new = rewrite_archive(in_mar, out_mar, GUARDED_HANDLER, {"guardian": settings}, detector_files)
     return {"archive": out_mar, "model": new["model"].get("modelName"), "handler": GUARDED_HANDLER,
-            "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace,
+            "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace, "input_fit": spec.input.fit,
             "fit": model.describe() if model else "not probed", "mismatch": problems}

@@ -9,10 +9,10 @@ def _protect(args) -> int:
 
     s = protect(args.archive, args.detector, args.output, config=args.config, ledger=args.ledger,
                 namespace=args.namespace, output=args.model_output, max_image_pixels=args.max_image_pixels,
-                allow_mismatch=args.allow_mismatch)
+                allow_mismatch=args.allow_mismatch, input_fit=args.input_fit)
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
           f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
-          f"{s['fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
+          f"{s['fit']}; detector input fit {s['input_fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
     return 0
 
 
@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     p.add_argument("--allow-mismatch", action="store_true",
                    help="guard the model even if the detector was trained for other inputs or another class count "
                         "(checked by probing the archive's model; see docs/detector.md); the workers log a warning")
+    p.add_argument("--input-fit", choices=["center_crop", "resize", "area"],
+                   help="how the model's preprocessed input is brought to the detector's size, replacing the "
+                        "artifact's `input.fit` in the embedded copy (e.g. area: TorchServe's image_classifier "
+                        "handler gives 224 px tensors, a CIFAR-10 detector reads 32 px; default: the artifact's)")
     p.set_defaults(func=_protect)
 
     from guardian_plugin.handlers.files import FILES
