@@ -85,7 +85,7 @@ CANDIDATES: Dict[str, dict] = {
     "effnet_gradient_64": {"transform": "effnet_gradient"},
     # the pretrained backbone: frozen ImageNet EfficientNet-Lite0 at 64 px, a trained one-hidden-layer head
     "effnet_head_64": {"transform": "identity", "arch": "effnet_lite0_head",
-                       "arch_params": {"resolution": 64, "hidden": 64}, "precompute": False, "epochs": 6},
+                       "arch_params": {"resolution": 64, "hidden": 64}, "precompute": False, "epochs": 4},
     # ablations, never candidates for the default: synthetic images WITHOUT the JPEG round trip the real
     # ones had (the report still tests on the round-tripped test splits: an attacker who sends JPEGs)
     "raw_no_jpeg": {"transform": "identity", "top": {"synthetic_jpeg": None}, "ablation": True},

@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--sources", nargs="+", default=None, metavar="NAME",
                    help="only these sources of the config (with --prepare-only: fill the cache for them, e.g. one "
                         "process per source in parallel; each source's cache entry does not depend on the others)")
+    p.add_argument("--cache", default=None,
+                   help="override the config's cache folder (sources and transforms); e.g. an empty one to time a run")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; use 1 on a machine other jobs share)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -45,6 +47,8 @@ def _run(args) -> int:
         if unknown:
             raise SystemExit(f"--sources: {', '.join(unknown)} not in the config (it has {', '.join(cfg.sources)})")
         cfg.sources = {k: v for k, v in cfg.sources.items() if k in args.sources}
+    if args.cache:
+        cfg.cache = os.path.abspath(args.cache)
     if args.seed is not None:
         cfg.seed = args.seed
     if args.detector_seed is not None:
