@@ -142,13 +142,13 @@ def test_natural_photos_are_whole_non_cifar_images():
 
 def test_cli_prepares_only_the_named_sources(tmp_path, capsys):
     """`train-detector --prepare-only --sources NAME`: one source's cache entry (so that several processes
-    can fill the cache in parallel); an unknown name is an error naming the config's sources."""
+    can fill the cache in parallel), in the folder `--cache` names; an unknown name is an error naming
+    the config's sources."""
     import yaml
 
     from guardian_plugin.cli import main
 
     raw = yaml.safe_load(open(TINY))
-    raw["cache"] = str(tmp_path / "cache")
     for e in raw["real"]["train"] + raw["real"]["calibrate"] + raw["real"]["evaluate"]:
         if e.get("path"):
             e["path"] = os.path.join(os.path.abspath(os.path.dirname(TINY)), e["path"])
@@ -157,7 +157,7 @@ def test_cli_prepares_only_the_named_sources(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     args = ["train-detector", "--config", str(cfg), "--out", str(tmp_path / "out"), "--prepare-only",
-            "--transform", "identity", "--no-progress"]
+            "--transform", "identity", "--no-progress", "--cache", str(tmp_path / "cache")]
     assert main(args + ["--sources", "gan"]) == 0
     assert [p.name.split("-")[1] for p in (tmp_path / "cache").glob("source-*.npz")] == ["gan"]
     with pytest.raises(SystemExit, match="nope not in the config"):
