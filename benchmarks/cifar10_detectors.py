@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from guardian_plugin.evaluation.families import FamilyContext, generate, hf_energy_rule, launder  # noqa: E402
-from guardian_plugin.training.data import cifar10_split, to_float, to_uint8  # noqa: E402
+from guardian_plugin.training.data import cifar10_split, denormalise, to_float, to_uint8  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "examples", "cifar10", "detector-config.yaml")
 OUT = os.path.join(ROOT, "benchmarks", "results", "cifar10")
@@ -127,17 +127,7 @@ def cmd_train(args) -> int:
 
 
 # --------------------------------------------------------------------------------- scoring
-def scores(det, x, batch: int = 256) -> np.ndarray:
-    """(N, K) sub-detector logits for uint8 images or float [0, 1] pixel tensors."""
-    out = []
-    for k in range(0, len(x), batch):
-        xb = x[k:k + batch]
-        xb = to_float(xb) if isinstance(xb, np.ndarray) else xb.float()
-        out.append(det.scores(xb).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, len(det.subs)), np.float32)
-
-
-def cached_scores(det, artifact: str, name: str, x):
+def cached_scores(det, artifact: str, name: str, x, device):
     """(scores, seconds it took to compute them): scores of one image set, cached under
     .cache/cifar10/scores keyed by the artifact's files and a digest of the images, so a rerun (e.g.
     with attack windows added) scores only what is new and still reports the measured cost."""
@@ -152,8 +142,10 @@ def cached_scores(det, artifact: str, name: str, x):
     path = os.path.join(ROOT, ".cache", "cifar10", "scores", h.hexdigest()[:20])
     if os.path.exists(path + ".json"):
         return np.load(path + ".npy"), json.load(open(path + ".json"))["seconds"]
+    from guardian_plugin.training.pipeline import scores_of
+
     t = time.time()
-    s = scores(det, x)
+    s = scores_of(det, x, device=device)
     seconds = time.time() - t
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.save(path + ".npy", s)
@@ -176,8 +168,7 @@ def attack_windows(run_dir: str) -> Dict[str, Dict[str, torch.Tensor]]:
         if r["configuration"] != "no_defense" or not r.get("windows_file"):
             continue
         w = torch.load(os.path.join(run_dir, r["windows_file"]), map_location="cpu", weights_only=True)
-        pix = lambda t: (t.float() * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)).clamp(0, 1)  # noqa: E731
-        out[r["attack_id"]] = {"early": pix(w[0]), "late": pix(w[-1]), "budget": r["budget"], "seed": r["seed"],
+        out[r["attack_id"]] = {"early": denormalise(w[0].float(), MEAN, STD), "late": denormalise(w[-1].float(), MEAN, STD), "budget": r["budget"], "seed": r["seed"],
                                "window": int(len(w[0])), "cacc": r.get("cacc")}
     return out
 
@@ -196,7 +187,7 @@ def evaluate_artifact(path: str, data: dict, device) -> dict:
     for group, sets in data["sets"].items():
         sc[group] = {}
         for k, x in sets.items():
-            sc[group][k], sec = cached_scores(det, path, f"{group}/{k}", x)
+            sc[group][k], sec = cached_scores(det, path, f"{group}/{k}", x, device)
             seconds, n_images = seconds + sec, n_images + len(x)
     seconds_per_image = seconds / max(n_images, 1)
     out = {"artifact": os.path.relpath(path, ROOT), "transforms": rep["transforms"],
@@ -260,10 +251,9 @@ def build_data(cfg, base, attack_runs: str | None, n_family: int, families: List
 
 
 def _cached_source(cfg, base, name: str) -> str:
-    from guardian_plugin.training.pipeline import _file_hash, _path, source_cache_key
+    from guardian_plugin.training.pipeline import source_cache_path, victim_file_hash
 
-    victim_hash = _file_hash(_path(cfg.victim.weights, base)) if cfg.victim else None
-    path = os.path.join(_path(cfg.cache, base), f"source-{name}-{source_cache_key(cfg, cfg.sources[name], victim_hash)}.npz")
+    path = source_cache_path(cfg, base, name, victim_file_hash(cfg, base))
     if not os.path.exists(path):
         raise SystemExit(f"source {name!r} is not cached ({path}): run guardian train-detector --prepare-only first")
     return path

@@ -35,6 +35,9 @@ class ImageSpec(BaseModel):
     size: int = Field(28, ge=8, le=1024)
 
 
+INPUT_FITS = ("center_crop", "resize", "area")  # InputMapping.fit's values
+
+
 class InputMapping(BaseModel):
     """How a served model's preprocessed tensor maps back to [0, 1] pixels: x * std + mean."""
 
@@ -53,8 +56,8 @@ class InputMapping(BaseModel):
     @field_validator("fit")
     @classmethod
     def _fit(cls, v):
-        if v not in ("center_crop", "resize", "area"):
-            raise ValueError("fit must be center_crop, resize or area")
+        if v not in INPUT_FITS:
+            raise ValueError(f"fit must be one of {', '.join(INPUT_FITS)}")
         return v
 
 

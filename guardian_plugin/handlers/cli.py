@@ -44,7 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--allow-mismatch", action="store_true",
                    help="guard the model even if the detector was trained for other inputs or another class count "
                         "(checked by probing the archive's model; see docs/detector.md); the workers log a warning")
-    p.add_argument("--input-fit", choices=["center_crop", "resize", "area"],
+    from guardian_plugin.detector import INPUT_FITS
+
+    p.add_argument("--input-fit", choices=INPUT_FITS,
                    help="how the model's preprocessed input is brought to the detector's size, replacing the "
                         "artifact's `input.fit` in the embedded copy (e.g. area: TorchServe's image_classifier "
                         "handler gives 224 px tensors, a CIFAR-10 detector reads 32 px; default: the artifact's)")

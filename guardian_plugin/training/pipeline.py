@@ -98,6 +98,15 @@ def source_cache_key(cfg: TrainConfig, source, victim_hash: Optional[str]) -> st
                   "size": cfg.size, "channels": cfg.channels})
 
 
+def source_cache_path(cfg: TrainConfig, base_dir: str, name: str, victim_hash: Optional[str]) -> str:
+    """Where source ``name``'s images are cached (the config's cache folder, keyed by source_cache_key)."""
+    return os.path.join(_path(cfg.cache, base_dir), f"source-{name}-{source_cache_key(cfg, cfg.sources[name], victim_hash)}.npz")
+
+
+def victim_file_hash(cfg: TrainConfig, base_dir: str) -> Optional[str]:
+    return _file_hash(_path(cfg.victim.weights, base_dir)) if cfg.victim else None
+
+
 def _file_hash(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -118,11 +127,12 @@ def load_victim(cfg: TrainConfig, base_dir: str, device) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------------- training
-def scores_of(detector: Detector, x_u8: np.ndarray, batch: int = 256, device="cpu") -> np.ndarray:
-    """(N, K) sub-detector logits for uint8 pixel images."""
+def scores_of(detector: Detector, x, batch: int = 256, device="cpu") -> np.ndarray:
+    """(N, K) sub-detector logits for uint8 pixel images (numpy) or [0, 1] pixel tensors."""
     out = []
-    for k in range(0, len(x_u8), batch):
-        out.append(detector.scores(to_float(x_u8[k:k + batch]).to(device)).cpu())
+    for k in range(0, len(x), batch):
+        xb = to_float(x[k:k + batch]) if isinstance(x, np.ndarray) else x[k:k + batch].float()
+        out.append(detector.scores(xb.to(device)).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(detector.subs)), np.float32)
 
 
@@ -235,7 +245,7 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
             for split in ("train", "calibrate", "evaluate")}
     timings["real_data"] = time.time() - t
     victim = load_victim(cfg, base_dir, dev) if cfg.victim else None
-    victim_hash = _file_hash(_path(cfg.victim.weights, base_dir)) if cfg.victim else None
+    victim_hash = victim_file_hash(cfg, base_dir)
 
     # 2. synthetic sources (cached)
     gen_data = to_float(real["train"][cfg.generative_data])
@@ -243,7 +253,7 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
                          dev, cfg.seed, progress)
     fake_train, fake_val, fake_test, source_info = {}, {}, {}, {}
     for name, s in cfg.sources.items():
-        path = os.path.join(cache, f"source-{name}-{source_cache_key(cfg, s, victim_hash)}.npz")
+        path = source_cache_path(cfg, base_dir, name, victim_hash)
         t = time.time()
         if os.path.exists(path):
             x = np.load(path)["x"]
