@@ -20,12 +20,13 @@ import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from guardian_plugin.errors import ConfigError, LedgerUnavailable
 from guardian_plugin.registry import Registry
 
 MAX_WINDOW = 100_000
+MAX_DIST_BINS = 64
 MAX_CLIENT_ID_LENGTH = 256  # characters; identities longer than this must be hashed before the ledger
 DEFAULT_RETENTION_S = 30 * 86400  # SQLite and Redis forget clients idle this long (refused/blocked kept)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -46,6 +47,16 @@ class RefusalRule:
     rho: float = 0.5
     window: int = 0
     window_rho: Optional[float] = None
+    # per-client quotas (docs/refusal-rule.md), enforced atomically by :meth:`Ledger.reserve_many`: at
+    # most ``quota`` answered queries, and no query once ``flagged_quota`` flagged ones were answered, per
+    # fixed period of ``quota_period_s`` seconds (periods start at multiples of it since the epoch); 0 = off
+    quota: int = 0
+    flagged_quota: int = 0
+    quota_period_s: int = 86400
+    # the per-client distribution test's counts (guardian_plugin.distribution): ``dist_bins`` bin counts
+    # per client, kept in blocks of at least ``dist_block`` queries; 0 = off
+    dist_bins: int = 0
+    dist_block: int = 0
 
     def __post_init__(self):
         if self.tau < 1:
@@ -58,6 +69,33 @@ class RefusalRule:
             object.__setattr__(self, "window_rho", self.rho)
         elif not 0.0 <= self.window_rho < 1.0:
             raise ValueError(f"window_rho must be in [0, 1), got {self.window_rho}")
+        for name in ("quota", "flagged_quota", "dist_bins", "dist_block"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.quota_period_s < 1:
+            raise ValueError(f"quota_period_s must be >= 1, got {self.quota_period_s}")
+        if bool(self.dist_bins) != bool(self.dist_block) or self.dist_bins > MAX_DIST_BINS:
+            raise ValueError(f"dist_bins (1..{MAX_DIST_BINS}) and dist_block (>= 1) are set together, or both 0")
+
+    @property
+    def quotas(self) -> bool:
+        return bool(self.quota or self.flagged_quota)
+
+    def period(self, t: float) -> int:
+        """The quota period a time falls in."""
+        return int(t // self.quota_period_s)
+
+    def retry_after(self, t: float) -> int:
+        """Whole seconds from ``t`` to the start of the next quota period (at least 1)."""
+        return max(1, math.ceil((self.period(t) + 1) * self.quota_period_s - t))
+
+    def grant(self, requested: int, period_queries: int, period_flagged: int) -> int:
+        """How many of ``requested`` queries the quotas allow, given the period's counts so far."""
+        if self.flagged_quota and period_flagged >= self.flagged_quota:
+            return 0
+        if self.quota:
+            return max(0, min(requested, self.quota - period_queries))
+        return requested
 
     def triggered(self, queries: int, flagged: int) -> bool:
         return queries >= self.tau and queries > 0 and flagged / queries > self.rho
@@ -136,6 +174,19 @@ class ClientState:
     first_seen: Optional[float] = None
     last_seen: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    # quotas (rule.quotas): the period of the counts below, queries reserved and flagged answers in it
+    period: Optional[int] = None
+    period_queries: int = 0
+    period_flagged: int = 0
+    # distribution test (rule.dist_bins): the bin counts of the client's last complete block of at least
+    # rule.dist_block queries (None before the first block is complete)
+    dist_counts: Optional[List[int]] = None
+
+    def period_counts(self, rule: "RefusalRule", t: float) -> Tuple[int, int]:
+        """(queries, flagged) of the quota period ``t`` falls in (zeros when the state's is older)."""
+        if self.period != rule.period(t):
+            return 0, 0
+        return self.period_queries, self.period_flagged
 
     @property
     def flagged_share(self) -> float:
@@ -164,15 +215,49 @@ def check_client_id(client_id) -> str:
     return client_id
 
 
-def check_update(client_id, queries, flagged) -> Tuple[str, int, int]:
-    """One ``(client_id, queries, flagged)`` update, checked: ints with ``0 <= flagged <= queries``."""
+def check_update(client_id, queries, flagged, bins=None) -> tuple:
+    """One ``(client_id, queries, flagged[, bins])`` update, checked: ints with ``0 <= flagged <=
+    queries``; ``bins`` (distribution-test bin counts) non-negative ints. Returns the triple when no
+    bins were given, else the 4-tuple with ``bins`` as a tuple."""
     try:
         q, f = operator.index(queries), operator.index(flagged)
     except TypeError:
         raise ValueError(f"bad update queries={queries!r} flagged={flagged!r}: not integers") from None
     if q < 0 or f < 0 or f > q:
         raise ValueError(f"bad update queries={q} flagged={f}")
-    return check_client_id(client_id), q, f
+    if bins is None:
+        return check_client_id(client_id), q, f
+    try:
+        b = tuple(operator.index(v) for v in bins)
+    except TypeError:
+        raise ValueError(f"bad update bins={bins!r}: not integers") from None
+    if any(v < 0 for v in b) or len(b) > MAX_DIST_BINS:
+        raise ValueError(f"bad update bins={b}")
+    return check_client_id(client_id), q, f, b
+
+
+def dist_push(current: Sequence[int], previous: Optional[Sequence[int]], bins: Sequence[int], nbins: int,
+              block: int) -> Tuple[List[int], Optional[List[int]]]:
+    """A client's distribution-test blocks after one update: ``bins`` is added to the current block; a
+    current block holding at least ``block`` queries becomes the complete (previous) one and a new,
+    empty block starts. Returns (current, previous). Every backend applies exactly this (Redis in Lua)."""
+    cur = [int(v) for v in current] if current else [0] * nbins
+    cur = (cur + [0] * nbins)[:nbins]
+    for i, v in enumerate(list(bins)[:nbins]):
+        cur[i] += int(v)
+    if sum(cur) >= block:
+        return [0] * nbins, cur
+    return cur, (list(previous) if previous is not None else None)
+
+
+@dataclass
+class Reservation:
+    """:meth:`Ledger.reserve_many`'s answer for one client: its state after the reservation, how many of
+    the requested queries it may send now, and when a refused part may be retried (seconds)."""
+
+    state: ClientState
+    granted: int
+    retry_after: Optional[int] = None
 
 
 LEDGERS = Registry("ledger scheme")
@@ -213,10 +298,40 @@ class Ledger(ABC):
         return self.record_many([(client_id, queries, flagged)])[0]
 
     def record_many(self, updates: Iterable[tuple]) -> List[ClientState]:
-        """``updates``: (client_id, queries, flagged) triples; one state per triple, in order, applied
-        atomically where the backend can."""
+        """``updates``: (client_id, queries, flagged) triples, or (client_id, queries, flagged, bins)
+        with the distribution test's bin counts of those queries (``rule.dist_bins`` long; ignored
+        when the test is off); one state per update, in order, applied atomically where the backend can.
+        With quotas, ``flagged`` is also added to the current period's flagged count (the queries were
+        counted when reserved)."""
         updates = [check_update(*u) for u in updates]
         return self._call(self._record_many, updates) if updates else []
+
+    def reserve_many(self, requests: Iterable[tuple]) -> List[Reservation]:
+        """Admission under the quotas: ``requests`` are (client_id, queries) pairs, one per distinct
+        client. Atomically per client (across every worker and host sharing the store): a refused or
+        blocked client is granted nothing; otherwise the quotas of the current period grant up to the
+        queries asked for (all of them without quotas), and the granted ones are added to the period's
+        count at once, so concurrent workers never grant more than the quota together. A granted query
+        counts against the quota even if it is not answered after all (its image fails to decode).
+        Without quotas this is a read (``get``) and writes nothing."""
+        reqs = []
+        for c, n in requests:
+            try:
+                n = operator.index(n)
+            except TypeError:
+                raise ValueError(f"bad reservation queries={n!r}: not an integer") from None
+            if n < 0:
+                raise ValueError(f"bad reservation queries={n}")
+            reqs.append((check_client_id(c), n))
+        if not reqs:
+            return []
+        if not self.rule.quotas:
+            out = []
+            for c, n in reqs:
+                s = self._call(self._get, c)
+                out.append(Reservation(s, 0 if s.denied else n))
+            return out
+        return self._call(self._reserve_many, reqs)
 
     def get(self, client_id: str) -> ClientState:
         """The client's state (zeros, ``known`` False, for an unknown client)."""
@@ -267,6 +382,11 @@ class Ledger(ABC):
     @abstractmethod
     def _record_many(self, updates: List[Tuple[str, int, int]]) -> List[ClientState]:
         """Checked, non-empty updates."""
+
+    @abstractmethod
+    def _reserve_many(self, requests: List[Tuple[str, int]]) -> List[Reservation]:
+        """Checked, non-empty (client_id, queries) requests; only called when ``rule.quotas``. A client
+        the store does not hold yet is created (first_seen) when something is granted."""
 
     @abstractmethod
     def _get(self, client_id: str) -> ClientState: ...

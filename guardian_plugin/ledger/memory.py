@@ -6,7 +6,8 @@ import threading
 from dataclasses import replace
 from typing import Dict, List
 
-from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule, now, register_ledger, window_push
+from guardian_plugin.ledger.base import (ClientState, Ledger, RefusalRule, Reservation, dist_push, now, register_ledger,
+                                         window_push)
 
 
 @register_ledger
@@ -19,20 +20,52 @@ class MemoryLedger(Ledger):
         self._lock = threading.Lock()
         self._states: Dict[str, ClientState] = {}
         self._windows: Dict[str, str] = {}  # sliding-window bits per client (rule.window > 0)
+        self._dist_cur: Dict[str, list] = {}  # the distribution test's current block per client
+
+    def _new(self, client_id: str, t: float) -> ClientState:
+        s = self._states.get(client_id)
+        if s is None:
+            s = self._states[client_id] = ClientState(client_id, first_seen=t, last_seen=t)
+        return s
+
+    def _reserve_many(self, requests) -> List[Reservation]:
+        out = []
+        with self._lock:
+            t = now()
+            for client_id, n in requests:
+                s = self._states.get(client_id)
+                if s is not None and s.denied:
+                    out.append(Reservation(self._copy(s), 0))
+                    continue
+                pq, pf = s.period_counts(self.rule, t) if s is not None else (0, 0)
+                granted = self.rule.grant(n, pq, pf)
+                if granted:
+                    s = self._new(client_id, t)
+                    s.period, s.period_queries, s.period_flagged = self.rule.period(t), pq + granted, pf
+                st = self._copy(s) if s is not None else ClientState(client_id)
+                out.append(Reservation(st, granted, self.rule.retry_after(t) if granted < n else None))
+        return out
+
+    @staticmethod
+    def _copy(s: ClientState) -> ClientState:
+        return replace(s, extra=dict(s.extra), dist_counts=list(s.dist_counts) if s.dist_counts else s.dist_counts)
 
     def _record_many(self, updates) -> List[ClientState]:
         with self._lock:
             return [self._apply(*u) for u in updates]
 
-    def _apply(self, client_id: str, queries: int, flagged: int) -> ClientState:
-        s = self._states.get(client_id)
+    def _apply(self, client_id: str, queries: int, flagged: int, bins=None) -> ClientState:
         t = now()
-        if s is None:
-            s = ClientState(client_id, first_seen=t)
-            self._states[client_id] = s
+        s = self._new(client_id, t)
         s.queries += queries
         s.flagged += flagged
         s.last_seen = t
+        if self.rule.quotas:
+            pq, pf = s.period_counts(self.rule, t)
+            s.period, s.period_queries, s.period_flagged = self.rule.period(t), pq, pf + flagged
+        if self.rule.dist_bins and bins is not None:
+            self._dist_cur[client_id], s.dist_counts = dist_push(
+                self._dist_cur.get(client_id), s.dist_counts, bins, self.rule.dist_bins, self.rule.dist_block)
         hit = self.rule.triggered(s.queries, s.flagged)
         if self.rule.window:
             w = window_push(self._windows.get(client_id, ""), queries, flagged, self.rule.window)
@@ -42,21 +75,22 @@ class MemoryLedger(Ledger):
         if not s.refused and hit:
             s.refused = True
             s.refused_at_query = s.queries
-        return replace(s, extra=dict(s.extra))
+        return self._copy(s)
 
     def _get(self, client_id: str) -> ClientState:
         with self._lock:
             s = self._states.get(client_id)
-            return replace(s) if s else ClientState(client_id)
+            return self._copy(s) if s else ClientState(client_id)
 
     def _clients(self) -> List[ClientState]:
         with self._lock:
-            return [replace(s) for _, s in sorted(self._states.items())]
+            return [self._copy(s) for _, s in sorted(self._states.items())]
 
     def _reset(self, client_id: str) -> None:
         with self._lock:
             self._states.pop(client_id, None)
             self._windows.pop(client_id, None)
+            self._dist_cur.pop(client_id, None)
 
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         with self._lock:
@@ -69,4 +103,4 @@ class MemoryLedger(Ledger):
             if not blocked:
                 s.refused = False
                 s.refused_at_query = None
-            return replace(s)
+            return self._copy(s)
