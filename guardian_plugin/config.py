@@ -7,7 +7,10 @@ Example (every key optional but ``detector``)::
     namespace: mnist                               # separates protected models in one store
     ledger_failure: closed                         # store down: closed (HTTP 503) | open (serve, log, keep counts)
     rule: {tau: auto, rho: 0.5}                    # auto: the binomial bound in docs/refusal-rule.md
-                                                   # optional sliding window: window: 200, window_rho: 0.5
+                                                   # sliding window (default window: 200, window_rho: 0.3; 0 = off)
+    quota: {queries: 10000, flagged: 1000, period: 1d}  # per client and period: HTTP 429 + Retry-After; 0 = off
+    probation: {queries: 0, response: label}       # new identities: label-only answers until N benign ones
+    distribution: {enabled: auto, block: 200}      # per-client distribution test (artifact's reference.json)
     response: {policy: dpreds, d: 0.5}
     identity:                                      # guardian_plugin/identity.py: which mode to trust
       headers: [X-Client-Id]                       # first present header wins, case-insensitive
@@ -30,6 +33,9 @@ from guardian_plugin.errors import ConfigError
 
 
 DEFAULT_MAX_PIXELS = 12_000_000  # a 4000 x 3000 photo; see guardian_plugin.inputs
+# defense-in-depth defaults, justified in docs/refusal-rule.md
+DEFAULT_WINDOW, DEFAULT_WINDOW_RHO = 200, 0.3
+DEFAULT_QUOTA, DEFAULT_FLAGGED_QUOTA = 10_000, 1_000
 
 
 class _Strict(BaseModel):
@@ -42,10 +48,10 @@ class RuleConfig(_Strict):
     # assumptions behind tau: auto
     assumed_fpr: float = Field(0.05, gt=0.0, lt=0.5)
     max_false_refusal: float = Field(1e-6, gt=0.0, lt=1.0)
-    # optional sliding window (docs/ledger.md): also refuse when more than window_rho (default rho) of
-    # the last `window` queries were flagged; 0 = off
-    window: int = Field(0, ge=0, le=100_000)
-    window_rho: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    # sliding window (docs/refusal-rule.md): also refuse when more than window_rho of the last `window`
+    # queries were flagged; 0 = off
+    window: int = Field(DEFAULT_WINDOW, ge=0, le=100_000)
+    window_rho: Optional[float] = Field(DEFAULT_WINDOW_RHO, ge=0.0, lt=1.0)
 
     @field_validator("tau")
     @classmethod
@@ -61,10 +67,51 @@ class RuleConfig(_Strict):
 
         return default_tau(self.rho, self.assumed_fpr, self.max_false_refusal)
 
-    def to_rule(self):
+    def to_rule(self, quota: "QuotaConfig | None" = None, dist_bins: int = 0, dist_block: int = 0):
         from guardian_plugin.ledger.base import RefusalRule
 
-        return RefusalRule(self.resolve_tau(), self.rho, window=self.window, window_rho=self.window_rho)
+        q = quota.rule_fields() if quota is not None else {}
+        return RefusalRule(self.resolve_tau(), self.rho, window=self.window, window_rho=self.window_rho,
+                           dist_bins=dist_bins, dist_block=dist_block if dist_bins else 0, **q)
+
+
+class QuotaConfig(_Strict):
+    """Per-client quotas per fixed period (docs/refusal-rule.md): over them, HTTP 429 + Retry-After."""
+
+    queries: int = Field(DEFAULT_QUOTA, ge=0)           # answered queries per client and period; 0 = off
+    flagged: int = Field(DEFAULT_FLAGGED_QUOTA, ge=0)   # flagged answers per client and period; 0 = off
+    period: Union[int, str] = "1d"                       # 3600, 90s, 30m, 12h, 1d
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, v):
+        from guardian_plugin.ledger.base import parse_duration
+
+        if parse_duration(v) < 1:
+            raise ValueError("period must be at least 1 s")
+        return v
+
+    def rule_fields(self) -> Dict[str, int]:
+        from guardian_plugin.ledger.base import parse_duration
+
+        return {"quota": self.queries, "flagged_quota": self.flagged, "quota_period_s": parse_duration(self.period)}
+
+
+class ProbationConfig(_Strict):
+    """New identities (docs/refusal-rule.md): until a client has ``queries`` answered queries that were
+    not flagged, its unflagged answers are ``response`` (label: the top-1 class only; dpreds)."""
+
+    queries: int = Field(0, ge=0)  # 0 = off
+    response: Literal["label", "dpreds"] = "label"
+
+
+class DistributionConfig(_Strict):
+    """The per-client distribution test (guardian_plugin.distribution)."""
+
+    enabled: Union[bool, Literal["auto"]] = "auto"  # auto: when the detector artifact has reference.json
+    block: int = Field(200, ge=20, le=100_000)       # queries per tested block
+    max_false: float = Field(1e-6, gt=0, lt=1)       # a benign client's chance of ever failing ...
+    horizon: int = Field(10_000, ge=1)               # ... over this many queries (union bound)
 
 
 class ResponseConfig(_Strict):
@@ -105,6 +152,9 @@ class GuardConfig(_Strict):
     namespace: str = "default"
     ledger_failure: Literal["closed", "open"] = "closed"  # see guardian_plugin.ledger.resilient
     rule: RuleConfig = RuleConfig()
+    quota: QuotaConfig = QuotaConfig()
+    probation: ProbationConfig = ProbationConfig()
+    distribution: DistributionConfig = DistributionConfig()
     response: ResponseConfig = ResponseConfig()
     identity: IdentityConfig = IdentityConfig()
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # larger images: 400 before decoding (guardian_plugin.inputs)

@@ -3,12 +3,17 @@
     admissions = guardian.admit_batch(headers_per_request)   # before inference
         identity (guardian_plugin.identity)      -> 401 no identity / untrusted gateway, 400 malformed id
         the ledger: refused or blocked client     -> 403
+                    quota of the period used up   -> 429 + Retry-After (reserved atomically per client)
                     store down (ledger_failure: closed) -> 503 + Retry-After
+                    new identity (probation), last block failed the distribution test (suspect)
     ... the adapter runs the served model on the admitted rows only (a bad row -> 400, that row alone)
     result = guardian.inspect(inputs, probs, admissions)      # after inference, answered rows only
         1. transform + detector: flagged rows                  (guardian_plugin.detector)
-        2. ledger: one atomic (queries, flagged) update per client; the rule refuses from the next request
-        3. response policy: DPreds on flagged and anonymous rows, the rest unchanged
+           rows of suspect clients count as flagged too        (guardian_plugin.distribution)
+        2. ledger: one atomic (queries, flagged, bins) update per client; the rules refuse from the next
+           request
+        3. response policy: DPreds on flagged and anonymous rows, the probation response (top-1 label) on
+           the other rows of clients on probation, the rest unchanged
     result.probs      what to return
     result.verdicts   one Verdict per row
 
@@ -33,12 +38,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from guardian_plugin.config import GuardConfig, IdentityConfig, load_config
+from guardian_plugin.config import GuardConfig, IdentityConfig, ProbationConfig, load_config
 from guardian_plugin.detector import Detector, load_detector
-from guardian_plugin.errors import LedgerUnavailable
+from guardian_plugin.distribution import DistributionTest, load_reference
+from guardian_plugin.errors import ConfigError, LedgerUnavailable
 from guardian_plugin.identity import Identity, IdentityError
 from guardian_plugin.ledger import Ledger, RefusalRule, open_ledger
-from guardian_plugin.responses import BLOCKED, REFUSED, UNAVAILABLE, Admission, Denial, build_policy
+from guardian_plugin.responses import (BLOCKED, REFUSED, UNAVAILABLE, Admission, Denial, build_policy, dpreds,
+                                       label_only, quota_exceeded)
 
 log = logging.getLogger("guardian_plugin")
 
@@ -56,10 +63,13 @@ class InspectResult:
     scores: Optional[torch.Tensor] = None  # (B, K) sub-detector logits, NaN rows for refused
     guard_ms: float = 0.0
     states: dict = field(default_factory=dict)  # client id -> ClientState after this batch
-    deceived: List[bool] = field(default_factory=list)  # rows answered with the response policy
+    deceived: List[bool] = field(default_factory=list)  # rows whose answer differs from the model's
+    detected: List[bool] = field(default_factory=list)  # rows the detector flagged (per-sample)
+    probation: List[bool] = field(default_factory=list)  # rows answered with the probation response
 
     @property
     def flagged(self) -> List[bool]:
+        """Rows counted as flagged: by the detector, or of a client failing the distribution test."""
         return [v == Verdict.FLAGGED for v in self.verdicts]
 
     def newly_refused(self, clients: Sequence[Optional[str]]) -> int:
@@ -80,14 +90,27 @@ Client = Union[str, Admission]
 
 
 class Guardian:
+    """``probation``: new identities' unflagged answers get the probation response until they have that
+    many unflagged answered queries (off when None or 0 queries). ``distribution``: the per-client
+    distribution test; the ledger's rule must then keep ``distribution.reference.bins`` bins in blocks
+    of ``distribution.block`` (``RefusalRule(dist_bins=..., dist_block=...)``)."""
+
     def __init__(self, detector: Detector, ledger: Ledger, policy=None, device: str | torch.device = "cpu",
-                 identity: Identity | IdentityConfig | None = None):
+                 identity: Identity | IdentityConfig | None = None, probation: ProbationConfig | None = None,
+                 distribution: DistributionTest | None = None):
         self.detector = detector.to(device)
         self.ledger = ledger
         self.policy = policy if policy is not None else build_policy("dpreds", d=0.5)
         self.device = torch.device(device)
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
-        self.counters = {"queries": 0, "flagged": 0, "refused": 0}
+        self.probation = probation if probation is not None and probation.queries > 0 else None
+        self.distribution = distribution
+        if distribution is not None and (ledger.rule.dist_bins != distribution.reference.bins
+                                         or ledger.rule.dist_block != distribution.block):
+            raise ConfigError(f"the ledger's rule keeps {ledger.rule.dist_bins} bins in blocks of "
+                              f"{ledger.rule.dist_block}; the distribution test needs {distribution.reference.bins} "
+                              f"in blocks of {distribution.block}")
+        self.counters = {"queries": 0, "flagged": 0, "refused": 0, "quota": 0, "suspect": 0, "probation": 0}
 
     # ------------------------------------------------------------------------- construction
     @classmethod
@@ -98,12 +121,14 @@ class Guardian:
         if model is not None:  # a guardian_plugin.fit.ModelSpec: refuse a detector trained for another model
             from guardian_plugin.fit import check_fit
             check_fit(detector.spec, model, cfg.allow_mismatch)
+        dist = distribution_test(cfg)
         if ledger is None:
             from guardian_plugin.ledger.resilient import ResilientLedger
 
-            ledger = ResilientLedger(open_ledger(cfg.ledger, cfg.rule.to_rule(), cfg.namespace), cfg.ledger_failure)
+            rule = cfg.rule.to_rule(cfg.quota, dist.reference.bins if dist else 0, dist.block if dist else 0)
+            ledger = ResilientLedger(open_ledger(cfg.ledger, rule, cfg.namespace), cfg.ledger_failure)
         policy = build_policy(cfg.response.policy, **cfg.response.params())
-        return cls(detector, ledger, policy, cfg.device, identity)
+        return cls(detector, ledger, policy, cfg.device, identity, cfg.probation, dist)
 
     @classmethod
     def from_artifact(cls, path: str, ledger: Ledger | str = "memory://", rule: RefusalRule | None = None,
@@ -120,28 +145,59 @@ class Guardian:
         return self.admit_batch([headers])[0]
 
     def admit_batch(self, headers: Sequence[Mapping | None]) -> List[Admission]:
-        """``admit`` for a batch of requests, one ledger read per distinct client."""
-        out: List[Admission] = []
-        states: Dict[str, Denial | None] = {}
+        """``admit`` for a batch of requests: one ledger call for all its clients."""
+        out: List[Optional[Admission]] = []
+        ids: List[Optional[str]] = []
         for h in headers:
             try:
-                cid = self.identity.client_id(h)
+                ids.append(self.identity.client_id(h))
+                out.append(None)
             except IdentityError as e:
+                ids.append(None)
                 out.append(Admission(denial=Denial(e.status, e.kind, str(e))))
-                continue
-            if cid is not None and cid not in states:
-                states[cid] = self._standing(cid)
-            out.append(Admission(client=cid, denial=states.get(cid) if cid is not None else None))
+        rows = [i for i, a in enumerate(out) if a is None]
+        for i, a in zip(rows, self.admit_clients([ids[i] for i in rows])):
+            out[i] = a
         return out
 
-    def _standing(self, cid: str) -> Optional[Denial]:
+    def admit_clients(self, clients: Sequence[Optional[str]]) -> List[Admission]:
+        """Admission of one row per entry of ``clients`` (identified client ids; None: anonymous) under
+        the refusal rule and the quotas (reserved atomically, one reservation per distinct client: a
+        client's rows beyond what its quota grants get 429), with the client's probation and
+        distribution-test standing. Python use (the evaluation harness); adapters call ``admit_batch``."""
+        wanted: "OrderedDict[str, int]" = OrderedDict()
+        for c in clients:
+            if c is not None:
+                wanted[c] = wanted.get(c, 0) + 1
         try:
-            st = self.ledger.get(cid)
+            res = dict(zip(wanted, self.ledger.reserve_many(list(wanted.items())))) if wanted else {}
         except LedgerUnavailable:
-            return UNAVAILABLE
+            return [Admission(denial=UNAVAILABLE) if c is not None else Admission() for c in clients]
+        standing = {c: self._standing(r) for c, r in res.items()}
+        left = {c: r.granted for c, r in res.items()}
+        out = []
+        for c in clients:
+            if c is None:
+                out.append(Admission())
+                continue
+            adm = standing[c]
+            if adm.ok:
+                if left[c] <= 0:
+                    self.counters["quota"] += 1
+                    adm = Admission(client=c, denial=quota_exceeded(res[c].retry_after or 1))
+                left[c] -= 1
+            out.append(adm)
+        return out
+
+    def _standing(self, r) -> Admission:
+        st = r.state
         if st.blocked:
-            return BLOCKED
-        return REFUSED if st.refused else None
+            return Admission(client=st.client_id, denial=BLOCKED)
+        if st.refused:
+            return Admission(client=st.client_id, denial=REFUSED)
+        probation = self.probation is not None and st.queries - st.flagged < self.probation.queries
+        suspect = self.distribution is not None and self.distribution.fails(st.dist_counts)
+        return Admission(client=st.client_id, probation=probation, suspect=suspect)
 
     def refused(self, client_ids: Sequence[str]) -> List[bool]:
         """Whether each row's client is refused now (Python use; adapters call ``admit``)."""
@@ -162,7 +218,8 @@ class Guardian:
         """Detection, the ledger update and the response policy for the answered rows of a batch.
 
         ``clients``: one Admission (from ``admit``) or plain client id per row. Rows of denied admissions
-        (or, for plain ids, of clients refused before this batch) are neither scored nor counted.
+        (or, for plain ids, of clients refused before this batch) are neither scored nor counted. Plain
+        ids carry no probation or distribution-test standing (use ``admit_clients`` for that).
         Raises LedgerUnavailable when the store is down and ``ledger_failure`` is closed."""
         t0 = time.perf_counter()
         b = probs.shape[0]
@@ -175,33 +232,66 @@ class Guardian:
         live = [i for i in range(b) if not denied[i]]
         flagged = torch.zeros(b, dtype=torch.bool)
         scores = torch.full((b, len(self.detector.names)), float("nan"))
+        bins = [None] * b
         if live:
             f, s = self.detect(inputs[live])
             flagged[live] = f.cpu()
             scores[live] = s.float().cpu()
-        states = self._record([(adm[i].client, bool(flagged[i])) for i in live])
-        deceive = flagged | torch.tensor([adm[i].anonymous and not denied[i] for i in range(b)], dtype=torch.bool)
+            if self.distribution is not None:
+                for i, v in zip(live, self.distribution.reference.bin_of(probs[live], s, self.detector.thresholds)):
+                    bins[i] = int(v)
+        suspect = torch.tensor([adm[i].suspect and not denied[i] for i in range(b)], dtype=torch.bool)
+        counted = flagged | suspect  # what the refusal rule sees
+        states = self._record([(adm[i].client, bool(counted[i]), bins[i]) for i in live])
+        deceive = counted | torch.tensor([adm[i].anonymous and not denied[i] for i in range(b)], dtype=torch.bool)
         out = self.policy(probs, deceive.to(probs.device))
-        verdicts = [Verdict.REFUSED if denied[i] else Verdict.FLAGGED if flagged[i] else Verdict.BENIGN for i in range(b)]
+        on_probation = torch.tensor([adm[i].probation and not denied[i] for i in range(b)], dtype=torch.bool) & ~deceive
+        if bool(on_probation.any()):
+            rows = on_probation.to(probs.device)
+            out = out.clone()
+            out[rows] = label_only(probs[rows]) if self.probation.response == "label" else dpreds(probs[rows], getattr(self.policy, "d", 0.5))
+        verdicts = [Verdict.REFUSED if denied[i] else Verdict.FLAGGED if counted[i] else Verdict.BENIGN for i in range(b)]
         self.counters["queries"] += len(live)
         self.counters["flagged"] += int(flagged.sum())
+        self.counters["suspect"] += int(suspect.sum())
+        self.counters["probation"] += int(on_probation.sum())
         self.counters["refused"] += b - len(live)
-        return InspectResult(out, verdicts, scores, (time.perf_counter() - t0) * 1000.0, states, deceive.tolist())
+        return InspectResult(out, verdicts, scores, (time.perf_counter() - t0) * 1000.0, states,
+                             (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist())
 
     def _record(self, rows: Sequence[tuple]) -> dict:
-        """One atomic ledger update per identified client of the answered rows."""
+        """One atomic ledger update per identified client of the answered rows: (client, counted as
+        flagged, distribution-test bin or None) per row."""
         per_client: "OrderedDict[str, list]" = OrderedDict()
-        for cid, is_flagged in rows:
+        nbins = self.distribution.reference.bins if self.distribution is not None else 0
+        for cid, is_flagged, b in rows:
             if cid is None:  # anonymous: no client to count (guardian_plugin.identity)
                 continue
-            q = per_client.setdefault(cid, [0, 0])
+            q = per_client.setdefault(cid, [0, 0, [0] * nbins])
             q[0] += 1
             q[1] += int(is_flagged)
+            if b is not None:
+                q[2][b] += 1
         states = {}
         if per_client:
-            for st in self.ledger.record_many([(c, q, f) for c, (q, f) in per_client.items()]):
+            updates = [(c, q, f, tuple(h)) if nbins else (c, q, f) for c, (q, f, h) in per_client.items()]
+            for st in self.ledger.record_many(updates):
                 states[st.client_id] = st
                 if crossed(st, per_client[st.client_id][0]):
                     log.warning("guardian: client %r refused at query %d (flagged %d)", st.client_id,
                                 st.refused_at_query, st.flagged)
         return states
+
+
+def distribution_test(cfg: GuardConfig) -> Optional[DistributionTest]:
+    """The config's distribution test: on with the artifact's reference.json (``enabled: auto``)."""
+    d = cfg.distribution
+    if d.enabled is False:
+        return None
+    ref = load_reference(cfg.detector)
+    if ref is None:
+        if d.enabled is True:
+            raise ConfigError(f"distribution.enabled is true but {cfg.detector} has no reference.json "
+                              "(guardian reference --config TRAIN_CONFIG --detector DIR)")
+        return None
+    return DistributionTest(ref, d.block, d.max_false, d.horizon)

@@ -98,13 +98,28 @@ UNAVAILABLE = Denial(503, "LedgerUnavailable", "the per-client store is unavaila
                      retry_after=5)
 
 
+def quota_exceeded(retry_after: int) -> Denial:
+    """HTTP 429: the client's quota for this period is used up (docs/refusal-rule.md)."""
+    return Denial(429, "QuotaExceeded", "this client's query quota for the current period is used up; "
+                                        f"try again in {retry_after} s", retry_after=retry_after)
+
+
+def label_only(probs: torch.Tensor) -> torch.Tensor:
+    """The top-1 label as a one-hot row: what a new client on probation gets (top-1 exact, nothing else)."""
+    return torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+
+
 @dataclass(frozen=True)
 class Admission:
     """What ``Guardian.admit`` decided for one request: a client to serve (``client`` None for an
-    anonymous request), or a denial."""
+    anonymous request), or a denial. ``probation``: a new identity without a benign history yet;
+    ``suspect``: the client's last block of queries failed the distribution test (guardian_plugin.
+    distribution), so its queries are treated as flagged."""
 
     client: Optional[str] = None
     denial: Optional[Denial] = None
+    probation: bool = False
+    suspect: bool = False
 
     @property
     def ok(self) -> bool:

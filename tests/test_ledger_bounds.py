@@ -22,7 +22,7 @@ BACKENDS = ["memory", "sqlite", "redis"]
 
 def test_one_default_tau():
     assert RefusalRule().tau == default_tau() == default_tau(0.5, 0.05, 1e-6) == 14
-    assert parse_config({"detector": "d"}).rule.to_rule() == RefusalRule()  # YAML tau: auto
+    assert parse_config({"detector": "d"}).rule.to_rule().tau == RefusalRule().tau  # YAML tau: auto
     assert RefusalRule(rho=0.5).tau == 14 and RefusalRule(7).tau == 7
 
 

@@ -51,7 +51,9 @@ def test_window_off_by_default_and_validated():
 def test_config_window_fields():
     cfg = parse_config({"detector": "d", "rule": {"tau": 10, "window": 50, "window_rho": 0.3}})
     assert cfg.rule.to_rule() == RefusalRule(10, 0.5, window=50, window_rho=0.3)
-    assert parse_config({"detector": "d", "rule": {"tau": 10}}).rule.to_rule().window == 0
+    # on by default in a guard config (docs/refusal-rule.md); `window: 0` turns it off
+    assert parse_config({"detector": "d", "rule": {"tau": 10}}).rule.to_rule() == RefusalRule(10, 0.5, 200, 0.3)
+    assert parse_config({"detector": "d", "rule": {"tau": 10, "window": 0}}).rule.to_rule().window == 0
     with pytest.raises(ConfigError, match="rule.window"):
         parse_config({"detector": "d", "rule": {"window": -3}})
     with pytest.raises(ConfigError, match="rule.window_rho"):

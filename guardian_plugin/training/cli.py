@@ -29,6 +29,18 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
+    r = sub.add_parser("reference", help="(re)build a detector artifact's distribution-test reference",
+                       description="Write DETECTOR/reference.json: the bins and benign bin probabilities of the "
+                                   "per-client distribution test (guardian_plugin.distribution), from the victim and "
+                                   "the calibrate split of the training config the artifact was trained with. "
+                                   "`guardian train-detector` writes it already when the config has a victim.")
+    r.add_argument("--config", required=True, help="the detector's training config YAML (needs `victim`)")
+    r.add_argument("--detector", required=True, help="artifact directory")
+    r.add_argument("--group", default=None, help="real.calibrate entry (default: the config's reference_group, "
+                                                 "else its first calibrate entry)")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=_reference)
+
 
 def _run(args) -> int:
     from guardian_plugin.training.config import load_train_config
@@ -60,4 +72,25 @@ def _run(args) -> int:
         return 0
     print_summary(report)
     print(f"artifact: {args.out}")
+    return 0
+
+
+def _reference(args) -> int:
+    from guardian_plugin.detector import load_detector
+    from guardian_plugin.training.config import load_train_config
+    from guardian_plugin.training.pipeline import distribution_reference, load_real, load_victim
+
+    cfg, base = load_train_config(args.config)
+    if cfg.victim is None:
+        raise SystemExit(f"{args.config}: the reference needs the victim (no `victim` in the config)")
+    group = args.group or cfg.reference_group or cfg.real.calibrate[0].name
+    entry = next((e for e in cfg.real.calibrate if e.name == group), None)
+    if entry is None:
+        raise SystemExit(f"--group {group!r}: not a real.calibrate entry of {args.config}")
+    det = load_detector(args.detector, device=args.device)
+    ref = distribution_reference(det, load_victim(cfg, base, args.device), load_real(entry, cfg, base), cfg,
+                                 args.device, f"calibrate:{group}")
+    path = ref.save(args.detector)
+    print(f"{path}: {ref.bins} bins from {ref.n} images of calibrate:{group}; probabilities "
+          + " ".join(f"{p:.3f}" for p in ref.probs))
     return 0

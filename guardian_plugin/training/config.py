@@ -112,6 +112,9 @@ class TrainConfig(_Strict):
     discriminator: TransformTrain = TransformTrain()
     detector: DetectorTrain = DetectorTrain()
     target_fpr: float = Field(0.01, gt=0, lt=0.5)
+    # the real.calibrate entry the distribution test's benign reference is built on (guardian_plugin.
+    # distribution; needs `victim`); default: the first calibrate entry
+    reference_group: Optional[str] = None
     cache: str = ".cache/guardian"
 
     @model_validator(mode="after")
@@ -121,6 +124,9 @@ class TrainConfig(_Strict):
             raise ValueError(f"generative_data {self.generative_data!r} is not a real.train entry ({names})")
         if not self.sources:
             raise ValueError("sources: at least one synthetic source is needed")
+        cal = [e.name for e in self.real.calibrate]
+        if self.reference_group is not None and self.reference_group not in cal:
+            raise ValueError(f"reference_group {self.reference_group!r} is not a real.calibrate entry ({cal})")
         return self
 
 

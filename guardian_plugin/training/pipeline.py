@@ -33,7 +33,8 @@ from guardian_plugin.detector import (FORMAT_VERSION, Detector, DetectorSpec, Im
 from guardian_plugin.training.augment import augment, jpeg_roundtrip
 from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
-from guardian_plugin.training.data import cifar10_split, image_folder, mnist_splits, photo_crops, to_float, to_uint8
+from guardian_plugin.training.data import (cifar10_split, image_folder, mnist_splits, normalise, photo_crops, to_float,
+                                          to_uint8)
 from guardian_plugin.training.sources import SourceContext, build_source, uses_victim
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform, estimate_scale
 
@@ -382,10 +383,30 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
     report["timings_s"]["total"] = round(time.time() - t_start, 1)
 
     save_detector(out_dir, spec, [s.cpu() for s in subs])
+    if victim is not None:  # the distribution test's benign reference (guardian_plugin.distribution)
+        group = cfg.reference_group or cfg.real.calibrate[0].name
+        ref = distribution_reference(detector, victim, real["calibrate"][group], cfg, dev, f"calibrate:{group}")
+        ref.save(out_dir)
+        report["distribution_reference"] = {"group": group, "n": ref.n, "bins": ref.bins}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     _plot_roc(curves, os.path.join(out_dir, "roc.png"), cfg.target_fpr)
     return report
+
+
+def distribution_reference(detector: Detector, victim: torch.nn.Module, x: np.ndarray, cfg: TrainConfig, device,
+                           source: str):
+    """The distribution test's reference: the victim's probabilities and the detector's scores on
+    benign uint8 images ``x`` (guardian_plugin.distribution.build_reference)."""
+    from guardian_plugin.distribution import build_reference
+
+    probs = []
+    with torch.no_grad():
+        for k in range(0, len(x), 256):
+            xb = normalise(to_float(x[k:k + 256]), cfg.mean, cfg.std).to(device)
+            probs.append(torch.softmax(victim(xb), 1).cpu())
+    scores = torch.from_numpy(scores_of(detector, x, device=device))
+    return build_reference(torch.cat(probs), scores, detector.thresholds.cpu(), source)
 
 
 def _train_discriminator(cfg: TrainConfig, data01: torch.Tensor, cache: str, dev, progress: bool) -> str:

@@ -1,0 +1,166 @@
+"""The per-client distribution test: does a client's recent traffic, as a set, look like benign traffic?
+
+The per-sample detector judges one image at a time; an attacker whose images each look real enough
+(a generator kept in BatchNorm eval mode, proxy-data attacks) passes it. As a set, such traffic still
+differs from benign traffic in what the served model and the detector make of it. Each answered query
+falls into one of ``B`` joint bins of two features:
+
+- the victim's confidence, ``-log(1 - max_k p_k)``: benign inputs of the task are mostly answered with
+  near-certainty; synthetic ones and off-task images are not;
+- the detector's margin, ``max_j (score_j - threshold_j)``: how close to being flagged the query came.
+
+The bin edges are quantiles of these features on a benign reference set (the detector's calibration
+split, never its evaluation split), and the reference probabilities ``q`` of the bins are estimated on
+it, stored with the artifact as ``reference.json``. The ledger keeps each client's bin counts in blocks
+of at least ``block`` queries (guardian_plugin.ledger.base.dist_push); the last complete block, with
+``n`` queries and empirical distribution ``p``, fails the test when
+
+    KL(p || q)  >=  t(n) = ( ln C(n + B - 1, B - 1) + ln(1 / alpha) ) / n
+
+By the method of types (Csiszar), for n queries drawn independently from ``q`` there are at most
+C(n + B - 1, B - 1) empirical distributions, each with probability at most exp(-n KL(p || q)), so
+P(KL >= t(n)) <= alpha. A benign client's 10,000 queries make at most 10,000 / block complete blocks;
+with alpha = 1e-6 * block / 10,000 per block the union bound keeps its chance of ever failing below
+1e-6 (:func:`block_alpha`). The bound assumes that the benign client's queries follow the reference
+distribution; a client with a different kind of real images (another camera, another task) is not
+covered and can fail: docs/refusal-rule.md says what was measured.
+
+A failing client is treated as flagged (guardian_plugin.guardian): its answers get the response
+policy and its queries count as flagged for the refusal rule, until a later block passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from guardian_plugin.errors import ArtifactError
+
+REFERENCE_FILE = "reference.json"
+CONF_QUANTILES = (0.02, 0.1, 0.4)   # -> 4 confidence bins
+MARGIN_QUANTILES = (0.5, 0.98)      # -> 3 margin bins
+CONF_CAP = 1e-7                     # 1 - p_max is floored here: float32 answers do not resolve less
+
+
+def confidence(probs: torch.Tensor) -> torch.Tensor:
+    """``-log(1 - max_k p_k)`` per row (float64, capped at ``-log(CONF_CAP)``)."""
+    top = probs.detach().double().max(-1).values
+    return -torch.log((1.0 - top).clamp_min(CONF_CAP))
+
+
+def margin(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``max_j (score_j - threshold_j)`` per row: > 0 when the detector flags the row."""
+    return (scores.detach().double() - thresholds.to(scores.device).double()).max(-1).values
+
+
+@dataclass
+class Reference:
+    """Bin edges and the benign bin probabilities (row-major: confidence bin x margin bin)."""
+
+    conf_edges: List[float]
+    margin_edges: List[float]
+    probs: List[float]
+    n: int                       # reference queries the probabilities were estimated on
+    source: str = ""             # what the reference set was
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def bins(self) -> int:
+        return len(self.probs)
+
+    def bin_of(self, probs: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """The joint bin index of each row (long, on the CPU)."""
+        c = torch.bucketize(confidence(probs).cpu(), torch.tensor(self.conf_edges, dtype=torch.float64), right=True)
+        m = torch.bucketize(margin(scores, thresholds).cpu(), torch.tensor(self.margin_edges, dtype=torch.float64),
+                            right=True)
+        return c * (len(self.margin_edges) + 1) + m
+
+    def counts(self, bins: torch.Tensor) -> List[int]:
+        return torch.bincount(bins, minlength=self.bins).tolist()
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, REFERENCE_FILE)
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+        return path
+
+
+def build_reference(probs: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor, source: str = "",
+                    conf_quantiles: Sequence[float] = CONF_QUANTILES,
+                    margin_quantiles: Sequence[float] = MARGIN_QUANTILES) -> Reference:
+    """A reference from the victim's probabilities and the detector's scores on benign images. Edges
+    that coincide (ties, e.g. confidences at the float32 cap) are merged; bin probabilities are the
+    reference shares with one pseudo-count per bin, so no bin has probability 0."""
+    c = confidence(probs).cpu().numpy()
+    m = margin(scores, thresholds).cpu().numpy()
+    ce = sorted(set(np.quantile(c, conf_quantiles).round(6).tolist()))
+    me = sorted(set(np.quantile(m, margin_quantiles).round(6).tolist()))
+    ref = Reference(ce, me, [], int(len(c)), source)
+    counts = np.asarray(ref.counts(ref.bin_of(probs, scores, thresholds)), dtype=float)
+    ref.probs = ((counts + 1.0) / (counts.sum() + len(counts))).tolist()
+    return ref
+
+
+def load_reference(directory: str) -> Optional[Reference]:
+    """The artifact's reference, or None when it has none."""
+    path = os.path.join(directory, REFERENCE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        ref = Reference(**raw)
+    except (OSError, ValueError, TypeError) as e:
+        raise ArtifactError(f"{path}: not a distribution-test reference ({e})") from None
+    if ref.bins != (len(ref.conf_edges) + 1) * (len(ref.margin_edges) + 1) or abs(sum(ref.probs) - 1) > 1e-6:
+        raise ArtifactError(f"{path}: bin probabilities do not match the edges or do not sum to 1")
+    return ref
+
+
+def block_alpha(max_false: float = 1e-6, horizon: int = 10_000, block: int = 200) -> float:
+    """Per-block false-failure level so that over ``horizon`` benign queries (at most horizon / block
+    complete blocks) the union bound is ``max_false``."""
+    return max_false / max(1, horizon // block)
+
+
+def kl_threshold(n: int, bins: int, alpha: float) -> float:
+    """``t(n)``: P(KL(p_hat || q) >= t(n)) <= alpha for n i.i.d. draws from q over ``bins`` bins."""
+    log_types = math.lgamma(n + bins) - math.lgamma(bins) - math.lgamma(n + 1)
+    return (log_types + math.log(1.0 / alpha)) / n
+
+
+def kl(counts: Sequence[int], q: Sequence[float]) -> float:
+    c = np.asarray(counts, dtype=float)
+    p = c / c.sum()
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / np.asarray(q, dtype=float)[nz])).sum())
+
+
+@dataclass(frozen=True)
+class DistributionTest:
+    reference: Reference
+    block: int = 200
+    max_false: float = 1e-6
+    horizon: int = 10_000
+
+    @property
+    def alpha(self) -> float:
+        return block_alpha(self.max_false, self.horizon, self.block)
+
+    def evaluate(self, counts: Optional[Sequence[int]]) -> Tuple[bool, float, float]:
+        """(fails, KL, threshold) for a client's last complete block (never fails without one)."""
+        if not counts or sum(counts) == 0:
+            return False, 0.0, float("inf")
+        n = int(sum(counts))
+        t = kl_threshold(n, self.reference.bins, self.alpha)
+        d = kl(counts, self.reference.probs)
+        return d >= t, d, t
+
+    def fails(self, counts: Optional[Sequence[int]]) -> bool:
+        return self.evaluate(counts)[0]
