@@ -99,7 +99,7 @@ class QuotaConfig(_Strict):
 
 class ProbationConfig(_Strict):
     """New identities (docs/refusal-rule.md): until a client has ``queries`` answered queries that were
-    not flagged, its unflagged answers are ``response`` (label: the top-1 class only; dpreds)."""
+    not flagged, every answer it gets is ``response`` (label: the top-1 class only; dpreds)."""
 
     queries: int = Field(0, ge=0)  # 0 = off
     response: Literal["label", "dpreds"] = "label"

@@ -12,8 +12,8 @@
            rows of suspect clients count as flagged too        (guardian_plugin.distribution)
         2. ledger: one atomic (queries, flagged, bins) update per client; the rules refuse from the next
            request
-        3. response policy: DPreds on flagged and anonymous rows, the probation response (top-1 label) on
-           the other rows of clients on probation, the rest unchanged
+        3. response policy: DPreds on flagged and anonymous rows, the rest unchanged; every row of a
+           client on probation gets the probation response (default: the top-1 label only)
     result.probs      what to return
     result.verdicts   one Verdict per row
 
@@ -90,7 +90,7 @@ Client = Union[str, Admission]
 
 
 class Guardian:
-    """``probation``: new identities' unflagged answers get the probation response until they have that
+    """``probation``: every answer of a new identity gets the probation response until it has that
     many unflagged answered queries (off when None or 0 queries). ``distribution``: the per-client
     distribution test; the ledger's rule must then keep ``distribution.reference.bins`` bins in blocks
     of ``distribution.block`` (``RefusalRule(dist_bins=..., dist_block=...)``)."""
@@ -245,7 +245,9 @@ class Guardian:
         states = self._record([(adm[i].client, bool(counted[i]), bins[i]) for i in live])
         deceive = counted | torch.tensor([adm[i].anonymous and not denied[i] for i in range(b)], dtype=torch.bool)
         out = self.policy(probs, deceive.to(probs.device))
-        on_probation = torch.tensor([adm[i].probation and not denied[i] for i in range(b)], dtype=torch.bool) & ~deceive
+        # every answer of a client on probation, flagged or not: DPreds can be inverted by an attacker who
+        # estimates d (guardian_plugin.attacks.aware), a label cannot, so a fresh id buys only labels
+        on_probation = torch.tensor([adm[i].probation and not denied[i] for i in range(b)], dtype=torch.bool)
         if bool(on_probation.any()):
             rows = on_probation.to(probs.device)
             out = out.clone()

@@ -18,7 +18,13 @@ import torch.nn as nn
 
 
 class QueryRefused(Exception):
-    """The target refused this client; no answer was given for the batch."""
+    """The target refused this client; no answer was given for the batch. ``status``: the HTTP status
+    (or its in-process equivalent): 403 refused or blocked, 429 quota used up."""
+
+    def __init__(self, *args, status: int = 403, retry_after: Optional[int] = None):
+        super().__init__(*args)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class QueryTarget(ABC):

@@ -11,15 +11,17 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from guardian_plugin.config import read_yaml, validate
+from guardian_plugin.config import (DEFAULT_WINDOW, DEFAULT_WINDOW_RHO, DistributionConfig, ProbationConfig, QuotaConfig,
+                                    read_yaml, validate)
 
-CONFIGURATIONS = ("no_defense", "model_guardian", "dpreds_only", "detector_only", "raw_detector")
+CONFIGURATIONS = ("no_defense", "model_guardian", "dpreds_only", "detector_only", "raw_detector", "defense_in_depth")
 CONFIG_TITLES = {
     "no_defense": "No defense",
     "dpreds_only": "DPreds only (w/o DFMS-Detector)",
     "detector_only": "Detector + refusal (w/o DPreds)",
     "model_guardian": "Model-Guardian",
     "raw_detector": "Raw-image detector (w/o gradient transformation)",
+    "defense_in_depth": "Defense in depth (Model-Guardian + window, quotas, probation, distribution test)",
 }
 
 
@@ -49,6 +51,23 @@ class CloneSpec(_Strict):
     arch_params: Dict[str, Any] = {}
 
 
+class DepthSpec(_Strict):
+    """The defense_in_depth configuration's mechanisms; every default is the shipped guard-config default
+    (guardian_plugin.config), except probation, which a guard config leaves off (docs/refusal-rule.md)."""
+
+    window: int = Field(DEFAULT_WINDOW, ge=0)
+    window_rho: float = Field(DEFAULT_WINDOW_RHO, ge=0.0, lt=1.0)
+    quota: QuotaConfig = QuotaConfig()
+    probation: ProbationConfig = ProbationConfig(queries=200)
+    distribution: DistributionConfig = DistributionConfig()
+
+    def rule(self, tau: int, rho: float, dist=None):
+        from guardian_plugin.ledger import RefusalRule
+
+        return RefusalRule(tau, rho, window=self.window, window_rho=self.window_rho, **self.quota.rule_fields(),
+                           dist_bins=dist.reference.bins if dist else 0, dist_block=dist.block if dist else 0)
+
+
 class GuardSpec(_Strict):
     detector: Optional[str] = None       # gradient detector artifact (Model-Guardian, detector_only)
     raw_detector: Optional[str] = None   # artifact with `transform: identity` (raw_detector row)
@@ -56,6 +75,7 @@ class GuardSpec(_Strict):
     rho: float = Field(0.5, ge=0.0, lt=1.0)
     d: float = Field(0.5, ge=0.0)
     quantize: bool = False               # round queries to 8-bit pixels, as PNGs over HTTP would
+    depth: DepthSpec = DepthSpec()       # the defense_in_depth configuration's settings
 
     @field_validator("tau")
     @classmethod
@@ -111,6 +131,8 @@ class EvalConfig(_Strict):
     configurations: List[str] = list(CONFIGURATIONS)
     eval_points: int = Field(10, ge=1)   # clone evaluations per run
     benign_batch: int = Field(1, ge=1)   # images per benign request (refusal acts between requests)
+    benign_replay: int = Field(0, ge=0)  # queries of one benign identity replaying the test set (0: off)
+    photo_replay: int = Field(0, ge=0)   # queries of one client sending natural photo crops (0: off)
     detection_windows: List[int] = [50, 500]   # Table II batch sizes
     detection_samples: int = Field(5, ge=1)    # windows recorded along each no-defense query stream
     cache_dir: str = ".cache/attacks"
@@ -138,8 +160,9 @@ class EvalConfig(_Strict):
         if dup:
             raise ValueError(f"attack ids must be unique; repeated: {dup}")
         need = set(self.configurations) | {c for a in self.attacks for c in (a.configurations or [])}
-        if need & {"model_guardian", "detector_only"} and not self.guard.detector:
-            raise ValueError("guard.detector is required for the model_guardian / detector_only configurations")
+        if need & {"model_guardian", "detector_only", "defense_in_depth"} and not self.guard.detector:
+            raise ValueError("guard.detector is required for the model_guardian / detector_only / defense_in_depth "
+                             "configurations")
         if "raw_detector" in need and not self.guard.raw_detector:
             raise ValueError("guard.raw_detector is required for the raw_detector configuration")
         return self

@@ -6,6 +6,8 @@ Configurations (the paper's Table I / V / VII rows):
   detector_only   detector + ledger refusal, answers unchanged (responses.Passthrough; "w/o DPreds")
   model_guardian  detector + ledger refusal + DPreds on flagged rows (the full method)
   raw_detector    Model-Guardian with a detector trained on raw images ("w/o gradient transformation")
+  defense_in_depth Model-Guardian plus the sliding window, per-client quotas, new-identity probation and
+                  the per-client distribution test (docs/refusal-rule.md; settings: guard.depth)
 
 Metrics, per run (attack x configuration x seed):
   CAcc     the clone's accuracy on the victim's test set, evaluated ``eval_points`` times along the run
@@ -40,7 +42,7 @@ from guardian_plugin.attacks.target import InProcessTarget, QueryRefused
 from guardian_plugin.evaluation.config import EvalConfig
 from guardian_plugin.responses import DPreds, Passthrough
 
-DETECTOR_CONFIGS = ("model_guardian", "detector_only", "raw_detector")
+DETECTOR_CONFIGS = ("model_guardian", "detector_only", "raw_detector", "defense_in_depth")
 
 
 # ------------------------------------------------------------------------------------- target
@@ -60,6 +62,11 @@ class EvalTarget(InProcessTarget):
         self.base_id = client_id
         self.identities = 1
         self.flags = bytearray()
+        self.stop_status: Optional[int] = None  # 403 refused / 429 quota: why the target stopped answering
+        self.probation_answers = 0
+        self.suspect_answers = 0
+        self.dpreds_answers = 0  # answers changed by the response policy (DPreds), probation not included
+        self.last_probation_query = 0  # 1-based index of the last query answered on probation (0: none)
         self._starts = sorted(set(int(s) for s in record_starts))
         self._len = int(record_len)
         self.recorded: Dict[int, List[torch.Tensor]] = {s: [] for s in self._starts}
@@ -86,21 +93,32 @@ class EvalTarget(InProcessTarget):
         if self.quantize:
             pix = (x * self.std + self.mean).clamp(0, 1)
             x = ((pix * 255).round() / 255 - self.mean) / self.std
-        if self.guardian is not None and self.guardian.refused([self.client_id])[0]:
-            if self.refused_at is None:
-                self.refused_at = self.queries
-            raise QueryRefused(self.client_id)
+        admitted = None
+        if self.guardian is not None:
+            # a batch is answered whole or not at all: one denied row (refused, or over the quota) denies it
+            admitted = self.guardian.admit_clients([self.client_id] * b)
+            denied = next((a.denial for a in admitted if not a.ok), None)
+            if denied is not None:
+                if self.refused_at is None:
+                    self.refused_at, self.stop_status = self.queries, denied.status
+                raise QueryRefused(self.client_id, status=denied.status, retry_after=denied.retry_after)
         self._record(x, self.queries)
         self.queries += b
         probs = torch.softmax(self.victim(x), 1)
         if self.always is not None:
             probs = self.always(probs, torch.ones(b, dtype=torch.bool, device=probs.device))
+            self.dpreds_answers += b
         if self.guardian is None:
             return probs
-        r = self.guardian.inspect(x, probs, [self.client_id] * b, refused=[False] * b)
-        f = r.flagged
-        self.flagged += sum(f)
-        self.flags.extend(bytes(int(v) for v in f))
+        r = self.guardian.inspect(x, probs, admitted)
+        self.flagged += sum(r.detected)
+        self.flags.extend(bytes(int(v) for v in r.detected))
+        self.probation_answers += sum(r.probation)
+        self.dpreds_answers += sum(d and not p for d, p in zip(r.deceived, r.probation))
+        for k, on in enumerate(r.probation):
+            if on:
+                self.last_probation_query = self.queries - b + k + 1
+        self.suspect_answers += sum(f and not d for f, d in zip(r.flagged, r.detected))
         return r.probs
 
 
@@ -175,13 +193,47 @@ class Defenses:
         elif configuration in DETECTOR_CONFIGS:
             det = self.detector("raw" if configuration == "raw_detector" else "gradient")
             policy = Passthrough() if configuration == "detector_only" else DPreds(g.d)
-            ledger = open_ledger("memory://", RefusalRule(self.tau, g.rho), f"eval-{client_id}")
-            guardian = Guardian(det, ledger, policy, self.device)
+            if configuration == "defense_in_depth":
+                guardian = self.depth_guardian(det, policy, client_id)
+            else:
+                ledger = open_ledger("memory://", RefusalRule(self.tau, g.rho), f"eval-{client_id}")
+                guardian = Guardian(det, ledger, policy, self.device)
         elif configuration != "no_defense":
             raise ValueError(f"unknown configuration {configuration!r}")
         v = self.cfg.victim
         return EvalTarget(self.victim, v.num_classes, guardian, always, client_id, self.device, g.quantize,
                           v.mean, v.std, **kw)
+
+
+    def depth_guardian(self, det, policy, client_id: str):
+        """Model-Guardian plus the defense-in-depth mechanisms with the config's ``guard.depth`` settings
+        (the shipped guard-config defaults unless the eval config overrides them)."""
+        from guardian_plugin.distribution import DistributionTest, load_reference
+        from guardian_plugin.guardian import Guardian
+        from guardian_plugin.ledger import open_ledger
+
+        g, dd = self.cfg.guard, self.cfg.guard.depth
+        dist = None
+        if dd.distribution.enabled is not False:
+            ref = load_reference(self.path("gradient"))
+            if ref is None and dd.distribution.enabled is True:
+                raise FileNotFoundError(f"{self.path('gradient')} has no reference.json for the distribution test")
+            if ref is not None:
+                d = dd.distribution
+                dist = DistributionTest(ref, d.block, d.max_false, d.horizon)
+        rule = dd.rule(self.tau, g.rho, dist)
+        ledger = open_ledger("memory://", rule, f"eval-{client_id}")
+        return Guardian(det, ledger, policy, self.device, probation=dd.probation, distribution=dist)
+
+
+def replay_photos(cfg: EvalConfig) -> torch.Tensor:
+    """Natural photo crops (the evaluate group, never used to train or calibrate a detector) at the
+    victim's size, normalised: what a client sending photos to the model sends."""
+    from guardian_plugin.training.data import normalise, photo_crops, to_float
+
+    v = cfg.victim
+    x = to_float(photo_crops("evaluate", 1000, v.size, v.channels, seed=2))
+    return normalise(x, v.mean, v.std)
 
 
 def accuracy_fn(x: torch.Tensor, y: torch.Tensor, device) -> Callable[[nn.Module], float]:
@@ -213,6 +265,33 @@ def benign_metrics(defenses: Defenses, configuration: str, x: torch.Tensor, y: t
         out["flags"] = [int(v) for v in flags]
         out["fpr_answered"] = t.flagged / max(t.queries, 1)
     return out
+
+
+def benign_replay(defenses: Defenses, configuration: str, x: torch.Tensor, total: int, batch: int = 1,
+                  client: str = "benign-replay") -> dict:
+    """One identity sending ``x`` over and over (``total`` queries, ``batch`` per request) through the
+    configuration's target: when (if ever) it was refused or hit a quota, how many answers were on
+    probation (and the last such query), how many got DPreds, and whether every answer's top-1 is the
+    unprotected model's."""
+    t = defenses.target(configuration, client)
+    same = answered = 0
+    stop = None
+    for i in range(0, total, batch):
+        idx = torch.arange(i, min(i + batch, total)) % len(x)
+        xb = x[idx]
+        try:
+            p = t.query(xb)
+        except QueryRefused as e:
+            stop = {"status": e.status, "at_query": t.queries}
+            break
+        with torch.no_grad():
+            top = defenses.victim(xb.to(defenses.device)).argmax(1).cpu()
+        same += int((p.argmax(1).cpu() == top).sum())
+        answered += len(idx)
+    return {"queries": total, "answered": answered, "stopped": stop, "top1_equal": same,
+            "top1_equal_all": same == answered, "probation_answers": t.probation_answers,
+            "last_probation_query": t.last_probation_query, "dpreds_answers": t.dpreds_answers,
+            "detector_flagged": t.flagged, "suspect_answers": t.suspect_answers}
 
 
 @torch.no_grad()
@@ -299,6 +378,7 @@ def run_one(cfg: EvalConfig, spec, configuration: str, seed: int, defenses: Defe
         "accounting_ok": res.queries == target.queries,
         "refused": target.refused_at is not None,
         "answered_before_refusal": target.refused_at if target.refused_at is not None else target.queries,
+        "stopped_by": {None: None, 403: "refusal", 429: "quota"}.get(target.stop_status, str(target.stop_status)),
         "identities": target.identities,
         "cacc": res.clone_accuracy, "history": res.history, "seconds": round(time.time() - t0, 1),
         "extra": {k: v for k, v in res.extra.items() if isinstance(v, (int, float, str, bool, list))},
@@ -306,6 +386,8 @@ def run_one(cfg: EvalConfig, spec, configuration: str, seed: int, defenses: Defe
     if target.guardian is not None:
         out["flagged"] = target.flagged
         out["dacc"] = target.flagged / max(target.queries, 1)
+        out["probation_answers"] = target.probation_answers
+        out["suspect_answers"] = target.suspect_answers
     if configuration == "no_defense":
         out["windows_file"] = save_windows(target.recorded_windows(), out_dir, f"{spec.id}-{seed}")
     return out
@@ -419,8 +501,22 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
             continue
         benign[c] = benign_metrics(defenses, c, x_test, y_test, cfg.benign_batch)
         log(f"benign {c}: BAcc {benign[c]['bacc']:.4f}" + (f", FPR {benign[c]['fpr']:.4f}" if "fpr" in benign[c] else ""))
+    replays = benign.pop("_replay", {})
+    if cfg.benign_replay:
+        photos = replay_photos(cfg) if cfg.photo_replay else None
+        for c in all_confs:
+            if configurations is not None and c not in configurations:
+                continue
+            replays[c] = {"digits": benign_replay(defenses, c, x_test, cfg.benign_replay, cfg.benign_batch)}
+            if photos is not None:
+                replays[c]["photos"] = benign_replay(defenses, c, photos, cfg.photo_replay, cfg.benign_batch,
+                                                     "photo-client")
+            log(f"benign replay {c}: " + "; ".join(f"{k}: answered {v['answered']}/{v['queries']}, stopped "
+                                                     f"{v['stopped']}, probation {v['probation_answers']} (last "
+                                                     f"{v['last_probation_query']}), DPreds {v['dpreds_answers']}, "
+                                                     f"top-1 equal {v['top1_equal_all']}" for k, v in replays[c].items()))
     with open(benign_path, "w") as f:
-        json.dump(benign, f)
+        json.dump({**benign, "_replay": replays}, f)
     # --seeds replaces every seed list of the config (top-level and per attack)
     plan = [(s, c, seed) for s in specs for c in cfg.configurations_for(s)
             if configurations is None or c in configurations
@@ -460,6 +556,7 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
                  "threads": torch.get_num_threads(), "device": str(device), "versions": versions(),
                  "config": cfg.model_dump()},
         "benign": {c: {k: v for k, v in b.items() if k != "flags"} for c, b in benign.items()},
+        "benign_replay": replays,
         "benign_windows": {c: {str(w): benign_window_fpr(b.get("flags", []), w) for w in cfg.detection_windows}
                            for c, b in benign.items() if "flags" in b},
         "runs": runs,
