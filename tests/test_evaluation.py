@@ -114,6 +114,24 @@ def test_defense_aware_attackers(quick_results):
     assert inv["extra"]["answers_with_dpreds_signature"] == inv["queries_attack"]
 
 
+def test_defense_in_depth_runs_and_benign_replays(quick_results):
+    cfg, res, out = quick_results
+    r = _run(res, "dfme", "defense_in_depth")  # the stand-in detector flags everything: refused early
+    assert r["refused"] and r["stopped_by"] == "refusal" and r["answered_before_refusal"] <= 32
+    assert r["probation_answers"] == r["queries_target"]  # a new identity: label-only answers
+    bn = _run(res, "dfme-bn-eval", "no_defense")
+    assert bn["aware"] == ["generator_bn_eval"] and bn["queries_attack"] == 256
+    rep = res["benign_replay"]
+    assert set(rep) == set(cfg.configurations) | {"detector_only", "raw_detector", "dpreds_only", "defense_in_depth"}
+    nd = rep["no_defense"]["digits"]
+    assert nd["answered"] == 120 and nd["top1_equal_all"] and nd["stopped"] is None and nd["dpreds_answers"] == 0
+    assert rep["dpreds_only"]["digits"]["dpreds_answers"] == 120 and rep["dpreds_only"]["digits"]["top1_equal_all"]
+    d = rep["defense_in_depth"]["digits"]  # flag-everything detector: refused once the rule can fire
+    assert d["stopped"]["status"] == 403 and d["top1_equal_all"]
+    text = open(os.path.join(out, "tables.md")).read()
+    assert "## Defense in depth: every attacker" in text and "## Benign clients" in text
+
+
 def test_table_two_windows_and_outputs(quick_results):
     cfg, res, out = quick_results
     for a in cfg.attacks:

@@ -40,6 +40,9 @@ def summarize(results: dict) -> dict:
             "seconds": _stats([r["seconds"] for r in rs]),
             "accounting_ok": all(r["accounting_ok"] for r in rs),
             "seeds": sorted(r["seed"] for r in rs),
+            "stopped_by": sorted({str(r.get("stopped_by")) for r in rs}),
+            "probation_answers": _stats([r.get("probation_answers") for r in rs]),
+            "suspect_answers": _stats([r.get("suspect_answers") for r in rs]),
         }
     detection = {}
     for r in results["runs"]:
@@ -198,8 +201,9 @@ def render_tables(results: dict, summary: dict) -> str:
              ("raw_detector", "w/o Gradient Trans."), ("dpreds_only", "w/o DFMS-Detector"),
              ("detector_only", "w/o DPreds")]
     rows = [[t] + [_pct(cells.get(a, {}).get(c, {}).get("cacc")) for a in seen + unseen] for c, t in order if c in confs]
-    lines += ["## Table VII: contribution of each module, CAcc (paper Table VII layout)", "",
-              _table(["Method"] + [_col(a, meta[a]) for a in seen + unseen], rows), ""]
+    if rows and seen + unseen:
+        lines += ["## Table VII: contribution of each module, CAcc (paper Table VII layout)", "",
+                  _table(["Method"] + [_col(a, meta[a]) for a in seen + unseen], rows), ""]
     # ---------------------------------------------------------------- defense-aware
     if aware:
         aconfs = [c for c in confs if any(c in cells.get(a, {}) for a in aware)]
@@ -223,10 +227,54 @@ def render_tables(results: dict, summary: dict) -> str:
                   "Each cell: CAcc [/ DAcc / queries answered before the first refusal] / queries answered in all "
                   "[/ client ids used].", "",
                   _table(["Attacker", "Strategies"] + [CONFIG_TITLES[c] for c in aconfs], rows), ""]
+    lines += _depth_tables(results, cells, meta)
     bad = [(a, c) for a, cs in cells.items() for c, cell in cs.items() if not cell["accounting_ok"]]
     lines += ["Query accounting: " + ("the target's count equals the attack's own count in every run."
                                       if not bad else f"MISMATCH in {bad}."), ""]
     return "\n".join(lines)
+
+
+def _depth_tables(results: dict, cells: dict, meta: dict) -> List[str]:
+    """Every attacker against defense_in_depth, and the benign replays through every configuration."""
+    lines: List[str] = []
+    ids = [a for a in sorted(meta, key=lambda a: (bool(meta[a]["aware"]), not meta[a]["seen"], a))
+           if "defense_in_depth" in cells.get(a, {})]
+    if ids:
+        rows = []
+        for a in ids:
+            c = cells[a]["defense_in_depth"]
+            rows.append([_col(a, meta[a]), ", ".join(meta[a]["aware"]) or "-", _pct(c["cacc"]), _num(c["answered"]),
+                         ", ".join(x for x in c["stopped_by"] if x != "None") or "never", _pct(c["dacc"]),
+                         _num(c["suspect_answers"]), _num(c["probation_answers"]), _num(c["queries"]),
+                         _num(c["identities"])])
+        lines += ["## Defense in depth: every attacker (beyond the paper)", "",
+                  "CAcc: clone accuracy (mean ± std over the seeds); answered: queries answered before the first "
+                  "refusal (403) or quota stop (429) of the first identity; stopped by: what ended the first "
+                  "identity's answers; DAcc: share of answered queries the detector flagged; suspect: answers "
+                  "given while the client failed the distribution test (counted as flagged, DPreds) and not flagged "
+                  "by the detector; probation: label-only answers; answered in all: over every identity.", "",
+                  _table(["Attacker", "Strategies", "CAcc", "answered", "stopped by", "DAcc", "suspect",
+                          "probation", "answered in all", "ids"], rows), ""]
+    replays = results.get("benign_replay") or {}
+    if replays:
+        rows = []
+        for conf, kinds in replays.items():
+            for kind, r in kinds.items():
+                stop = r["stopped"]
+                rows.append([CONFIG_TITLES.get(conf, conf), kind, f"{r['answered']}/{r['queries']}",
+                             f"{stop['status']} at query {stop['at_query']}" if stop else "never",
+                             f"{r['probation_answers']} (last at query {r['last_probation_query']})"
+                             if r["probation_answers"] else "0",
+                             str(r["dpreds_answers"]), str(r["detector_flagged"]), str(r["suspect_answers"]),
+                             "yes" if r["top1_equal_all"] else f"no ({r['top1_equal']}/{r['answered']})"])
+        lines += ["## Benign clients: one identity replaying the held-out test set, and one sending photos", "",
+                  "digits: the victim's held-out test set sent over and over by one identity; photos: natural photo "
+                  "crops (never used to train or calibrate the detector) sent by another. Response-policy answers: "
+                  "answers the configuration's policy was applied to (DPreds; for the detector-only configuration, "
+                  "whose policy answers unchanged, the flagged ones).", "",
+                  _table(["Configuration", "client", "answered", "stopped", "probation answers",
+                          "response-policy answers", "detector flags", "suspect", "top-1 = unprotected"], rows), ""]
+    return lines
 
 
 def plot_curves(results: dict, path: str) -> Optional[str]:

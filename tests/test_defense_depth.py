@@ -1,0 +1,212 @@
+"""Defense in depth in the core: quotas at admission, new-identity probation, the per-client distribution
+test (its bound and its behaviour on the committed MNIST example), the shipped defaults, and the
+generator-in-BatchNorm-eval attacker. Ledger backends' own quota tests: tests/test_ledger_quota.py."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from guardian_plugin.config import parse_config
+from guardian_plugin.distribution import (DistributionTest, Reference, block_alpha, build_reference, kl,
+                                          kl_threshold, load_reference)
+from guardian_plugin.errors import ArtifactError, ConfigError
+from guardian_plugin.guardian import Guardian, Verdict, distribution_test
+from guardian_plugin.ledger import RefusalRule, open_ledger
+from guardian_plugin.nets import GeneratorA
+from guardian_plugin.responses import label_only
+from guardian_plugin.training.data import MNIST_MEAN, MNIST_STD, mnist_splits, normalise, to_float
+
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DETECTOR = os.path.join(ROOT, "examples", "mnist", "artifacts", "detector")
+VICTIM = os.path.join(ROOT, "examples", "mnist", "artifacts", "victim.pt")
+
+
+@pytest.fixture(scope="module")
+def victim():
+    from guardian_plugin.nets import build_classifier
+
+    m = build_classifier("lenet5", in_channels=1, num_classes=10, image_size=28)
+    m.load_state_dict(torch.load(VICTIM, map_location="cpu", weights_only=True))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, _ = mnist_splits()["test"]
+    return normalise(to_float(x), MNIST_MEAN, MNIST_STD)
+
+
+def guardian(probation: int = 0, quota: int = 0, flagged_quota: int = 0, dist: bool = True, window: int = 0):
+    from guardian_plugin.config import ProbationConfig
+    from guardian_plugin.detector import load_detector
+
+    test = DistributionTest(load_reference(DETECTOR), block=200) if dist else None
+    rule = RefusalRule(14, 0.5, window=window, quota=quota, flagged_quota=flagged_quota, quota_period_s=3600,
+                       dist_bins=test.reference.bins if test else 0, dist_block=200 if test else 0)
+    return Guardian(load_detector(DETECTOR), open_ledger("memory://", rule), probation=ProbationConfig(queries=probation),
+                    distribution=test)
+
+
+def send(g: Guardian, victim, x: torch.Tensor, client: str):
+    """One request per row batch through admission and inspection, as an adapter does."""
+    adm = g.admit_clients([client] * len(x))
+    ok = [i for i, a in enumerate(adm) if a.ok]
+    with torch.no_grad():
+        probs = torch.softmax(victim(x), 1)
+    res = g.inspect(x[ok], probs[ok], [adm[i] for i in ok]) if ok else None
+    return adm, probs, res
+
+
+# ------------------------------------------------------------------------------ the bound
+def test_kl_threshold_is_a_valid_bound_by_simulation():
+    """P(KL(p_hat || q) >= t(n)) <= alpha for n draws from q, checked by sampling at a loose alpha."""
+    rng = np.random.default_rng(0)
+    q = np.array([0.5, 0.3, 0.15, 0.05])
+    for n, alpha in [(40, 0.2), (200, 0.05)]:
+        t = kl_threshold(n, len(q), alpha)
+        draws = rng.multinomial(n, q, size=20_000)
+        rate = np.mean([kl(c, q) >= t for c in draws])
+        assert rate <= alpha, (n, alpha, rate)
+    # it falls with n and rises as alpha shrinks
+    assert kl_threshold(400, 12, 1e-8) < kl_threshold(200, 12, 1e-8) < kl_threshold(200, 12, 1e-12)
+
+
+def test_block_alpha_union_bound_over_the_horizon():
+    assert block_alpha(1e-6, 10_000, 200) == pytest.approx(1e-6 / 50)
+    assert block_alpha(1e-6, 100, 200) == 1e-6  # one block at most
+
+
+def test_reference_round_trip_and_bad_files(tmp_path):
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(500, 10) * 4, 1)
+    scores = torch.randn(500, 3)
+    ref = build_reference(probs, scores, torch.zeros(3), "test")
+    assert abs(sum(ref.probs) - 1) < 1e-9 and min(ref.probs) > 0 and ref.n == 500
+    assert ref.bins == (len(ref.conf_edges) + 1) * (len(ref.margin_edges) + 1)
+    ref.save(str(tmp_path))
+    assert load_reference(str(tmp_path)) == ref
+    assert load_reference(str(tmp_path / "nowhere")) is None
+    (tmp_path / "reference.json").write_text('{"conf_edges": [1.0], "margin_edges": [], "probs": [1.0], "n": 1}')
+    with pytest.raises(ArtifactError, match="do not match"):
+        load_reference(str(tmp_path))
+    (tmp_path / "reference.json").write_text("not json")
+    with pytest.raises(ArtifactError, match="reference.json"):
+        load_reference(str(tmp_path))
+
+
+def test_distribution_test_never_fails_without_a_complete_block():
+    t = DistributionTest(Reference([1.0], [0.0], [0.25] * 4, 100), block=200)
+    assert t.evaluate(None) == (False, 0.0, math.inf) and not t.fails([0, 0, 0, 0])
+    assert t.fails([200, 0, 0, 0]) and not t.fails([50, 50, 50, 50])
+
+
+# ------------------------------------------------------------ the committed MNIST example
+def test_benign_digits_pass_and_a_bn_eval_generator_fails(victim, digits):
+    """The held-out digits (never the reference's calibrate split) pass every block; a randomly
+    initialised generator kept in BatchNorm eval mode, which the per-sample detector does not flag,
+    fails its first block, is then treated as flagged and is refused."""
+    g = guardian()
+    for i in range(0, 1000, 50):
+        adm, _, res = send(g, victim, digits[i:i + 50], "benign")
+        assert all(a.ok and not a.suspect for a in adm)
+    torch.manual_seed(0)
+    gen = GeneratorA(256, 1, 28, 64).eval()
+    with torch.no_grad():
+        fake = gen(torch.randn(600, 256))  # tanh output used as the normalised input (DFME's default)
+    detected = refused_at = 0
+    for i in range(0, 600, 50):
+        adm, _, res = send(g, victim, fake[i:i + 50], "bn-eval")
+        if not adm[0].ok:
+            refused_at = i
+            break
+        detected += sum(res.detected)
+        if i >= 200:  # the first block (200 queries) is complete: suspect from then on
+            assert adm[0].suspect and all(v == Verdict.FLAGGED for v in res.verdicts)
+    assert detected == 0, "the per-sample detector flags these: the test would not show the distribution test"
+    assert 200 < refused_at < 600
+    assert g.ledger.get("bn-eval").refused and not g.ledger.get("benign").refused
+
+
+def test_probation_gives_labels_then_exact_answers(victim, digits):
+    g = guardian(probation=30, dist=False)
+    adm, probs, res = send(g, victim, digits[:20], "new")
+    assert all(a.probation for a in adm) and all(res.probation)
+    assert torch.equal(res.probs, label_only(probs))  # top-1 exact, nothing else
+    assert torch.equal(res.probs.argmax(1), probs.argmax(1))
+    adm, probs, res = send(g, victim, digits[20:40], "new")  # 20 unflagged so far: still on probation
+    assert all(a.probation for a in adm)
+    adm, probs, res = send(g, victim, digits[40:60], "new")  # 40 now
+    assert not any(a.probation for a in adm)
+    flagged = torch.tensor(res.detected)
+    assert torch.equal(res.probs[~flagged], probs[~flagged])
+
+
+def test_quota_denies_with_429_and_retry_after(victim, digits):
+    g = guardian(quota=25, dist=False)
+    adm, _, _ = send(g, victim, digits[:20], "q")
+    assert all(a.ok for a in adm)
+    adm, _, res = send(g, victim, digits[20:30], "q")  # 5 left of 25: a partial grant
+    assert [a.ok for a in adm] == [True] * 5 + [False] * 5
+    d = adm[-1].denial
+    assert d.status == 429 and d.kind == "QuotaExceeded" and 1 <= d.retry_after <= 3600
+    assert d.headers() == {"Retry-After": str(d.retry_after)}
+    assert len(res.verdicts) == 5
+    adm, _, _ = send(g, victim, digits[:1], "other")  # per client
+    assert adm[0].ok
+    assert g.ledger.get("q").queries == 25 and g.counters["quota"] == 5
+
+
+def test_flagged_quota_stops_a_client_whose_flags_reach_it(victim):
+    g = guardian(flagged_quota=3, dist=False)
+    x = torch.randn(4, 1, 28, 28) * 3  # noise: flagged by the example detector
+    adm, _, res = send(g, victim, x, "f")
+    assert sum(res.detected) >= 3
+    adm, _, _ = send(g, victim, x[:1], "f")
+    assert adm[0].denial.status in (429, 403)  # over the flagged quota (or refused by the rule first)
+
+
+# ---------------------------------------------------------------------- configuration
+def test_shipped_defaults_and_config_errors(tmp_path):
+    cfg = parse_config({"detector": DETECTOR})
+    assert (cfg.rule.window, cfg.rule.window_rho) == (200, 0.3)
+    assert (cfg.quota.queries, cfg.quota.flagged, cfg.quota.period) == (10_000, 1_000, "1d")
+    assert cfg.probation.queries == 0  # off: it changes every new client's first answers
+    test = distribution_test(cfg)  # auto: the example artifact has reference.json
+    assert test is not None and test.block == 200
+    rule = cfg.rule.to_rule(cfg.quota, test.reference.bins, test.block)
+    assert (rule.quota, rule.flagged_quota, rule.quota_period_s, rule.dist_bins) == (10_000, 1_000, 86_400, 12)
+    no_ref = tmp_path / "det"
+    no_ref.mkdir()
+    assert distribution_test(parse_config({"detector": str(no_ref)})) is None
+    with pytest.raises(ConfigError, match="reference.json"):
+        distribution_test(parse_config({"detector": str(no_ref), "distribution": {"enabled": True}}))
+    for bad in ({"quota": {"queries": -1}}, {"quota": {"period": "soon"}}, {"probation": {"response": "x"}},
+                {"distribution": {"block": 5}}):
+        with pytest.raises(ConfigError):
+            parse_config({"detector": DETECTOR, **bad})
+
+
+def test_guardian_checks_the_ledger_keeps_the_tests_bins():
+    from guardian_plugin.detector import load_detector
+
+    test = DistributionTest(load_reference(DETECTOR), block=200)
+    with pytest.raises(ConfigError, match="bins"):
+        Guardian(load_detector(DETECTOR), open_ledger("memory://", RefusalRule(14)), distribution=test)
+
+
+def test_generator_bn_eval_keeps_batchnorm_in_eval_mode():
+    from guardian_plugin.attacks.aware import _keep_bn_eval
+
+    gen = GeneratorA(16, 1, 28, 8)
+    _keep_bn_eval(gen)
+    gen.train()
+    assert gen.training and not gen.bn0.training and not gen.bn3.training
+    before = gen.bn1.running_mean.clone()
+    gen(torch.randn(8, 16))
+    assert torch.equal(gen.bn1.running_mean, before)  # running statistics are used, never updated
