@@ -193,7 +193,8 @@ def test_guardian_from_config_uses_the_mode(tmp_path, mode):
                             "rule": {"tau": 5, "rho": 0.5, "window": 7, "window_rho": 0.4}})
         g = Guardian.from_config(cfg)
         assert isinstance(g.ledger, ResilientLedger) and g.ledger.mode == mode
-        assert g.ledger.rule == RefusalRule(5, 0.5, window=7, window_rho=0.4)
+        # the shipped quota defaults come with it (docs/refusal-rule.md)
+        assert g.ledger.rule == RefusalRule(5, 0.5, window=7, window_rho=0.4, quota=10_000, flagged_quota=1_000)
         x, p = torch.rand(3, 1, 28, 28), torch.softmax(torch.randn(3, 10), 1)
         ids = ["a", "a", "b"]
         g.inspect(x, p, ids)

@@ -421,7 +421,7 @@ def test_clients_without_quotas_shows_no_quota_columns(tmp_path, capsys):
     open_ledger(uri, RefusalRule(tau=100, window=5), "cfgns").record("w", 8, 3)
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(yaml.safe_dump({"detector": "det", "ledger": uri, "namespace": "cfgns",
-                                   "rule": {"tau": 100, "window": 5}}))
+                                   "rule": {"tau": 100, "window": 5}, "quota": {"queries": 0, "flagged": 0}}))
     rc, out, err = run(capsys, "clients", "list", "--config", str(cfg))
     assert rc == 0 and "PERIOD_Q" not in out and "WINDOW" in out and not err
     rc, out, _ = run(capsys, "clients", "show", "w", "--config", str(cfg), "--json")
@@ -429,3 +429,7 @@ def test_clients_without_quotas_shows_no_quota_columns(tmp_path, capsys):
     # a quota given on the command line keeps the config's window
     rc, out, _ = run(capsys, "clients", "list", "--config", str(cfg), "--quota", "5")
     assert rc == 0 and "WINDOW" in out and "0/5" in out and "PERIOD_Q" in out
+    # the shipped quota defaults of a guard config show without any option
+    cfg.write_text(yaml.safe_dump({"detector": "det", "ledger": uri, "namespace": "cfgns"}))
+    rc, out, _ = run(capsys, "clients", "list", "--config", str(cfg))
+    assert rc == 0 and "0/10000" in out

@@ -82,7 +82,7 @@ def _open(args) -> Ledger:
         cfg = load_config(args.config)
         uri = uri or cfg.ledger
         ns = ns or cfg.namespace
-        rule = cfg.rule.to_rule()
+        rule = cfg.rule.to_rule(cfg.quota)
     if not uri:
         raise ConfigError("give the ledger: --ledger URI or --config guard.yaml")
     if rule is None:
