@@ -58,6 +58,26 @@ def open_backend(kind: str, rule: RefusalRule, namespace: str, tmp_path) -> "obj
     raise ValueError(kind)
 
 
+def old_sqlite_ledger(path, with_window: bool) -> str:
+    """A SQLite ledger file as an earlier release wrote it (before the window column when
+    ``with_window`` is False, before the quota and distribution columns otherwise), holding one client
+    'old' (7 queries, 2 flagged, seen a minute ago). Returns its URI."""
+    import sqlite3
+    import time
+
+    con = sqlite3.connect(str(path))
+    con.execute("""CREATE TABLE clients (namespace TEXT NOT NULL, client_id TEXT NOT NULL,
+        queries INTEGER NOT NULL DEFAULT 0, flagged INTEGER NOT NULL DEFAULT 0, refused INTEGER NOT NULL DEFAULT 0,
+        blocked INTEGER NOT NULL DEFAULT 0, refused_at_query INTEGER, first_seen REAL, last_seen REAL,"""
+                + (" win TEXT," if with_window else "") + " PRIMARY KEY (namespace, client_id))")
+    t = time.time()  # seen just now: the default retention keeps it
+    con.execute("INSERT INTO clients VALUES ('default', 'old', 7, 2, 0, 0, NULL, ?, ?" + (", NULL)" if with_window else ")"),
+                (t - 60, t))
+    con.commit()
+    con.close()
+    return f"sqlite:///{path}"
+
+
 def core(s) -> tuple:
     """What every backend must agree on for a client."""
     return (s.client_id, s.queries, s.flagged, s.refused, s.blocked, s.refused_at_query,

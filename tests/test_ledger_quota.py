@@ -21,7 +21,7 @@ from guardian_plugin.errors import LedgerUnavailable
 from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import RefusalRule, dist_push
 from guardian_plugin.ledger.resilient import ResilientLedger
-from ledger_fixtures import core, durable_redis, fresh_namespace, open_backend, redis_url  # noqa: F401
+from ledger_fixtures import core, durable_redis, fresh_namespace, old_sqlite_ledger, open_backend, redis_url  # noqa: F401
 
 KINDS = ["memory", "sqlite", "redis", "resilient"]
 P = 2  # quota period (s) of the tests that roll periods over: the Redis server's clock is real
@@ -278,17 +278,8 @@ def test_processes_never_grant_more_than_the_quota_together(store, tmp_path):
 
 # ------------------------------------------------------------------- SQLite migration
 def test_sqlite_file_from_before_quotas_is_migrated(tmp_path):
-    path = tmp_path / "old.db"
-    con = sqlite3.connect(str(path))
-    con.execute("""CREATE TABLE clients (namespace TEXT NOT NULL, client_id TEXT NOT NULL,
-        queries INTEGER NOT NULL DEFAULT 0, flagged INTEGER NOT NULL DEFAULT 0, refused INTEGER NOT NULL DEFAULT 0,
-        blocked INTEGER NOT NULL DEFAULT 0, refused_at_query INTEGER, first_seen REAL, last_seen REAL,
-        win TEXT, PRIMARY KEY (namespace, client_id))""")
-    t = time.time()
-    con.execute("INSERT INTO clients VALUES ('default', 'old', 7, 2, 0, 0, NULL, ?, ?, NULL)", (t - 60, t))
-    con.commit()
-    con.close()
-    led = open_ledger(f"sqlite:///{path}", RefusalRule(tau=100, quota=10, quota_period_s=LONG, dist_bins=2,
+    uri = old_sqlite_ledger(tmp_path / "old.db", with_window=True)
+    led = open_ledger(uri, RefusalRule(tau=100, quota=10, quota_period_s=LONG, dist_bins=2,
                                                        dist_block=3))
     s = led.get("old")
     assert (s.queries, s.flagged, s.period, s.period_queries, s.dist_counts) == (7, 2, None, 0, None)

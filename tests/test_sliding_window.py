@@ -3,8 +3,6 @@ rule, identical on memory, SQLite and Redis."""
 
 from __future__ import annotations
 
-import sqlite3
-import time
 from collections import deque
 
 import pytest
@@ -15,7 +13,7 @@ from guardian_plugin.config import parse_config
 from guardian_plugin.errors import ConfigError
 from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import RefusalRule, window_push
-from ledger_fixtures import core, fresh_namespace, open_backend, redis_url  # noqa: F401
+from ledger_fixtures import core, fresh_namespace, old_sqlite_ledger, open_backend, redis_url  # noqa: F401
 
 BACKENDS = ["memory", "sqlite", "redis"]
 
@@ -138,17 +136,8 @@ def test_backends_agree_on_window_refusal(tmp_path_factory, updates, window, wrh
 
 
 def test_sqlite_file_from_before_the_window_is_migrated(tmp_path):
-    path = tmp_path / "old.db"
-    con = sqlite3.connect(str(path))
-    con.execute("""CREATE TABLE clients (namespace TEXT NOT NULL, client_id TEXT NOT NULL,
-        queries INTEGER NOT NULL DEFAULT 0, flagged INTEGER NOT NULL DEFAULT 0, refused INTEGER NOT NULL DEFAULT 0,
-        blocked INTEGER NOT NULL DEFAULT 0, refused_at_query INTEGER, first_seen REAL, last_seen REAL,
-        PRIMARY KEY (namespace, client_id))""")
-    t = time.time()  # seen just now: the default retention keeps it
-    con.execute("INSERT INTO clients VALUES ('default', 'old', 7, 2, 0, 0, NULL, ?, ?)", (t - 60, t))
-    con.commit()
-    con.close()
-    led = open_ledger(f"sqlite:///{path}", RefusalRule(tau=5, window=3))
+    uri = old_sqlite_ledger(tmp_path / "old.db", with_window=False)
+    led = open_ledger(uri, RefusalRule(tau=5, window=3))
     assert (led.get("old").queries, led.get("old").flagged) == (7, 2)
     s = led.record("old", 3, 2)  # window starts empty for old rows: 2 of the last 3 flagged
     assert (s.queries, s.flagged, s.refused, s.refused_at_query) == (10, 4, True, 10)
