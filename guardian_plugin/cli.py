@@ -14,7 +14,7 @@ from typing import List, Optional
 # one line per feature: the module whose register(subparsers) adds its subcommands
 FEATURES = [
     "guardian_plugin.handlers.cli",  # protect (TorchServe archives)
-    "guardian_plugin.ledger.cli",  # clients list|show|reset|block|unblock
+    "guardian_plugin.ledger.cli",  # clients list|show|reset|reset-quota|block|unblock
     "guardian_plugin.training.cli",  # train-detector
     "guardian_plugin.evaluation.cli",  # evaluate (attack suite, paper tables)
 ]

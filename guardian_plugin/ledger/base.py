@@ -7,8 +7,9 @@ workers (processes, hosts) sharing one store agree on the query at which a clien
 
 :class:`Ledger` is a template: its public methods check their arguments and turn the backend's own
 store failures into :class:`~guardian_plugin.errors.LedgerUnavailable`, once for every backend; a
-backend implements the protected ``_record_many``, ``_get``, ``_clients``, ``_reset`` and
-``_set_blocked`` and names its URI schemes in ``schemes`` (registered with :func:`register_ledger`).
+backend implements the protected ``_record_many``, ``_reserve_many``, ``_get``, ``_clients``, ``_reset``,
+``_reset_quota`` and ``_set_blocked`` and names its URI schemes in ``schemes`` (registered with
+:func:`register_ledger`).
 """
 
 from __future__ import annotations
@@ -250,6 +251,36 @@ def dist_push(current: Sequence[int], previous: Optional[Sequence[int]], bins: S
     return cur, (list(previous) if previous is not None else None)
 
 
+def counts_text(counts: Optional[Sequence[int]]) -> Optional[str]:
+    """Bin counts as the text SQLite and Redis store them (``"3,0,2"``; None stays None)."""
+    return None if counts is None else ",".join(str(int(v)) for v in counts)
+
+
+def text_counts(text) -> Optional[List[int]]:
+    """:func:`counts_text` read back (bytes too; None or empty: None)."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    return [int(v) for v in text.split(",")] if text else None
+
+
+def _int_or_none(v) -> Optional[int]:
+    return int(v) if v not in (None, "", b"") else None
+
+
+def stored_state(client_id: str, rule: "RefusalRule", q, f, refused, blocked, at, fs, ls, window=(0, 0),
+                 period=None, pq=0, pf=0, dist=None) -> ClientState:
+    """A ClientState from a store's fields, as numbers or their text (SQLite and Redis): ``refused`` and
+    ``blocked`` true when 1 or "1", ``window`` the (length, flagged) of the window bits, ``dist`` the
+    complete block as :func:`counts_text`."""
+    s = ClientState(client_id, int(q or 0), int(f or 0), str(refused) == "1", str(blocked) == "1",
+                    _int_or_none(at), float(fs) if fs else None, float(ls) if ls else None,
+                    period=_int_or_none(period), period_queries=int(pq or 0), period_flagged=int(pf or 0),
+                    dist_counts=text_counts(dist))
+    if rule.window:
+        s.extra = {"window": int(window[0]), "window_flagged": int(window[1])}
+    return s
+
+
 @dataclass
 class Reservation:
     """:meth:`Ledger.reserve_many`'s answer for one client: its state after the reservation, how many of
@@ -348,6 +379,11 @@ class Ledger(ABC):
         """Forget the client's counts and refusal."""
         self._call(self._reset, check_client_id(client_id))
 
+    def reset_quota(self, client_id: str) -> None:
+        """Clear the client's quota period counts only (its counts, refusal and block are kept); an
+        unknown client stays unknown."""
+        self._call(self._reset_quota, check_client_id(client_id))
+
     def set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         """Block by hand (a never-seen client too), or unblock: that also lifts a rule refusal and keeps
         the counts; unblocking an unknown client changes nothing (no row is created)."""
@@ -361,6 +397,24 @@ class Ledger(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+    # ------------------------------------------------- shared by the backends that decide in Python
+    def _admit(self, s: ClientState, n: int, t: float, write) -> Reservation:
+        """One reservation decided from the client's state ``s`` at time ``t``: nothing for a denied
+        client, else what the quotas allow; ``write(period, period_queries, period_flagged)`` stores the
+        new period counts (only called when something is granted) and returns the state after."""
+        if s.denied:
+            return Reservation(s, 0)
+        pq, pf = s.period_counts(self.rule, t)
+        granted = self.rule.grant(n, pq, pf)
+        if granted:
+            s = write(self.rule.period(t), pq + granted, pf)
+        return Reservation(s, granted, self.rule.retry_after(t) if granted < n else None)
+
+    def _recorded_period(self, s: ClientState, flagged: int, t: float) -> Tuple[int, int, int]:
+        """(period, period_queries, period_flagged) after an update with ``flagged`` flagged queries."""
+        pq, pf = s.period_counts(self.rule, t)
+        return self.rule.period(t), pq, pf + flagged
 
     # ------------------------------------------------------------------ error translation
     def _unavailable(self, e: Exception) -> bool:
@@ -399,6 +453,9 @@ class Ledger(ABC):
 
     @abstractmethod
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState: ...
+
+    @abstractmethod
+    def _reset_quota(self, client_id: str) -> None: ...
 
 
 def now() -> float:

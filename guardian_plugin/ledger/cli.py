@@ -1,13 +1,18 @@
-"""`guardian clients list|show|reset|block|unblock`: look at and manage per-client state.
+"""`guardian clients list|show|reset|reset-quota|block|unblock`: look at and manage per-client state.
 
     guardian clients list    --ledger redis://127.0.0.1:6379/0 --namespace mnist [--denied] [--json]
     guardian clients show    CLIENT --ledger sqlite:///var/lib/guardian/ledger.db
     guardian clients reset   CLIENT [CLIENT ...] --ledger URL      # forget counts and refusal
+    guardian clients reset-quota CLIENT [CLIENT ...] --ledger URL  # clear the quota period's counts only
     guardian clients block   CLIENT [CLIENT ...] --ledger URL [--create]  # refuse by hand
     guardian clients unblock CLIENT [CLIENT ...] --ledger URL      # lift a block or a rule refusal
 
-``--config guard.yaml`` takes the ledger, namespace and rule from a guard config instead. Every command
-prints a table, or JSON with ``--json``. reset, block and unblock act only on clients the ledger knows:
+``--config guard.yaml`` takes the ledger, namespace and rule from a guard config instead; ``--window``,
+``--quota``, ``--flagged-quota`` and ``--quota-period`` override the rule's. With quotas (or once a
+client has quota counts) the tables show the current quota period's counts (``PERIOD_Q``, ``PERIOD_F``,
+as used/quota when a quota is set): give the period the guard uses (``--quota-period``, default 1d).
+Every command prints a table, or JSON with ``--json``. reset, reset-quota, block and unblock act only
+on clients the ledger knows:
 naming an unknown one changes nothing and exits 1 (``block --create`` blocks a client never seen
 yet). The tool never creates a SQLite file. Exit status: 0; 1 for an unknown client; 2 for errors
 (unreachable store, bad URI or option), always as one line on stderr.
@@ -19,11 +24,12 @@ import argparse
 import datetime as dt
 import json
 import sys
-from typing import List
+from dataclasses import replace
+from typing import List, Optional
 
 from guardian_plugin.errors import ConfigError
 from guardian_plugin.ledger import open_ledger
-from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule, check_client_id
+from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule, check_client_id, now, parse_duration
 
 
 def register(subparsers) -> None:
@@ -33,6 +39,11 @@ def register(subparsers) -> None:
     common.add_argument("--config", help="guard YAML: ledger, namespace and rule from there")
     common.add_argument("--window", type=int, default=None,
                         help="sliding-window size to report window counts for (default: the config's, else 0)")
+    common.add_argument("--quota", type=int, default=None, help="queries per client and period (default: the config's)")
+    common.add_argument("--flagged-quota", type=int, default=None,
+                        help="flagged queries per client and period (default: the config's)")
+    common.add_argument("--quota-period", default=None,
+                        help="quota period: 3600, 90s, 30m, 12h, 1d (default: the config's, else 1d)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = subparsers.add_parser("clients", help="list, inspect, reset, block and unblock clients of a ledger",
@@ -47,6 +58,7 @@ def register(subparsers) -> None:
     sp.add_argument("client")
     sp.set_defaults(func=_show)
     for name, fn, what in (("reset", _reset, "forget the clients' counts and refusal"),
+                           ("reset-quota", _reset_quota, "clear the clients' quota period counts only"),
                            ("block", _block, "refuse the clients by hand"),
                            ("unblock", _unblock, "lift a block or a rule refusal (counts are kept)")):
         ap = sub.add_parser(name, parents=[common], help=what)
@@ -58,6 +70,10 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------- helpers
+_RULE_FIELD = {"--window": "window", "--quota": "quota", "--flagged-quota": "flagged_quota",
+               "--quota-period": "quota_period_s"}
+
+
 def _open(args) -> Ledger:
     uri, ns, rule = args.ledger, args.namespace, None
     if args.config:
@@ -71,12 +87,14 @@ def _open(args) -> Ledger:
         raise ConfigError("give the ledger: --ledger URI or --config guard.yaml")
     if rule is None:
         rule = RefusalRule()
-    if args.window is not None:
-        try:
-            rule = RefusalRule(rule.tau, rule.rho, window=args.window,
-                               window_rho=rule.window_rho if rule.window else None)
-        except ValueError as e:
-            raise ConfigError(f"--window: {e}") from None
+    given = {o: v for o, v in (("--window", args.window), ("--quota", args.quota),
+                               ("--flagged-quota", args.flagged_quota), ("--quota-period", args.quota_period))
+             if v is not None}
+    try:
+        rule = replace(rule, **{_RULE_FIELD[o]: parse_duration(v) if o == "--quota-period" else v
+                                for o, v in given.items()})
+    except ValueError as e:
+        raise ConfigError(f"{'/'.join(given)}: {e}") from None
     return open_ledger(uri, rule, ns or "default", must_exist=True)
 
 
@@ -108,39 +126,65 @@ def _time(t) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
-def _as_json(s: ClientState) -> dict:
+def _shows_quota(args, rule: RefusalRule, states: List[ClientState]) -> bool:
+    """Whether to show quota counts: the rule has quotas or a period was given, or a client has counts."""
+    return rule.quotas or args.quota_period is not None or any(s.period is not None for s in states)
+
+
+def _quota_usage(rule: RefusalRule, s: ClientState, t: float) -> dict:
+    """The client's counts in the quota period ``t`` falls in, with the quotas and when it ends."""
+    q, f = s.period_counts(rule, t)
+    return {"period": rule.period(t), "queries": q, "flagged": f, "quota": rule.quota,
+            "flagged_quota": rule.flagged_quota, "period_s": rule.quota_period_s, "resets_in_s": rule.retry_after(t)}
+
+
+def _as_json(s: ClientState, rule: RefusalRule, quota: bool, t: float) -> dict:
     d = s.to_dict()
     d["status"] = _status(s)
+    if quota:
+        d["quota_usage"] = _quota_usage(rule, s, t)
     return d
 
 
-def _table(states: List[ClientState], out=None) -> None:
+def _used(n: int, limit: int) -> str:
+    return f"{n}/{limit}" if limit else str(n)
+
+
+def _table(states: List[ClientState], rule: Optional[RefusalRule] = None, quota: bool = False, out=None) -> None:
     out = out or sys.stdout
+    rule = rule or RefusalRule()
     window = any("window" in s.extra for s in states)
     head = ["CLIENT", "STATUS", "QUERIES", "FLAGGED", "SHARE", "REFUSED_AT"] + (["WINDOW"] if window else []) + \
-           ["FIRST_SEEN (UTC)", "LAST_SEEN (UTC)"]
-    rows = []
+           (["PERIOD_Q", "PERIOD_F"] if quota else []) + ["FIRST_SEEN (UTC)", "LAST_SEEN (UTC)"]
+    rows, t = [], now()
     for s in states:
         row = [s.client_id, _status(s), str(s.queries), str(s.flagged), f"{s.flagged_share:.3f}",
                "-" if s.refused_at_query is None else str(s.refused_at_query)]
         if window:
             row.append(f"{s.extra.get('window_flagged', 0)}/{s.extra.get('window', 0)}")
+        if quota:
+            q, f = s.period_counts(rule, t)
+            row += [_used(q, rule.quota), _used(f, rule.flagged_quota)]
         rows.append(row + [_time(s.first_seen), _time(s.last_seen)])
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-    numeric = {"QUERIES", "FLAGGED", "SHARE", "REFUSED_AT", "WINDOW"}
+    numeric = {"QUERIES", "FLAGGED", "SHARE", "REFUSED_AT", "WINDOW", "PERIOD_Q", "PERIOD_F"}
     for r in [head] + rows:
         cells = [c.rjust(w) if h in numeric else c.ljust(w) for c, w, h in zip(r, widths, head)]
         print("  ".join(cells).rstrip(), file=out)
 
 
 def _emit(args, ledger, states: List[ClientState], title: str) -> None:
+    quota, t = _shows_quota(args, ledger.rule, states), now()
+    if quota and not ledger.rule.quotas and args.quota_period is None:
+        print(f"guardian clients: quota counts are of {ledger.rule.quota_period_s} s periods: give the guard's "
+              "--quota-period (or --config) if it uses another", file=sys.stderr)
     if args.json:
         print(json.dumps({"ledger": _uri(ledger, args), "namespace": ledger.namespace,
-                          "clients": [_as_json(s) for s in states]}, indent=2))
+                          "clients": [_as_json(s, ledger.rule, quota, t) for s in states]}, indent=2))
     else:
         print(f"# {title}: {_uri(ledger, args)} namespace={ledger.namespace} ({len(states)} client(s))")
         if states:
-            _table(states)
+            _table(states, ledger.rule, quota)
 
 
 # --------------------------------------------------------------------------------- commands
@@ -168,7 +212,7 @@ def _show(args) -> int:
     with _open(args) as ledger:
         s = ledger.get(_client_ids([args.client])[0])
         if args.json:
-            d = _as_json(s)
+            d = _as_json(s, ledger.rule, _shows_quota(args, ledger.rule, [s]), now())
             d["known"] = s.known
             print(json.dumps({"ledger": _uri(ledger, args), "namespace": ledger.namespace, "client": d}, indent=2))
         elif s.known:
@@ -186,6 +230,17 @@ def _reset(args) -> int:
         for c in clients:
             ledger.reset(c)
         _emit(args, ledger, [ledger.get(c) for c in clients], "reset")
+    return 0
+
+
+def _reset_quota(args) -> int:
+    clients = _client_ids(args.clients)
+    with _open(args) as ledger:
+        if _unknown(args, ledger, clients):
+            return 1
+        for c in clients:
+            ledger.reset_quota(c)
+        _emit(args, ledger, [ledger.get(c) for c in clients], "quota reset")
     return 0
 
 

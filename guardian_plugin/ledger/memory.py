@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import replace
 from typing import Dict, List
@@ -29,22 +30,19 @@ class MemoryLedger(Ledger):
         return s
 
     def _reserve_many(self, requests) -> List[Reservation]:
-        out = []
         with self._lock:
             t = now()
-            for client_id, n in requests:
-                s = self._states.get(client_id)
-                if s is not None and s.denied:
-                    out.append(Reservation(self._copy(s), 0))
-                    continue
-                pq, pf = s.period_counts(self.rule, t) if s is not None else (0, 0)
-                granted = self.rule.grant(n, pq, pf)
-                if granted:
-                    s = self._new(client_id, t)
-                    s.period, s.period_queries, s.period_flagged = self.rule.period(t), pq + granted, pf
-                st = self._copy(s) if s is not None else ClientState(client_id)
-                out.append(Reservation(st, granted, self.rule.retry_after(t) if granted < n else None))
-        return out
+            return [self._admit(self._copy_or_new(c), n, t, functools.partial(self._set_period, c, t))
+                    for c, n in requests]
+
+    def _copy_or_new(self, client_id: str) -> ClientState:
+        s = self._states.get(client_id)
+        return self._copy(s) if s else ClientState(client_id)
+
+    def _set_period(self, client_id: str, t: float, period: int, pq: int, pf: int) -> ClientState:
+        s = self._new(client_id, t)
+        s.period, s.period_queries, s.period_flagged = period, pq, pf
+        return self._copy(s)
 
     @staticmethod
     def _copy(s: ClientState) -> ClientState:
@@ -61,8 +59,7 @@ class MemoryLedger(Ledger):
         s.flagged += flagged
         s.last_seen = t
         if self.rule.quotas:
-            pq, pf = s.period_counts(self.rule, t)
-            s.period, s.period_queries, s.period_flagged = self.rule.period(t), pq, pf + flagged
+            s.period, s.period_queries, s.period_flagged = self._recorded_period(s, flagged, t)
         if self.rule.dist_bins and bins is not None:
             self._dist_cur[client_id], s.dist_counts = dist_push(
                 self._dist_cur.get(client_id), s.dist_counts, bins, self.rule.dist_bins, self.rule.dist_block)
@@ -79,8 +76,7 @@ class MemoryLedger(Ledger):
 
     def _get(self, client_id: str) -> ClientState:
         with self._lock:
-            s = self._states.get(client_id)
-            return self._copy(s) if s else ClientState(client_id)
+            return self._copy_or_new(client_id)
 
     def _clients(self) -> List[ClientState]:
         with self._lock:
@@ -91,6 +87,12 @@ class MemoryLedger(Ledger):
             self._states.pop(client_id, None)
             self._windows.pop(client_id, None)
             self._dist_cur.pop(client_id, None)
+
+    def _reset_quota(self, client_id: str) -> None:
+        with self._lock:
+            s = self._states.get(client_id)
+            if s is not None:
+                s.period, s.period_queries, s.period_flagged = None, 0, 0
 
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         with self._lock:

@@ -1,11 +1,16 @@
 """Redis ledger: per-client state shared by every replica on every host (``redis://host:6379/0``).
 
-Each update runs as one Lua script on the server, so the counts, the sliding window and the refusal
-decision change atomically whatever the number of workers and hosts; the rule is exactly
-SQLiteLedger's (see guardian_plugin.ledger.base). Layout, one hash per client::
+Each update runs as one Lua script on the server, so the counts, the sliding window, the quota period
+counts, the distribution-test blocks and the refusal decision change atomically whatever the number of
+workers and hosts, and so does each :meth:`reserve_many` (one script for all its clients, periods by the
+server's clock); the rule is exactly SQLiteLedger's (see guardian_plugin.ledger.base). Layout, one hash per client::
 
     <prefix>:{<namespace>}:c:<client id>   q, f, r, b, at, fs, ls, w   (counts, refused, blocked,
                                             refused_at_query, first/last seen, window bits)
+                                            p, pq, pf   (quotas: the period, the queries reserved
+                                            and the flagged ones recorded in it)
+                                            dc, dp   (distribution test: the current and the last
+                                            complete block's bin counts, "3,0,2")
     <prefix>:{<namespace>}:w:<writer id>   last sequence number applied for one writer (see below)
 
 ``prefix`` defaults to ``guardian``; the namespace is percent-encoded, so namespaces never collide and
@@ -25,7 +30,9 @@ the script applies it only if that writer's last applied number is lower. After 
 thread retires its writer id, and the raised :class:`LedgerUnavailable` carries ``replay``: a callable
 that resends the same update under the same (writer, sequence), applied at most once however often it
 runs. :class:`guardian_plugin.ledger.resilient.ResilientLedger` keeps these and replays them when the
-store is back. Writer keys expire after ``writer_ttl`` seconds (default 7 days) without use.
+store is back. Writer keys expire after ``writer_ttl`` seconds (default 7 days) without use. A
+reservation is not replayable: one whose reply is lost raises LedgerUnavailable and grants nothing
+(what the server may have added counts against the quota until the period ends).
 
 redis-py is imported when a RedisLedger is made, so the package works without it.
 """
@@ -41,33 +48,52 @@ from typing import List, Optional
 from urllib.parse import parse_qsl, quote, urlencode, urlparse, urlunparse
 
 from guardian_plugin.errors import ConfigError, LedgerUnavailable
-from guardian_plugin.ledger.base import (DEFAULT_RETENTION_S, ClientState, Ledger, RefusalRule, parse_duration,
-                                         register_ledger)
+from guardian_plugin.ledger.base import (DEFAULT_RETENTION_S, ClientState, Ledger, RefusalRule, Reservation,
+                                         counts_text, parse_duration, register_ledger, stored_state)
 
 DEFAULT_PREFIX = "guardian"
 DEFAULT_WRITER_TTL_S = 7 * 24 * 3600
-_FIELDS = ("q", "f", "r", "b", "at", "fs", "ls", "w")
+_FIELDS = ("q", "f", "r", "b", "at", "fs", "ls", "w", "p", "pq", "pf", "dp")
 # server replies that mean "not now" rather than "wrong command"
 _UNAVAILABLE_REPLIES = {"LOADING", "MISCONF", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "BUSY"}
 
-# state of one client, as a flat reply: q, f, r, b, at, fs, ls, window length, window flagged
-_LUA_STATE = r"""
+# shared by the scripts. state: one client as a flat reply: q, f, r, b, at, fs, ls, window length, window
+# flagged, p, pq, pf, dp. clock: the server's time as text (for fs/ls) and whole seconds. ensure: create
+# the hash of a client not seen yet. period_counts: (pq, pf) of period `cur` (zeros for another period).
+_LUA_COMMON = r"""
 local function state(k)
-  local v = redis.call('HMGET', k, 'q', 'f', 'r', 'b', 'at', 'fs', 'ls', 'w')
+  local v = redis.call('HMGET', k, 'q', 'f', 'r', 'b', 'at', 'fs', 'ls', 'w', 'p', 'pq', 'pf', 'dp')
   local w = v[8] or ''
   local _, ones = string.gsub(w, '1', '')
   v[8] = #w
-  v[9] = ones
+  table.insert(v, 9, ones)
   return v
+end
+local function clock()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. string.format('%06d', tonumber(t[2])), tonumber(t[1])
+end
+local function ensure(k, now)
+  redis.call('HSETNX', k, 'q', 0)
+  redis.call('HSETNX', k, 'f', 0)
+  redis.call('HSETNX', k, 'fs', now)
+  redis.call('HSETNX', k, 'ls', now)
+end
+local function period_counts(k, cur)
+  local v = redis.call('HMGET', k, 'p', 'pq', 'pf')
+  if tonumber(v[1]) ~= cur then return 0, 0 end
+  return tonumber(v[2]) or 0, tonumber(v[3]) or 0
 end
 """
 
 # KEYS[1]: writer key; KEYS[2..]: client hashes
-# ARGV: seq, writer_ttl, tau, rho, window, window_rho, retention_s, then (queries, flagged) per client
-_LUA_RECORD = _LUA_STATE + r"""
+# ARGV: seq, writer_ttl, tau, rho, window, window_rho, retention_s, quota period_s (0: quotas off),
+# dist_bins, dist_block, then (queries, flagged, bins) per client; bins: base.counts_text, '-' for none
+_LUA_RECORD = _LUA_COMMON + r"""
 local seq = tonumber(ARGV[1])
 local tau, rho = tonumber(ARGV[3]), tonumber(ARGV[4])
 local win, wrho, ret = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local per, nb, blk = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local apply = true
 if seq > 0 then
   local last = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -77,18 +103,44 @@ if seq > 0 then
     redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   end
 end
-local t = redis.call('TIME')
-local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+local now, sec = clock()
+-- base.dist_push's parsing: the counts of a text, padded or cut to nb
+local function ints(text)
+  local t, c = {}, {}
+  if text then for x in string.gmatch(text, '[^,]+') do t[#t + 1] = tonumber(x) end end
+  for j = 1, nb do c[j] = t[j] or 0 end
+  return c
+end
 local out = {}
 for i = 2, #KEYS do
   local k = KEYS[i]
   if apply then
-    local q = tonumber(ARGV[8 + 2 * (i - 2)])
-    local f = tonumber(ARGV[9 + 2 * (i - 2)])
+    local q = tonumber(ARGV[11 + 3 * (i - 2)])
+    local f = tonumber(ARGV[12 + 3 * (i - 2)])
+    local bins = ARGV[13 + 3 * (i - 2)]
     local qq = redis.call('HINCRBY', k, 'q', q)
     local ff = redis.call('HINCRBY', k, 'f', f)
     redis.call('HSETNX', k, 'fs', now)
     redis.call('HSET', k, 'ls', now)
+    if per > 0 then
+      -- quotas: the queries were counted when reserved; a new period starts at (0, flagged)
+      local cur = math.floor(sec / per)
+      local pq, pf = period_counts(k, cur)
+      redis.call('HSET', k, 'p', cur, 'pq', pq, 'pf', pf + f)
+    end
+    if nb > 0 and bins ~= '-' then
+      -- base.dist_push: add to the current block; a full one becomes the complete block
+      local c, b, total = ints(redis.call('HGET', k, 'dc')), ints(bins), 0
+      for j = 1, nb do
+        c[j] = c[j] + b[j]
+        total = total + c[j]
+      end
+      if total >= blk then
+        redis.call('HSET', k, 'dp', table.concat(c, ','), 'dc', string.rep('0,', nb - 1) .. '0')
+      else
+        redis.call('HSET', k, 'dc', table.concat(c, ','))
+      end
+    end
     local hit = qq >= tau and qq > 0 and ff / qq > rho
     if win > 0 then
       -- base.window_push: flagged queries of one update first, keep the last `win`
@@ -124,16 +176,48 @@ end
 return out
 """
 
+# KEYS: client hashes; ARGV: quota, flagged_quota, period_s, retention_s, then the queries asked per client.
+# Per client: its state, then granted and retry_after (0: none) -- RefusalRule.grant and .retry_after.
+_LUA_RESERVE = _LUA_COMMON + r"""
+local quota, fquota, per, ret = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now, sec = clock()
+local cur = math.floor(sec / per)
+local out = {}
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local n = tonumber(ARGV[4 + i])
+  local granted, retry = 0, 0
+  local d = redis.call('HMGET', k, 'r', 'b')
+  if d[1] ~= '1' and d[2] ~= '1' then
+    local pq, pf = period_counts(k, cur)
+    if fquota > 0 and pf >= fquota then
+      granted = 0
+    elseif quota > 0 then
+      granted = math.max(0, math.min(n, quota - pq))
+    else
+      granted = n
+    end
+    if granted > 0 then
+      ensure(k, now)
+      redis.call('HSET', k, 'p', cur, 'pq', pq + granted, 'pf', pf)
+      if ret > 0 then redis.call('EXPIRE', k, ret) end
+    end
+    if granted < n then retry = (cur + 1) * per - sec end
+  end
+  local v = state(k)
+  v[#v + 1] = granted
+  v[#v + 1] = retry
+  out[#out + 1] = v
+end
+return out
+"""
+
 # KEYS[1]: client hash; ARGV: blocked (0/1), retention_s. Unblocking an unknown client creates nothing.
-_LUA_BLOCK = _LUA_STATE + r"""
+_LUA_BLOCK = _LUA_COMMON + r"""
 if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then return state(KEYS[1]) end
-local t = redis.call('TIME')
-local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+local now = clock()
 local k = KEYS[1]
-redis.call('HSETNX', k, 'q', 0)
-redis.call('HSETNX', k, 'f', 0)
-redis.call('HSETNX', k, 'fs', now)
-redis.call('HSETNX', k, 'ls', now)
+ensure(k, now)
 if ARGV[1] == '1' then
   redis.call('HSET', k, 'b', '1')
   redis.call('PERSIST', k)
@@ -204,6 +288,7 @@ class RedisLedger(Ledger):
         self._base = f"{self.prefix}:{{{ns}}}:"
         self._client_prefix = self._base + "c:"
         self._record = self.r.register_script(_LUA_RECORD)
+        self._reserve = self.r.register_script(_LUA_RESERVE)
         self._block = self.r.register_script(_LUA_BLOCK)
         self._local = threading.local()
 
@@ -236,33 +321,29 @@ class RedisLedger(Ledger):
 
     # --------------------------------------------------------------------------- states
     def _state(self, client_id: str, v) -> ClientState:
-        q, f, r, b, at, fs, ls = (x.decode() if isinstance(x, bytes) else x for x in v[:7])
-        if q is None and f is None and b is None:
+        """State from a script's flat reply (see _LUA_COMMON's state)."""
+        v = [x.decode() if isinstance(x, bytes) else x for x in v]
+        if v[0] is None and v[1] is None and v[3] is None:
             return ClientState(client_id)
-        s = ClientState(client_id, int(q or 0), int(f or 0), r == "1", b == "1",
-                        int(at) if at not in (None, "") else None,
-                        float(fs) if fs else None, float(ls) if ls else None)
-        if self.rule.window:
-            wlen, wones = (int(v[7]), int(v[8])) if len(v) > 8 else (0, 0)
-            s.extra = {"window": wlen, "window_flagged": wones}
-        return s
+        return stored_state(client_id, self.rule, *v[:7], (v[7], v[8]), *v[9:13])
 
     def _hash_state(self, client_id: str, v) -> ClientState:
         """State from an HMGET of _FIELDS (the window as its bits)."""
         w = v[7] or b""
-        return self._state(client_id, v[:7] + [len(w), w.count(b"1")])
+        return self._state(client_id, v[:7] + [len(w), w.count(b"1")] + v[8:])
 
     def _argv_rule(self):
         r = self.rule
-        return [self.writer_ttl_s, r.tau, repr(float(r.rho)), r.window, repr(float(r.window_rho)), self.retention_s]
+        return [self.writer_ttl_s, r.tau, repr(float(r.rho)), r.window, repr(float(r.window_rho)), self.retention_s,
+                r.quota_period_s if r.quotas else 0, r.dist_bins, r.dist_block]
 
     def _run_record(self, updates: List[tuple], writer: str, seq: int) -> List[ClientState]:
-        keys = [writer] + [self.key(c) for c, _, _ in updates]
+        keys = [writer] + [self.key(u[0]) for u in updates]
         args = [seq] + self._argv_rule()
-        for _, q, f in updates:
-            args += [q, f]
+        for _, q, f, *bins in updates:
+            args += [q, f, counts_text(bins[0]) if bins else "-"]
         out = self._record(keys=keys, args=args)
-        return [self._state(c, v) for (c, _, _), v in zip(updates, out)]
+        return [self._state(u[0], v) for u, v in zip(updates, out)]
 
     def _replayable(self, updates: List[tuple], writer: str, seq: int) -> List[ClientState]:
         try:
@@ -281,6 +362,12 @@ class RedisLedger(Ledger):
         except LedgerUnavailable:
             self._retire_writer()  # never send a newer sequence number under a writer with one in doubt
             raise
+
+    def _reserve_many(self, requests) -> List[Reservation]:
+        r = self.rule
+        args = [r.quota, r.flagged_quota, r.quota_period_s, self.retention_s] + [n for _, n in requests]
+        out = self._reserve(keys=[self.key(c) for c, _ in requests], args=args)
+        return [Reservation(self._state(c, v), int(v[13]), int(v[14]) or None) for (c, _), v in zip(requests, out)]
 
     def _get(self, client_id: str) -> ClientState:
         return self._hash_state(client_id, self.r.hmget(self.key(client_id), *_FIELDS))
@@ -302,6 +389,9 @@ class RedisLedger(Ledger):
 
     def _reset(self, client_id: str) -> None:
         self.r.delete(self.key(client_id))
+
+    def _reset_quota(self, client_id: str) -> None:
+        self.r.hdel(self.key(client_id), "p", "pq", "pf")
 
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         v = self._block(keys=[self.key(client_id)], args=["1" if blocked else "0", self.retention_s])

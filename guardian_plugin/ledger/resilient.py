@@ -19,6 +19,14 @@ store is down loses what only it held.
 In closed mode a batch whose update failed is answered 503, yet its queries did reach the model and
 were inspected, so they are counted as well once the store returns: the store then holds every query
 that passed the refusal check.
+
+Quotas (:meth:`Ledger.reserve_many`): while the store is up reservations go to it. While it is down,
+closed mode raises LedgerUnavailable (nothing is granted) and open mode grants every query asked for,
+unchecked against the quotas, except to clients it knows are refused or blocked (counted in
+``stats["granted_unchecked"]`` and logged at ERROR level); those queries do not count against the
+period's quota later. The distribution-test bin counts of an update held here as counts are dropped
+(only queries and flagged are added when the store returns), so the histograms of queries served while
+the store was down are not kept; an update held as a replay is resent whole, bins included.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from dataclasses import replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from guardian_plugin.errors import LedgerUnavailable
-from guardian_plugin.ledger.base import ClientState, Ledger
+from guardian_plugin.ledger.base import ClientState, Ledger, Reservation
 
 log = logging.getLogger("guardian_plugin.ledger")
 
@@ -42,7 +50,7 @@ class _Replay:
     __slots__ = ("fn", "updates")
 
     def __init__(self, fn: Callable[[], List[ClientState]], updates: List[tuple]):
-        self.fn, self.updates = fn, updates
+        self.fn, self.updates = fn, [tuple(u[:3]) for u in updates]  # (client, queries, flagged) to count
 
 
 class ResilientLedger(Ledger):
@@ -69,7 +77,8 @@ class ResilientLedger(Ledger):
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
-        self.stats = {"failures": 0, "flushed_updates": 0, "served_unchecked": 0}
+        self._last_unchecked_grant = 0.0
+        self.stats = {"failures": 0, "flushed_updates": 0, "served_unchecked": 0, "granted_unchecked": 0}
 
     # --------------------------------------------------------------------------- status
     @property
@@ -119,7 +128,7 @@ class ResilientLedger(Ledger):
 
     def _keep(self, updates: Iterable[tuple]) -> None:
         with self._lock:
-            for c, q, f in updates:
+            for c, q, f, *_bins in updates:  # the bins are not kept (see the module's docstring)
                 v = self._pending.setdefault(c, [0, 0])
                 v[0] += q
                 v[1] += f
@@ -238,40 +247,60 @@ class ResilientLedger(Ledger):
             return s
 
     # ------------------------------------------------------------------ Ledger operations
-    def _record_many(self, updates: List[tuple]) -> List[ClientState]:
+    def _attempt(self, call, on_fail=None):
+        """``(call(), None)`` when the store may be used and answers; else, after ``on_fail(error)``:
+        closed mode raises the error, open mode returns ``(None, error)`` for the caller to answer
+        from what it knows."""
         err = self._try_store() if (self._down_since is not None or self._has_pending()) else None
         if err is None:
             try:
-                states = self.inner.record_many(updates)
+                out = call()
             except LedgerUnavailable as e:
-                self._absorb_failure(e, updates)
-                self._mark_down(e)
                 err = e
+                if on_fail:
+                    on_fail(e)
+                self._mark_down(e)
             else:
                 self._mark_up()
-                self._remember(states)
-                return states
-        else:
-            self._keep(updates)
+                return out, None
+        elif on_fail:
+            on_fail(err)
         if self.mode == "closed":
             raise err
-        self.stats["served_unchecked"] += sum(q for _, q, _ in updates)
-        return [self._local_state(c) for c, _, _ in updates]
+        return None, err
+
+    def _record_many(self, updates: List[tuple]) -> List[ClientState]:
+        states, err = self._attempt(lambda: self.inner.record_many(updates),
+                                    lambda e: self._absorb_failure(e, updates))
+        if err is None:
+            self._remember(states)
+            return states
+        self.stats["served_unchecked"] += sum(u[1] for u in updates)
+        return [self._local_state(u[0]) for u in updates]
+
+    def _reserve_many(self, requests: List[Tuple[str, int]]) -> List[Reservation]:
+        out, err = self._attempt(lambda: self.inner.reserve_many(requests))
+        if err is None:
+            self._remember(r.state for r in out)
+            return out
+        out = [Reservation(s, 0 if s.denied else n) for s, n in ((self._local_state(c), n) for c, n in requests)]
+        granted = sum(r.granted for r in out)
+        now = time.monotonic()
+        with self._lock:
+            self.stats["granted_unchecked"] += granted
+            loud = granted > 0 and now - self._last_unchecked_grant >= 10.0
+            if loud:
+                self._last_unchecked_grant = now
+        if loud:
+            log.error("guardian: ledger store down (open mode): %d queries granted WITHOUT the quotas "
+                      "(%d since start): %s", granted, self.stats["granted_unchecked"], err)
+        return out
 
     def _get(self, client_id: str) -> ClientState:
-        err = self._try_store() if (self._down_since is not None or self._has_pending()) else None
+        s, err = self._attempt(lambda: self.inner.get(client_id))
         if err is None:
-            try:
-                s = self.inner.get(client_id)
-            except LedgerUnavailable as e:
-                self._mark_down(e)
-                err = e
-            else:
-                self._mark_up()
-                self._remember([s])
-                return s
-        if self.mode == "closed":
-            raise err
+            self._remember([s])
+            return s
         return self._local_state(client_id)
 
     def _clients(self) -> List[ClientState]:
@@ -282,6 +311,13 @@ class ResilientLedger(Ledger):
         with self._lock:
             self._known.pop(client_id, None)
             self._local_refused.pop(client_id, None)
+
+    def _reset_quota(self, client_id: str) -> None:
+        self.inner.reset_quota(client_id)
+        with self._lock:
+            if client_id in self._known:
+                self._known[client_id] = replace(self._known[client_id], period=None, period_queries=0,
+                                                 period_flagged=0)
 
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         s = self.inner.set_blocked(client_id, blocked)

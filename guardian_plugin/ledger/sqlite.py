@@ -19,8 +19,9 @@ from typing import List, Tuple
 from urllib.parse import parse_qsl
 
 from guardian_plugin.errors import ConfigError
-from guardian_plugin.ledger.base import (DEFAULT_RETENTION_S, ClientState, Ledger, RefusalRule, now, parse_duration,
-                                         register_ledger, window_push)
+from guardian_plugin.ledger.base import (DEFAULT_RETENTION_S, ClientState, Ledger, RefusalRule, Reservation,
+                                         counts_text, dist_push, now, parse_duration, register_ledger, stored_state,
+                                         text_counts, window_push)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -37,7 +38,14 @@ CREATE TABLE IF NOT EXISTS clients (
 )
 """
 # added after the first release; opened files without them are migrated in place
-_ADDED_COLUMNS = {"win": "TEXT"}  # sliding-window bits, see base.window_push
+_ADDED_COLUMNS = {
+    "win": "TEXT",  # sliding-window bits, see base.window_push
+    "period": "INTEGER",  # quotas: the period of pq and pf (NULL: none yet), see RefusalRule.period
+    "pq": "INTEGER NOT NULL DEFAULT 0",  # quotas: queries reserved in that period
+    "pf": "INTEGER NOT NULL DEFAULT 0",  # quotas: flagged queries recorded in that period
+    "dcur": "TEXT",  # distribution test: the current block's bin counts (base.counts_text), see dist_push
+    "dprev": "TEXT",  # distribution test: the last complete block's
+}
 _INDEX = "CREATE INDEX IF NOT EXISTS clients_last_seen ON clients(namespace, last_seen)"  # for pruning
 PRUNE_INTERVAL_S = 60.0
 
@@ -132,23 +140,27 @@ class SQLiteLedger(Ledger):
     def _tx(self):
         return self._Tx(self._con())
 
+    _COLUMNS = ("queries", "flagged", "refused", "blocked", "refused_at_query", "first_seen", "last_seen", "win",
+                "period", "pq", "pf", "dcur", "dprev")
+    _COLS = ", ".join(_COLUMNS)
+
     def _row_to_state(self, client_id: str, row) -> ClientState:
         if row is None:
             return ClientState(client_id)
-        q, f, r, b, at, fs, ls, win = row
-        s = ClientState(client_id, q, f, bool(r), bool(b), at, fs, ls)
-        if self.rule.window:
-            w = (win or "")[-self.rule.window:]
-            s.extra = {"window": len(w), "window_flagged": w.count("1")}
-        return s
-
-    _COLS = "queries, flagged, refused, blocked, refused_at_query, first_seen, last_seen, win"
+        q, f, r, b, at, fs, ls, win, period, pq, pf, _, dprev = row
+        w = (win or "")[-self.rule.window:] if self.rule.window else ""
+        return stored_state(client_id, self.rule, q, f, r, b, at, fs, ls, (len(w), w.count("1")),
+                            period, pq, pf, dprev)
 
     def _select(self, con, client_id):
         return con.execute(
             f"SELECT {self._COLS} FROM clients WHERE namespace=? AND client_id=?",
             (self.namespace, client_id),
         ).fetchone()
+
+    def _update(self, con, client_id: str, **values) -> None:
+        con.execute(f"UPDATE clients SET {', '.join(k + '=?' for k in values)} WHERE namespace=? AND client_id=?",
+                    tuple(values.values()) + (self.namespace, client_id))
 
     def _prune(self, con) -> None:
         """Forget clients idle longer than the retention, except refused and blocked ones; at most once
@@ -160,7 +172,7 @@ class SQLiteLedger(Ledger):
         con.execute("DELETE FROM clients WHERE namespace=? AND last_seen < ? AND refused=0 AND blocked=0",
                     (self.namespace, t - self.retention_s))
 
-    def _apply(self, con, client_id: str, queries: int, flagged: int) -> ClientState:
+    def _apply(self, con, client_id: str, queries: int, flagged: int, bins=None) -> ClientState:
         t = now()
         con.execute(
             "INSERT INTO clients(namespace, client_id, queries, flagged, first_seen, last_seen)"
@@ -169,26 +181,46 @@ class SQLiteLedger(Ledger):
             " last_seen = excluded.last_seen",
             (self.namespace, client_id, queries, flagged, t, t),
         )
-        row = self._select(con, client_id)
-        hit = self.rule.triggered(row[0], row[1])
+        row = dict(zip(self._COLUMNS, self._select(con, client_id)))
+        hit = self.rule.triggered(row["queries"], row["flagged"])
+        new = {}
         if self.rule.window:
-            win = window_push(row[7] or "", queries, flagged, self.rule.window)
-            con.execute("UPDATE clients SET win=? WHERE namespace=? AND client_id=?", (win, self.namespace, client_id))
-            row = row[:7] + (win,)
-            hit = hit or self.rule.window_triggered(win)
-        s = self._row_to_state(client_id, row)
-        if not s.refused and hit:
-            s.refused, s.refused_at_query = True, s.queries
-            con.execute(
-                "UPDATE clients SET refused=1, refused_at_query=? WHERE namespace=? AND client_id=?",
-                (s.queries, self.namespace, client_id),
-            )
-        return s
+            new["win"] = window_push(row["win"] or "", queries, flagged, self.rule.window)
+            hit = hit or self.rule.window_triggered(new["win"])
+        if self.rule.quotas:
+            s = self._row_to_state(client_id, tuple(row.values()))
+            new["period"], new["pq"], new["pf"] = self._recorded_period(s, flagged, t)
+        if self.rule.dist_bins and bins is not None:
+            cur, prev = dist_push(text_counts(row["dcur"]), text_counts(row["dprev"]), bins, self.rule.dist_bins,
+                                  self.rule.dist_block)
+            new["dcur"], new["dprev"] = counts_text(cur), counts_text(prev)
+        if not row["refused"] and hit:
+            new["refused"], new["refused_at_query"] = 1, row["queries"]
+        if new:
+            self._update(con, client_id, **new)
+            row.update(new)
+        return self._row_to_state(client_id, tuple(row.values()))
 
     def _record_many(self, updates) -> List[ClientState]:
         with self._tx() as con:
             self._prune(con)
-            return [self._apply(con, c, q, f) for c, q, f in updates]
+            return [self._apply(con, *u) for u in updates]
+
+    def _reserve_many(self, requests) -> List[Reservation]:
+        with self._tx() as con:  # one write transaction: no other process reserves in between
+            t = now()
+            return [self._admit(self._row_to_state(c, self._select(con, c)), n, t,
+                                lambda period, pq, pf, c=c: self._set_period(con, c, t, period, pq, pf))
+                    for c, n in requests]
+
+    def _ensure_row(self, con, client_id: str, t: float) -> None:
+        con.execute("INSERT INTO clients(namespace, client_id, first_seen, last_seen) VALUES (?,?,?,?)"
+                    " ON CONFLICT(namespace, client_id) DO NOTHING", (self.namespace, client_id, t, t))
+
+    def _set_period(self, con, client_id: str, t: float, period: int, pq: int, pf: int) -> ClientState:
+        self._ensure_row(con, client_id, t)
+        self._update(con, client_id, period=period, pq=pq, pf=pf)
+        return self._row_to_state(client_id, self._select(con, client_id))
 
     def _get(self, client_id: str) -> ClientState:
         return self._row_to_state(client_id, self._select(self._con(), client_id))
@@ -204,13 +236,15 @@ class SQLiteLedger(Ledger):
         with self._tx() as con:
             con.execute("DELETE FROM clients WHERE namespace=? AND client_id=?", (self.namespace, client_id))
 
+    def _reset_quota(self, client_id: str) -> None:
+        with self._tx() as con:
+            self._update(con, client_id, period=None, pq=0, pf=0)
+
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         key = (self.namespace, client_id)
         with self._tx() as con:
             if blocked:
-                t = now()
-                con.execute("INSERT INTO clients(namespace, client_id, first_seen, last_seen) VALUES (?,?,?,?)"
-                            " ON CONFLICT(namespace, client_id) DO NOTHING", key + (t, t))
+                self._ensure_row(con, client_id, now())
                 con.execute("UPDATE clients SET blocked=1 WHERE namespace=? AND client_id=?", key)
             else:  # an unknown client stays unknown
                 con.execute("UPDATE clients SET blocked=0, refused=0, refused_at_query=NULL"
