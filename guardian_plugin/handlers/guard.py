@@ -4,13 +4,17 @@
 (TorchServe's template methods, see ``BaseHandler.handle``) and puts the Guardian between inference
 and postprocess::
 
-    per request: Guardian.admit_batch(headers)       -> 401/400 identity, 403 refused, 503 store down
+    per request: Guardian.admit_batch(headers)       -> 401/400 identity, 403 refused, 429 quota used up
+                                                        (+ Retry-After), 503 store down
                  image larger than max_image_pixels?  -> 400, not decoded
     live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400); a row
                  with NaN/inf values, or larger than max_input_ratio x the model's probed input -> 400
                  inner.inference (a failing batch is retried row by row: a failing row -> 400)
                  Guardian.inspect(preprocessed, probabilities, admissions): counts answered rows only
-                 flagged rows' outputs replaced so that the inner postprocess yields DPreds(p)
+                 deceived rows' outputs replaced so that the inner postprocess yields DPreds(p) (flagged,
+                 anonymous) or the top-1 label only (probation), in the unprotected ranking; for a
+                 label-only archive with response.label_only: topk, flagged rows yield a label drawn from
+                 the top k (label_only_response, probed at load)
                  inner.postprocess
 
 Every denial is answered with its own status and the JSON body ``{"code", "type", "message"}``
