@@ -29,12 +29,26 @@ def redis_uri() -> str:
     return redis_url()
 
 
+@pytest.fixture
+def durable_redis():
+    """A redis-server of the test's own that keeps its data across kill() and start()."""
+    from guardian_plugin.devserver.redis import RedisServer
+
+    with RedisServer(durable=True) as srv:
+        yield srv
+
+
 def fresh_namespace(tag: str = "t") -> str:
     return f"test-{tag}-{uuid.uuid4().hex[:12]}"
 
 
 def open_backend(kind: str, rule: RefusalRule, namespace: str, tmp_path) -> "object":
-    """memory | sqlite | redis ledger with this rule and namespace (Redis: the suite's server)."""
+    """memory | sqlite | redis ledger with this rule and namespace (Redis: the suite's server), or
+    resilient: the failure-mode wrapper (open mode, no background thread) over a SQLite one."""
+    if kind == "resilient":
+        from guardian_plugin.ledger.resilient import ResilientLedger
+
+        return ResilientLedger(open_backend("sqlite", rule, namespace, tmp_path), "open", background=False)
     if kind == "memory":
         return open_ledger("memory://", rule, namespace)
     if kind == "sqlite":

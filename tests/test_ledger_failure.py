@@ -18,13 +18,7 @@ from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import RefusalRule
 from guardian_plugin.devserver.redis import RedisServer
 from guardian_plugin.ledger.resilient import ResilientLedger
-from ledger_fixtures import tiny_detector
-
-
-@pytest.fixture
-def durable_redis():
-    with RedisServer(durable=True) as srv:
-        yield srv
+from ledger_fixtures import durable_redis, tiny_detector  # noqa: F401
 
 
 def _wait_for(cond, timeout_s=60.0):  # returns as soon as cond holds; long for a loaded machine

@@ -222,26 +222,24 @@ def _show(args) -> int:
         return 0 if s.known else 1
 
 
-def _reset(args) -> int:
+def _each_known(args, act, title: str) -> int:
+    """``act(ledger, client)`` for every named client, if the ledger knows them all (else exit 1)."""
     clients = _client_ids(args.clients)
     with _open(args) as ledger:
         if _unknown(args, ledger, clients):
             return 1
         for c in clients:
-            ledger.reset(c)
-        _emit(args, ledger, [ledger.get(c) for c in clients], "reset")
+            act(ledger, c)
+        _emit(args, ledger, [ledger.get(c) for c in clients], title)
     return 0
+
+
+def _reset(args) -> int:
+    return _each_known(args, Ledger.reset, "reset")
 
 
 def _reset_quota(args) -> int:
-    clients = _client_ids(args.clients)
-    with _open(args) as ledger:
-        if _unknown(args, ledger, clients):
-            return 1
-        for c in clients:
-            ledger.reset_quota(c)
-        _emit(args, ledger, [ledger.get(c) for c in clients], "quota reset")
-    return 0
+    return _each_known(args, Ledger.reset_quota, "quota reset")
 
 
 def _set_blocked(args, blocked: bool) -> int:

@@ -19,9 +19,10 @@ the braces keep one namespace in one Redis Cluster hash slot.
 URI options (query string), besides redis-py's own (``socket_timeout``, ``socket_connect_timeout``…):
 
 - ``retention``: forget a client this long after its last update (``3600``, ``90s``, ``30m``, ``12h``,
-  ``30d``; default ``30d``, ``0`` = keep forever); every update refreshes the TTL. Refused and blocked
-  clients are kept (no TTL) until an operator resets or unblocks them, so an attacker cannot wait out
-  its refusal.
+  ``30d``; default ``30d``, ``0`` = keep forever); every update and every granted reservation refreshes
+  the TTL. Refused and blocked clients are kept (no TTL) until an operator resets or unblocks them, so an
+  attacker cannot wait out its refusal. Keep the retention longer than the quota period: a client
+  forgotten mid-period starts it again from zero.
 - ``prefix``: the key prefix.
 
 Exactly once: a reply lost in transit (server killed after running the script, a timeout) leaves it
