@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             "runs": runs,
         }
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result.update({"command": "python benchmarks/label_only_cost.py " + " ".join(argv or sys.argv[1:]),
+    result.update({"command": " ".join(["python benchmarks/label_only_cost.py", *(argv or sys.argv[1:])]),
                    "seconds": round(time.time() - t0, 1), "commit": commit,
                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}})
