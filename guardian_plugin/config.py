@@ -11,7 +11,7 @@ Example (every key optional but ``detector``)::
     quota: {queries: 10000, flagged: 1000, period: 1d}  # per client and period: HTTP 429 + Retry-After; 0 = off
     probation: {queries: 0, response: label}       # new identities: label-only answers until N benign ones
     distribution: {enabled: auto, block: 200}      # per-client distribution test (artifact's reference.json)
-    response: {policy: dpreds, d: 0.5}
+    response: {policy: dpreds, d: 0.5}             # label_only: top1 | topk (k: 2) for label-only models
     identity:                                      # guardian_plugin/identity.py: which mode to trust
       headers: [X-Client-Id]                       # first present header wins, case-insensitive
       api_key_header: null                         # e.g. X-Api-Key: then the ONLY identity, salted hash
@@ -117,6 +117,11 @@ class DistributionConfig(_Strict):
 class ResponseConfig(_Strict):
     policy: str = "dpreds"
     d: float = Field(0.5, ge=0.0)
+    # a served model that answers labels only (a TorchServe archive whose postprocess returns the argmax;
+    # DPreds changes nothing there): top1 keeps the model's label on flagged rows, topk answers a label
+    # drawn uniformly from its top k classes (guardian_plugin.responses.LabelOnlyResponse)
+    label_only: Literal["top1", "topk"] = "top1"
+    k: int = Field(2, ge=2)
 
     def params(self) -> Dict[str, Any]:
         return {"d": self.d} if self.policy == "dpreds" else {}

@@ -10,6 +10,7 @@ Also what a request gets when it is not served: a :class:`Denial` (HTTP status +
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -68,6 +69,55 @@ class Passthrough:
 
 def build_policy(name: str, **params):
     return RESPONSE_POLICIES.get(name)(**params)
+
+
+# ------------------------------------------------------------------------- label-only models
+def topk_label(probs: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One-hot rows at a class drawn uniformly from each row's ``k`` most probable classes (``k`` is
+    capped at the class count): the top-1 with probability 1/k, and repeating a query draws again, so
+    an attacker's labels on flagged queries are noisy however often it asks, and never name a class
+    outside the model's top k."""
+    k = max(1, min(int(k), probs.shape[-1]))
+    top = torch.topk(probs, k, dim=-1).indices
+    pick = torch.randint(k, top.shape[:-1] + (1,), generator=generator).to(top.device)
+    return torch.zeros_like(probs).scatter_(-1, top.gather(-1, pick), 1.0)
+
+
+class LabelOnlyResponse:
+    """What a flagged row gets when the served model answers labels only (a TorchServe archive whose
+    postprocess returns the argmax, e.g. TorchServe's MNIST example), where DPreds changes nothing the
+    client sees (same ranking, so the same label): ``top1`` keeps the model's label (the default: the
+    detector and the refusal rule still work, the answers do not deceive), ``topk`` answers a label drawn
+    uniformly from the model's top ``k`` classes (:func:`topk_label`). guard config: ``response:
+    {label_only: topk, k: 2}``; docs/torchserve.md measures what it costs benign clients."""
+
+    def __init__(self, mode: str = "top1", k: int = 2, seed: Optional[int] = None):
+        if mode not in ("top1", "topk"):
+            raise ValueError(f"label_only must be top1 or topk, got {mode!r}")
+        if k < 2:
+            raise ValueError(f"label_only k must be >= 2, got {k}")
+        self.mode, self.k = mode, int(k)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+
+    @property
+    def changes_labels(self) -> bool:
+        return self.mode == "topk"
+
+    def __call__(self, probs: torch.Tensor, flagged: torch.Tensor) -> Optional[torch.Tensor]:
+        """One-hot answers for the ``flagged`` rows (the rest zero), or None when the labels are kept."""
+        if not self.changes_labels or not bool(flagged.any()):
+            return None
+        out = torch.zeros_like(probs)
+        out[flagged] = topk_label(probs[flagged], self.k, self.generator)
+        return out
+
+    def describe(self) -> str:
+        if self.changes_labels:
+            return f"flagged queries get a label drawn uniformly from the model's top {self.k} classes " \
+                   f"(response.label_only: topk, k: {self.k})"
+        return "flagged queries get the model's own label (response.label_only: top1); set response: " \
+               "{label_only: topk, k: 2} to answer them with a label drawn from the top 2 classes"
 
 
 # ------------------------------------------------------------------------- admission and denials

@@ -233,7 +233,8 @@ def test_malformed_uploads_get_400_with_the_guards_body(server, env, path, field
         assert r.status_code == 400, (what, r.status_code, r.text)
         msg = r.json()
         assert set(msg) == {"code", "type", "message"} and msg["code"] == 400, (what, msg)
-        assert _ledger(env["ledger"], cid) is None, what  # not answered, not counted
+        # not answered, not counted (the quota's reservation at admission may have created the row)
+        assert (_ledger(env["ledger"], cid) or (0,))[0] == 0, what
     a = real_digits(1)[0][0]
     assert _classify(server.url, a, "after-malformed").status_code == 200
 
@@ -263,7 +264,7 @@ def test_a_bad_image_never_fails_its_batch_neighbours(server, oracle, env):
             assert rs[0].status_code == 400 and rs[0].json()["type"] == "CorruptImage", rs[0].text
             assert [r.status_code for r in rs[1:]] == [200] * 7, [r.text for r in rs[1:]]
             _check_rows(sum((r.json() for r in rs[1:]), []), want, flags, exact=False)
-    assert _ledger(env["ledger"], "nb-bad") is None
+    assert (_ledger(env["ledger"], "nb-bad") or (0,))[0] == 0  # its grants were spent, nothing answered
     assert all(_ledger(env["ledger"], f"nb-good-{k}")[0] == rounds for k in range(7))
 
 

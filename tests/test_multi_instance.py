@@ -253,3 +253,39 @@ def test_redis_killed_mid_load(cluster, model, mode):
         # update when the store died (answered 503 after inference, then counted on its return): at most
         # one request per load thread
         assert answered <= stored <= answered + 4, (stored, answered, unavailable)  # 4 threads: 4 in flight
+
+
+# last: registers its own archive on both instances (the kill test above counts instance b's workers)
+def test_quota_across_two_instances_is_never_exceeded(cluster, tmp_path):
+    """A quota of 6 queries a day on the shared Redis, 4 clients hammering both instances at once (2
+    TorchServes, 1 worker each for this archive): each client is granted and answered exactly its
+    quota, every other request gets 429 with Retry-After, and the store holds exactly the answers."""
+    quota = 6
+    with open(tmp_path / "quota.yaml", "w") as f:
+        yaml.safe_dump({"ledger": cluster["redis"].url, "namespace": "quota", "rule": {"tau": 1000},
+                        "quota": {"queries": quota, "period": "1d"}, "identity": {"headers": ["X-Client-Id"]}}, f)
+    det = os.path.join(os.path.dirname(cluster["a"].model_store), "detector")
+    mnist = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, str(tmp_path / "build"))
+    protect(mnist, det, os.path.join(cluster["a"].model_store, "quota.mar"), config=str(tmp_path / "quota.yaml"))
+    for ts in (cluster["a"], cluster["b"]):
+        ts.register("quota.mar", "quota", workers=1, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
+    clients = [f"quota-{k}" for k in range(4)]
+    jobs = [("a" if (i // 4) % 2 == 0 else "b", clients[i % 4]) for i in range(4 * (quota + 6))]
+    retry = []
+
+    def send(job):
+        srv, cid = job
+        r = cluster[srv].predict("quota", cluster["img"][0], {"X-Client-Id": cid}, timeout_s=60)
+        if r.status_code == 429:
+            retry.append(int(r.headers["Retry-After"]))
+        return r.status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(send, jobs))
+    assert set(codes) <= {200, 429}, codes
+    assert retry and all(r > 0 for r in retry)
+    led = open_ledger(cluster["redis"].url, RefusalRule(tau=1000, quota=quota), "quota")
+    for c in clients:
+        answered = sum(1 for (_, cc), code in zip(jobs, codes) if cc == c and code == 200)
+        s = led.get(c)
+        assert answered == quota and s.queries == quota and s.period_queries == quota, (c, answered, s)

@@ -22,6 +22,7 @@ ARTIFACTS = os.path.join(ROOT, "examples", "mnist", "artifacts")
 DETECTOR = os.environ.get("GUARDIAN_TEST_DETECTOR") or os.path.join(ARTIFACTS, "detector")
 VICTIM_TS = os.path.join(ARTIFACTS, "victim.torchscript.pt")
 MNIST_HANDLER = os.path.join(ROOT, "examples", "mnist", "mnist_handler.py")
+MNIST_LABEL_HANDLER = os.path.join(ROOT, "examples", "mnist", "mnist_label_handler.py")  # answers labels only
 MNIST_MEAN, MNIST_STD = [0.1307], [0.3081]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

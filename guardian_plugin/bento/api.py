@@ -164,7 +164,11 @@ def _wrap_api(method, settings: GuardSettings):
                     x = _preprocessed(settings, rt.instance, api, value)
                 except BadInput as e:
                     raise ValueError(str(e)) from None
-            return Tagged(value, [adm] * AutoContainer.get_batch_size(value, batch_dim), x)
+            rows = AutoContainer.get_batch_size(value, batch_dim)
+            adm = rt.admit_rows(req, adm, rows)  # the quota covers every image of the request, or 429
+            if adm.denial is not None:
+                raise denial_exception(adm.denial)
+            return Tagged(value, [adm] * rows, x)
 
         _register_tagged_container()
         params = [p.replace(annotation=t.Annotated[p.annotation, AfterValidator(tag)]) if p.name == inp.name else p
@@ -206,25 +210,36 @@ def _wrap_api(method, settings: GuardSettings):
             rt = settings.runtime()
             adm = rt.check_request(request) if request is not None else rt.local_admission()
             if adm.denial is not None:
-                ctx.response.status_code = adm.denial.status  # BentoML copies it onto a returned Response
-                return None, None, denial_response(adm.denial)
+                return None, None, _deny(ctx, adm.denial)
             value = user_sig.bind(self, *args, **kwargs).arguments[inp.name]
-            return adm, value, None
+            return (adm, ctx, request), value, None
+
+        def _rows(call, x):
+            """The admission of the request's rows: a list input reserves its other images' quota now."""
+            adm, ctx, request = call
+            adm = settings.runtime().admit_rows(request, adm, x.shape[0])
+            return adm, (_deny(ctx, adm.denial) if adm.denial is not None else None)
 
         if is_async:
             async def wrapper(self, *args, **kwargs):
-                adm, value, refused = _prepare(self, args, kwargs)
+                call, value, refused = _prepare(self, args, kwargs)
                 if refused is not None:
                     return refused
                 x = await _to_thread(_preprocessed, settings, self, api, value)
+                adm, refused = _rows(call, x)
+                if refused is not None:
+                    return refused
                 probs = await func(self, *args, **kwargs)
                 return await _to_thread(_guard_call, settings, api, x, probs, [adm] * x.shape[0])
         else:
             def wrapper(self, *args, **kwargs):
-                adm, value, refused = _prepare(self, args, kwargs)
+                call, value, refused = _prepare(self, args, kwargs)
                 if refused is not None:
                     return refused
                 x = _preprocessed(settings, self, api, value)
+                adm, refused = _rows(call, x)
+                if refused is not None:
+                    return refused
                 probs = func(self, *args, **kwargs)
                 return _guard_call(settings, api, x, probs, [adm] * x.shape[0])
 
@@ -235,6 +250,14 @@ def _wrap_api(method, settings: GuardSettings):
     return APIMethod(func=wrapper, route=method.route, output_spec=method.output_spec, batchable=method.batchable,
                      batch_dim=method.batch_dim, max_batch_size=method.max_batch_size,
                      max_latency_ms=method.max_latency_ms, is_task=method.is_task)
+
+
+def _deny(ctx, denial):
+    """The answer of a denied call: the denial's status (BentoML copies ``ctx.response.status_code`` onto a
+    returned Response), JSON body and headers (Retry-After)."""
+    if ctx is not None:
+        ctx.response.status_code = denial.status
+    return denial_response(denial)
 
 
 def _checked_input(settings, value, handler):

@@ -33,6 +33,8 @@ class _Metrics:
                                "Clients that crossed the refusal rule in this service", ["service"])
         self.refused = _metric("Counter", "guardian_refused_requests",
                                "Requests answered 403 because the client is refused", ["service"])
+        self.quota = _metric("Counter", "guardian_quota_exceeded_requests",
+                             "Requests answered 429 because the client's quota for the period is used up", ["service"])
         self.missing = _metric("Counter", "guardian_missing_identity_requests",
                                "Requests answered 401 for lack of a client identity", ["service"])
         self.guard_s = _metric("Histogram", "guardian_guard_seconds",

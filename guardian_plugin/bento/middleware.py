@@ -15,6 +15,10 @@ if t.TYPE_CHECKING:
 # an input error raised by the guard's validators as ValueError("[Kind] message") (api.py)
 _TAGGED = re.compile(r"\[([A-Za-z]+)\] (.*)", re.S)
 _MAX_ERROR_BODY = 1 << 16
+# the request's Admission, kept in the request's state (runtime.check_request): when an error answer has
+# the status of its denial (a 429 or 403 raised inside BentoML's request handling), _ErrorBodies sends
+# the denial's own body and headers (Retry-After)
+STATE_ADMISSION = "guardian_admission"
 
 
 def input_error(kind: str, message: str) -> ValueError:
@@ -92,7 +96,7 @@ class GuardianMiddleware:
             problem = multipart_problem(request.headers["content-type"], body, *self.paths[scope["path"]])
             if problem is not None:
                 return await denial_response(Denial.bad_input("BadMultipart", problem))(scope, receive, send)
-        return await self.app(scope, receive, _ErrorBodies(send))
+        return await self.app(scope, receive, _ErrorBodies(send, scope))
 
 
 async def _buffered(receive):
@@ -171,12 +175,22 @@ def denial_response(denial):
 
 
 class _ErrorBodies:
-    """An ASGI ``send`` that passes successful answers through and rewrites error bodies."""
+    """An ASGI ``send`` that passes successful answers through and rewrites error bodies: the request's
+    own denial (its status, body and headers) when the answer has the denial's status, else BentoML's
+    error in the guard's shape (error_body)."""
 
-    def __init__(self, send):
+    def __init__(self, send, scope=None):
         self.send = send
+        self.scope = scope if scope is not None else {}
         self.start = None
         self.body = b""
+
+    def _denial(self, status: int):
+        adm = (self.scope.get("state") or {}).get(STATE_ADMISSION)
+        denial = getattr(adm, "denial", None)
+        if denial is not None and denial.status == status:
+            return denial
+        return UNAVAILABLE if status == UNAVAILABLE.status else None
 
     async def __call__(self, message):
         if message["type"] == "http.response.start" and message["status"] >= 400:
@@ -188,11 +202,12 @@ class _ErrorBodies:
         if message.get("more_body"):
             return
         status = self.start["status"]
-        body = json.dumps(error_body(status, self.body)).encode()
+        denial = self._denial(status)
+        body = json.dumps(denial.body() if denial is not None else error_body(status, self.body)).encode()
         drop = (b"content-length", b"content-type", b"retry-after")
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in drop]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if status == UNAVAILABLE.status:
-            headers += [(k.lower().encode(), v.encode()) for k, v in UNAVAILABLE.headers().items()]
+        if denial is not None:
+            headers += [(k.lower().encode(), v.encode()) for k, v in denial.headers().items()]
         await self.send({**self.start, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})

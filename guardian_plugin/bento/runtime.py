@@ -12,7 +12,7 @@ import typing as t
 from guardian_plugin.bento.conversion import _as_input_tensor, _as_prob_tensor
 from guardian_plugin.bento.metrics import _Metrics
 from guardian_plugin.inputs import DEFAULT_MAX_PIXELS
-from guardian_plugin.bento.middleware import denial_exception
+from guardian_plugin.bento.middleware import STATE_ADMISSION, denial_exception
 from guardian_plugin.errors import LedgerUnavailable
 from guardian_plugin.responses import UNAVAILABLE, Admission
 
@@ -23,7 +23,7 @@ log = logging.getLogger("guardian_plugin.bento")
 
 CONFIG_ENV = "GUARDIAN_CONFIG"  # a guard YAML that replaces the decorator's config (ops / tests)
 LEDGER_ENV = "GUARDIAN_LEDGER"  # a ledger URI that replaces the config's (e.g. one file for a deployment)
-STATE_ADMISSION = "guardian_admission"
+STATE_ROWS = "guardian_rows"  # the rows a list request's admission covers (admit_rows)
 
 
 class _Runtime:
@@ -56,12 +56,36 @@ class _Runtime:
         adm = state.get(STATE_ADMISSION)
         if adm is None:
             adm = self.guardian.admit(request.headers)
-            if adm.denial is not None:
-                counter = {401: self.metrics.missing, 403: self.metrics.refused}.get(adm.denial.status)
-                if counter is not None:
-                    counter.labels(self.metrics.service).inc()
+            self._count_denial(adm)
             state[STATE_ADMISSION] = adm
         return adm
+
+    def admit_rows(self, request, adm: Admission, rows: int) -> Admission:
+        """The admission of a request that turned out to carry ``rows`` images (a list input): its
+        admission reserved one query of the client's quota, so the other ``rows - 1`` are reserved now,
+        once per request. Should the quota not cover them all, the request is answered 429 as a whole
+        (the queries granted meanwhile are spent, as any granted query is) and that denial replaces the
+        request's admission, so its error answer carries the 429 body and Retry-After (middleware)."""
+        if adm.denial is not None or adm.client is None or rows <= 1 or request is None:
+            return adm
+        state = request.scope.setdefault("state", {})
+        if state.get(STATE_ROWS):
+            return state.get(STATE_ADMISSION, adm)
+        state[STATE_ROWS] = rows
+        denial = next((a.denial for a in self.guardian.admit_clients([adm.client] * (rows - 1))
+                       if a.denial is not None), None)
+        if denial is not None:
+            adm = Admission(client=adm.client, denial=denial)
+            self._count_denial(adm)
+            state[STATE_ADMISSION] = adm
+        return adm
+
+    def _count_denial(self, adm: Admission) -> None:
+        if adm.denial is not None:
+            counter = {401: self.metrics.missing, 403: self.metrics.refused,
+                       429: self.metrics.quota}.get(adm.denial.status)
+            if counter is not None:
+                counter.labels(self.metrics.service).inc()
 
     def local_admission(self) -> Admission:
         """A call made in Python (``svc.method(...)``, no HTTP request): counted as the anonymous id."""

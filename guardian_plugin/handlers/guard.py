@@ -4,13 +4,17 @@
 (TorchServe's template methods, see ``BaseHandler.handle``) and puts the Guardian between inference
 and postprocess::
 
-    per request: Guardian.admit_batch(headers)       -> 401/400 identity, 403 refused, 503 store down
+    per request: Guardian.admit_batch(headers)       -> 401/400 identity, 403 refused, 429 quota used up
+                                                        (+ Retry-After), 503 store down
                  image larger than max_image_pixels?  -> 400, not decoded
     live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400); a row
                  with NaN/inf values, or larger than max_input_ratio x the model's probed input -> 400
                  inner.inference (a failing batch is retried row by row: a failing row -> 400)
                  Guardian.inspect(preprocessed, probabilities, admissions): counts answered rows only
-                 flagged rows' outputs replaced so that the inner postprocess yields DPreds(p)
+                 deceived rows' outputs replaced so that the inner postprocess yields DPreds(p) (flagged,
+                 anonymous) or the top-1 label only (probation), in the unprotected ranking; for a
+                 label-only archive with response.label_only: topk, flagged rows yield a label drawn from
+                 the top k (label_only_response, probed at load)
                  inner.postprocess
 
 Every denial is answered with its own status and the JSON body ``{"code", "type", "message"}``
@@ -47,7 +51,7 @@ import torch
 from guardian_plugin.errors import LedgerUnavailable
 from guardian_plugin.guardian import Guardian
 from guardian_plugin.inputs import DEFAULT_MAX_PIXELS, InputError, decode_error, image_size
-from guardian_plugin.responses import UNAVAILABLE, Denial
+from guardian_plugin.responses import UNAVAILABLE, Denial, LabelOnlyResponse
 
 log = logging.getLogger("guardian_plugin.handlers")
 
@@ -136,20 +140,57 @@ def _keep_order(v: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, floor: flo
 
 
 def rewrite_flagged(out: torch.Tensor, probs: torch.Tensor, new_probs: torch.Tensor, flagged: torch.Tensor,
-                    kind: str) -> torch.Tensor:
+                    kind: str, free: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out`` with flagged rows replaced so the original postprocess yields ``new_probs`` there, in the
-    unprotected ranking (``probs``); unflagged rows are left bit for bit."""
+    unprotected ranking (``probs``); unflagged rows are left bit for bit. Rows of ``free`` (among the
+    flagged) keep ``new_probs``' own ranking instead: a label-only answer drawn from the top k
+    (responses.LabelOnlyResponse) must stay that label, not be put back behind the unprotected top-1.
+
+    A one-hot row (probation's label-only answer) comes out as that one-hot: for ``probabilities`` the
+    row itself, for ``logits`` 0 for the label and log(1e-300) for the others, which a float32 softmax
+    turns back into exactly 1 and 0."""
     if not bool(flagged.any()):
         return out
     q = new_probs[flagged].to(torch.float64)
     p = probs[flagged]
+    keep = torch.ones(q.shape[0], dtype=torch.bool) if free is None else ~free[flagged].cpu()
     if kind == "probabilities":
-        rows = _keep_order(q, p, out.dtype, 0.0)
+        rows = q.clone()
+        floor = 0.0
     else:  # softmax(log q) = q for q summing to one
-        rows = _keep_order(q.clamp_min(1e-300).log(), p, out.dtype, 1.0)
+        rows = q.clamp_min(1e-300).log()
+        floor = 1.0
+    if bool(keep.any()):
+        rows[keep] = _keep_order(rows[keep], p[keep], out.dtype, floor)
     res = out.clone()  # a normal tensor even when ``out`` is an inference tensor
     res[flagged.to(res.device)] = rows.to(dtype=res.dtype, device=res.device)
     return res
+
+
+# ------------------------------------------------------------------------------ label-only answers
+def _is_label(v) -> bool:
+    """A plain label: an int (numpy's too) or a string, not a mapping or a list of scores."""
+    import numbers
+
+    return isinstance(v, (str, bytes, numbers.Integral))
+
+
+def probe_label_answers(inner, num_classes: int) -> Optional[list]:
+    """What the inner handler's postprocess makes of a synthetic batch of two rows of ``num_classes``
+    probabilities (valid as logits too) with different top classes: the two answers when both are plain
+    labels (ints or strings: the archive answers labels only, so DPreds changes nothing its clients see),
+    else None (scores, or a postprocess that fails on the probe)."""
+    k = max(2, int(num_classes))
+    z = torch.arange(k, dtype=torch.float32)
+    batch = torch.softmax(torch.stack([z, z.flip(0)]), 1)
+    try:
+        post = inner.postprocess(batch)
+    except Exception as e:  # noqa: BLE001 - a postprocess that needs more than a tensor: not a probe we can make
+        log.info("guardian: could not probe the handler's postprocess (%s: %s)", type(e).__name__, e)
+        return None
+    if isinstance(post, list) and len(post) == 2 and all(_is_label(v) for v in post):
+        return post
+    return None
 
 
 # ------------------------------------------------------------------------------------------ guard
@@ -158,13 +199,16 @@ class HandlerGuard:
     its own answer: one bad row never changes another row's status or answer."""
 
     def __init__(self, inner, guardian: Guardian, output: str = "auto", max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_input_elements: Optional[int] = None, model_input: str = ""):
+                 max_input_elements: Optional[int] = None, model_input: str = "",
+                 label_response: Optional[LabelOnlyResponse] = None):
         self.inner = inner
         self.guardian = guardian
         self.output = output
         self.max_image_pixels = max_image_pixels
         self.max_input_elements = max_input_elements  # per row; None: unbounded
         self.model_input = model_input  # e.g. "1x28x28", for the message
+        # set when the inner postprocess answers labels only (probed at load): what flagged rows get
+        self.label_response = label_response
         self._kind_logged = None
 
     # -- helpers
@@ -277,7 +321,16 @@ class HandlerGuard:
                         errors.update({i: UNAVAILABLE for i in gidx})
                         continue
                     deceived = torch.tensor(res.deceived, dtype=torch.bool)
-                    post = self.inner.postprocess(rewrite_flagged(out, probs, res.probs, deceived, kind))
+                    new_probs, free = res.probs, None
+                    if self.label_response is not None:  # a label-only archive: flagged rows' labels
+                        free = torch.tensor(res.flagged, dtype=torch.bool)
+                        labels = self.label_response(probs, free)
+                        if labels is None:
+                            free = None
+                        else:
+                            new_probs = res.probs.clone()
+                            new_probs[free] = labels[free].to(new_probs.dtype)
+                    post = self.inner.postprocess(rewrite_flagged(out, probs, new_probs, deceived, kind, free))
                     if not isinstance(post, list) or len(post) != len(gidx):
                         raise TypeError("the guarded handler's postprocess must return one entry per request")
                     for i, p in zip(gidx, post):
@@ -294,10 +347,10 @@ class HandlerGuard:
                 context.set_response_header(i, k, v)
         statuses = [d.status for d in errors.values()]
         self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
-                      (time.perf_counter() - t_start) * 1000.0)
+                      (time.perf_counter() - t_start) * 1000.0, statuses.count(429))
         return responses
 
-    def _metrics(self, context, queries, flagged, refused, bad, guard_ms, handler_ms):
+    def _metrics(self, context, queries, flagged, refused, bad, guard_ms, handler_ms, quota=0):
         metrics = getattr(context, "metrics", None)
         if metrics is None:
             return
@@ -305,6 +358,7 @@ class HandlerGuard:
             metrics.add_counter("GuardianQueries", queries)
             metrics.add_counter("GuardianFlagged", flagged)
             metrics.add_counter("GuardianRefused", refused)
+            metrics.add_counter("GuardianQuotaExceeded", quota)
             metrics.add_counter("GuardianBadInput", bad)
             if queries:
                 metrics.add_time("GuardianGuardTime", round(guard_ms, 3))
@@ -333,4 +387,25 @@ def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
         limit = int(settings.max_input_ratio * model.channels * model.height * model.width)
         shape = f"{model.channels}x{model.height}x{model.width}"
     return HandlerGuard(inner, guardian, settings.output, settings.max_image_pixels or cfg.max_image_pixels,
-                        limit, shape)
+                        limit, shape, label_only_response(inner, guardian, cfg, model))
+
+
+def label_only_response(inner, guardian: Guardian, cfg, model=None) -> Optional[LabelOnlyResponse]:
+    """Probe the inner postprocess (probe_label_answers); for a label-only archive log one WARNING (what
+    the guard does there) and return the configured response for its flagged rows, else None."""
+    k = guardian.detector.spec.num_classes or (model.num_classes if model is not None else None) or 10
+    answers = probe_label_answers(inner, k)
+    if answers is None:
+        if cfg.response.label_only != "top1":
+            log.info("guardian: response.label_only applies to handlers that answer labels only; this one "
+                     "answers scores, so flagged rows get %s", cfg.response.policy)
+        return None
+    if cfg.response.k > k:
+        from guardian_plugin.errors import ConfigError
+
+        raise ConfigError(f"response.k is {cfg.response.k} but the model has {k} classes")
+    response = LabelOnlyResponse(cfg.response.label_only, cfg.response.k)
+    log.warning("guardian: the guarded handler's postprocess answers labels only (a probe of two score rows "
+                "gave %r), so Deceptive Predictions change nothing its clients see; %s. Identity, refusal, "
+                "quotas and probation apply as usual.", answers, response.describe())
+    return response

@@ -1,0 +1,203 @@
+"""Quotas, probation and label-only archives against a REAL TorchServe 0.12, with the example's committed
+victim and detector, one SQLite ledger shared by all workers.
+
+One server for the module: the unprotected example archive (top-10 probabilities) and its
+`guardian protect`ed copies with a quota of 5 queries a day (2 workers) and with probation for 3
+queries; TorchServe's MNIST-example style label-only archive (postprocess: argmax label) and its
+protected copy with ``response: {label_only: topk, k: 2}``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from examples.mnist import serving as ex  # noqa: E402
+from guardian_plugin.devserver.torchserve import TorchServe, build_archive  # noqa: E402
+from guardian_plugin.handlers.archive import protect  # noqa: E402
+from guardian_plugin.ledger import open_ledger  # noqa: E402
+from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
+
+QUOTA, PROBATION, K_TOP = 5, 3, 2
+WORKERS, BATCH, DELAY_MS = 2, 8, 50
+GUARDIAN = os.path.join(os.path.dirname(sys.executable), "guardian")
+
+
+def _guard(path, ledger, namespace, **extra):
+    cfg = {"ledger": ledger, "namespace": namespace, "identity": {"headers": ["X-Client-Id"]}, **extra}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    for p in (ex.VICTIM_TS, os.path.join(ex.DETECTOR, "detector.yaml")):
+        assert os.path.exists(p), f"{p} missing: regenerate the example with `make train-example`"
+    w = tmp_path_factory.mktemp("torchserve_depth")
+    store, build = str(w / "store"), str(w / "build")
+    ledger = f"sqlite:///{w}/state/ledger.db"
+    soft = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)
+    protect(soft, ex.DETECTOR, os.path.join(store, "quota_g.mar"),
+            config=_guard(w / "quota.yaml", ledger, "quota", quota={"queries": QUOTA, "period": "1d"}))
+    protect(soft, ex.DETECTOR, os.path.join(store, "prob_g.mar"),
+            config=_guard(w / "prob.yaml", ledger, "prob", probation={"queries": PROBATION}))
+    labels = build_archive("labels", ex.VICTIM_TS, ex.MNIST_LABEL_HANDLER, store)
+    protect(labels, ex.DETECTOR, os.path.join(store, "labels_g.mar"),
+            config=_guard(w / "labels.yaml", ledger, "labels", rule={"tau": 1000},
+                          response={"label_only": "topk", "k": K_TOP}))
+    ts = TorchServe(store, str(w / "server")).start()
+    try:
+        for name, workers in {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "labels": 1, "labels_g": 1}.items():
+            ts.register(f"{name}.mar", name, workers=workers, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
+    except Exception:
+        print(ts.log_tail(80))
+        ts.stop()
+        raise
+    digits, _ = ex.real_digits(24)
+    yield {"ts": ts, "w": w, "ledger": ledger, "digits": digits, "fakes": ex.generator_images(16, seed=5)}
+    ts.stop()
+
+
+def post(ts, model, body, client):
+    return ts.predict(model, body, {"X-Client-Id": client})
+
+
+def _ledger(served, namespace):
+    return open_ledger(served["ledger"], RefusalRule(quota=QUOTA), namespace)
+
+
+def _check_429(r):
+    assert r.status_code == 429, (r.status_code, r.text)
+    body = json.loads(r.text)
+    assert set(body) == {"code", "type", "message"} and (body["code"], body["type"]) == (429, "QuotaExceeded")
+    assert "quota" in body["message"]
+    assert 0 < int(r.headers["Retry-After"]) <= 86400, r.headers
+
+
+def test_quota_429_with_retry_after_others_unaffected_reset_lets_it_back(served):
+    ts, digits = served["ts"], served["digits"]
+    for i in range(QUOTA):
+        r = post(ts, "quota_g", digits[i], "q-alice")
+        assert r.status_code == 200 and len(ex.topk(r)) == 10, r.text
+    for i in range(2):
+        _check_429(post(ts, "quota_g", digits[i], "q-alice"))
+    assert post(ts, "quota_g", digits[0], "q-bob").status_code == 200
+    s = _ledger(served, "quota").get("q-alice")
+    assert (s.queries, s.period_queries) == (QUOTA, QUOTA)  # 429s are not answers
+    r = subprocess.run([GUARDIAN, "clients", "reset-quota", "q-alice", "--ledger", served["ledger"],
+                        "--namespace", "quota"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert post(ts, "quota_g", digits[0], "q-alice").status_code == 200
+    text = ts.metrics()
+    lines = [ln for ln in text.splitlines() if ln.startswith("GuardianQuotaExceeded{") and 'ModelName="quota_g"' in ln]
+    assert lines and sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) >= 2, lines
+
+
+def test_a_granted_query_counts_even_when_its_image_fails_to_decode(served):
+    ts, digits = served["ts"], served["digits"]
+    r = post(ts, "quota_g", b"this is not an image", "q-carl")
+    assert r.status_code == 400 and json.loads(r.text)["type"] == "NotAnImage"
+    codes = [post(ts, "quota_g", d, "q-carl").status_code for d in digits[:QUOTA]]
+    assert codes == [200] * (QUOTA - 1) + [429], codes
+    s = _ledger(served, "quota").get("q-carl")
+    assert (s.queries, s.period_queries) == (QUOTA - 1, QUOTA)
+
+
+def test_concurrent_clients_two_workers_never_exceed_the_quota_ledger_equals_answers(served):
+    """4 clients x 12 requests at once over 2 workers (batches mix clients): each client is granted
+    exactly its quota, every other request gets 429, and the ledger holds exactly the answers."""
+    ts, digits = served["ts"], served["digits"]
+    clients = [f"q-hammer-{k}" for k in range(4)]
+    jobs = [(clients[i % 4], digits[i % len(digits)]) for i in range(48)]
+    with ThreadPoolExecutor(12) as pool:
+        rs = list(pool.map(lambda j: post(ts, "quota_g", j[1], j[0]), jobs))
+    assert {r.status_code for r in rs} <= {200, 429}, [(r.status_code, r.text) for r in rs if r.status_code not in (200, 429)]
+    led = _ledger(served, "quota")
+    for c in clients:
+        answered = sum(1 for (cc, _), r in zip(jobs, rs) if cc == c and r.status_code == 200)
+        s = led.get(c)
+        assert answered == QUOTA and s.queries == answered and s.period_queries == QUOTA, (c, answered, s)
+    for (_, _), r in zip(jobs, rs):
+        if r.status_code == 429:
+            _check_429(r)
+
+
+def _unflagged(digits):
+    """Indices of the digits the example detector does not flag (as the served path preprocesses them)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from guardian_plugin.guardian import Guardian
+
+    torch.set_num_threads(1)
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(d)).convert("L"), dtype=np.float32) / 255.0)
+                     for d in digits]).unsqueeze(1)
+    flags, _ = Guardian.from_artifact(ex.DETECTOR).detect((x - ex.MNIST_MEAN[0]) / ex.MNIST_STD[0])
+    return [i for i, f in enumerate(flags.tolist()) if not f]
+
+
+def test_probation_answers_label_only_then_exactly_the_model(served):
+    ts, digits = served["ts"], served["digits"]
+    ok = _unflagged(digits)[:PROBATION + 3]
+    assert len(ok) == PROBATION + 3
+    for n, i in enumerate(ok):
+        plain = post(ts, "mnist", digits[i], "p-ref")
+        r = post(ts, "prob_g", digits[i], "p-newbie")
+        assert r.status_code == 200, r.text
+        want, got = ex.topk(plain), ex.topk(r)
+        if n < PROBATION:  # the unprotected top-1, with probability 1, and nothing else
+            assert got[0] == (want[0][0], 1.0) and all(p == 0.0 for _, p in got[1:]), (n, got, want)
+        else:
+            assert got == want, (n, got, want)  # bit for bit the unprotected answer
+    s = _ledger(served, "prob").get("p-newbie")
+    assert (s.queries, s.flagged) == (PROBATION + 3, 0)
+
+
+def _worker_logs(served) -> str:
+    text = ""
+    for path in glob.glob(os.path.join(str(served["w"]), "server", "**", "*.log"), recursive=True) + \
+            [os.path.join(str(served["w"]), "server", "torchserve.out")]:
+        try:
+            with open(path, errors="replace") as f:
+                text += f.read()
+        except OSError:
+            pass
+    return text
+
+
+def test_label_only_archive_warns_at_load_and_flagged_labels_stay_in_the_top_k(served):
+    ts = served["ts"]
+    logs = _worker_logs(served)
+    warnings = sorted({ln for ln in logs.splitlines() if "answers labels only" in ln})  # a line may be in 2 files
+    # once per worker of the label-only archive, and only there
+    assert len(warnings) == 1 and "labels_g" in warnings[0] and "top 2" in warnings[0], warnings
+    # generator images: flagged; each answer is one of the unprotected top 2, and not always the top 1
+    drawn = []
+    for i, img in enumerate(served["fakes"]):
+        top2 = [int(label) for label, _ in ex.topk(post(ts, "mnist", img, "l-ref"))[:K_TOP]]
+        r = post(ts, "labels_g", img, "l-prober")
+        assert r.status_code == 200, r.text
+        label = json.loads(r.text)
+        assert isinstance(label, int) and label in top2, (i, label, top2)
+        drawn.append(label == top2[0])
+    s = _ledger(served, "labels").get("l-prober")
+    assert s.flagged >= len(served["fakes"]) - 2, s
+    assert not all(drawn), drawn  # P(all 16 top-1) = 2**-16
+    # real digits the detector does not flag: exactly the unprotected label archive's answer
+    for i in _unflagged(served["digits"][:8]):
+        assert post(ts, "labels_g", served["digits"][i], "l-benign").text == post(ts, "labels", served["digits"][i], "x").text
