@@ -220,7 +220,7 @@ def _aware(strategies, target, budget, tmp_path, **extra):
 
 
 def test_rotating_ids_keeps_getting_answers(victim, tmp_path):
-    from guardian_plugin.evaluation.harness import EvalTarget
+    from guardian_plugin.attacks.target import EvalTarget
 
     t = EvalTarget(victim, 10, guardian=FlagAllGuardian(), client_id="a", mean=MEAN, std=STD)
     a = _aware({"rotate_ids": {"max_ids": 100}}, t, 480, tmp_path)
@@ -231,7 +231,7 @@ def test_rotating_ids_keeps_getting_answers(victim, tmp_path):
 
 
 def test_rotation_stops_at_max_ids(victim, tmp_path):
-    from guardian_plugin.evaluation.harness import EvalTarget
+    from guardian_plugin.attacks.target import EvalTarget
 
     t = EvalTarget(victim, 10, guardian=FlagAllGuardian(), client_id="a", mean=MEAN, std=STD)
     res = _aware({"rotate_ids": {"max_ids": 3}}, t, 10_000, tmp_path).run()
