@@ -22,7 +22,7 @@ import math
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -74,10 +74,19 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
+def _description(model: type, name: str) -> str:
+    """A field's description; a subclass that only changes a default inherits its parent's."""
+    for m in model.__mro__:
+        f = getattr(m, "model_fields", {}).get(name)
+        if f is not None and f.description:
+            return f.description
+    return ""
+
+
 def param_info(model: type) -> List[dict]:
     """An attack's parameters: name, type, default, description and whether every attack takes it."""
     return [{"name": k, "type": _type_name(f.annotation), "default": f.get_default(call_default_factory=True),
-             "description": f.description or "", "common": k in COMMON_PARAMS}
+             "description": _description(model, k), "common": k in COMMON_PARAMS}
             for k, f in model.model_fields.items()]
 
 
@@ -367,5 +376,5 @@ def _import_all() -> None:
     import guardian_plugin.attacks as pkg
 
     for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name not in ("base", "target", "common", "generator"):
+        if m.name not in ("base", "target", "common", "generator", "docs"):
             importlib.import_module(f"guardian_plugin.attacks.{m.name}")
