@@ -187,7 +187,8 @@ def test_dpreds_inverter_floors_at_the_answer_resolution():
 
 
 class FlagAllGuardian:
-    """Stands in for a Guardian whose detector flags everything (rule: tau=10, rho=0.5)."""
+    """Stands in for a Guardian whose detector flags everything (rule: tau=10, rho=0.5), with the
+    interface EvalTarget uses (admit_clients, then inspect on the admissions)."""
 
     def __init__(self):
         self.counts = {}
@@ -195,12 +196,20 @@ class FlagAllGuardian:
     def refused(self, ids):
         return [self.counts.get(c, 0) >= 10 for c in ids]
 
-    def inspect(self, x, probs, ids, refused=None):
+    def admit_clients(self, ids):
+        from guardian_plugin.responses import REFUSED, Admission
+
+        return [Admission(denial=REFUSED) if r else Admission(client=c) for c, r in zip(ids, self.refused(ids))]
+
+    def inspect(self, x, probs, clients, refused=None):
         from guardian_plugin.guardian import InspectResult, Verdict
 
+        ids = [getattr(c, "client", c) for c in clients]
         for c in ids:
             self.counts[c] = self.counts.get(c, 0) + 1
-        return InspectResult(dpreds(probs, 0.5), [Verdict.FLAGGED] * len(ids))
+        n = len(ids)
+        return InspectResult(dpreds(probs, 0.5), [Verdict.FLAGGED] * n, deceived=[True] * n, detected=[True] * n,
+                             probation=[False] * n)
 
 
 def _aware(strategies, target, budget, tmp_path, **extra):
@@ -211,7 +220,7 @@ def _aware(strategies, target, budget, tmp_path, **extra):
 
 
 def test_rotating_ids_keeps_getting_answers(victim, tmp_path):
-    from guardian_plugin.evaluation.harness import EvalTarget
+    from guardian_plugin.attacks.target import EvalTarget
 
     t = EvalTarget(victim, 10, guardian=FlagAllGuardian(), client_id="a", mean=MEAN, std=STD)
     a = _aware({"rotate_ids": {"max_ids": 100}}, t, 480, tmp_path)
@@ -222,7 +231,7 @@ def test_rotating_ids_keeps_getting_answers(victim, tmp_path):
 
 
 def test_rotation_stops_at_max_ids(victim, tmp_path):
-    from guardian_plugin.evaluation.harness import EvalTarget
+    from guardian_plugin.attacks.target import EvalTarget
 
     t = EvalTarget(victim, 10, guardian=FlagAllGuardian(), client_id="a", mean=MEAN, std=STD)
     res = _aware({"rotate_ids": {"max_ids": 3}}, t, 10_000, tmp_path).run()

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     from guardian_plugin.attacks.dfme import DFME
     from guardian_plugin.devserver.torchserve import build_archive
     from guardian_plugin.nets import build_classifier
-    from guardian_plugin.torchserve.target import TorchServeTarget
+    from guardian_plugin.attacks.target import TorchServeTarget
     from guardian_plugin.training.common import resolve_device
     from guardian_plugin.training.data import normalise, to_float
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from guardian_plugin.attacks.target import QueryRefused  # noqa: F401 (raised by the target)
     from guardian_plugin.nets import LeNet5
     from guardian_plugin.devserver.torchserve import build_archive
-    from guardian_plugin.torchserve.target import TorchServeTarget
+    from guardian_plugin.attacks.target import TorchServeTarget
     from guardian_plugin.training.data import mnist_splits, normalise, to_float
 
     work, store, ledger_uri, guard_yaml = demo.workdir(args.workdir, "guardian-demo-", "mnist")

@@ -108,7 +108,7 @@ class DefenseAware:
         if unknown:
             raise ValueError(f"unknown defense-aware strategies {sorted(unknown)}; known: {STRATEGIES}")
         c, h, _ = self.image_shape
-        self._mean, self._std = norm_consts(self.params, c, self.device)
+        self._mean, self._std = norm_consts(self.cfg.mean, self.cfg.std, self.device)
         self._rng = np.random.RandomState(self.seed + 7)
         self.identities = 1
         self.refusals = []  # attacker-side query counts at which an identity was refused

@@ -6,23 +6,147 @@ it sends) and may override :meth:`Attack.after_refusal` to keep training on what
 Every answered (query, answer) pair is kept in :attr:`Attack.memory` (a reservoir of ``memory`` rows,
 default 20,000), which attacks with experience replay reuse and which the default
 :meth:`Attack.after_refusal` trains the clone on once the target stops answering.
+
+Parameters are typed: each attack class declares its own in a nested ``Params`` model (a subclass of
+:class:`AttackParams`, which declares the ones every attack takes), and the constructor validates what
+it is given against it. A key the attack does not declare, or a value of the wrong type, is a
+:class:`AttackParamError` naming the attack, the field and the known keys. The typed values are
+:attr:`Attack.cfg`; :attr:`Attack.params` keeps the keyword arguments as given (reported in
+:attr:`AttackResult.extra`). ``ATTACKS.params(name)`` lists an attack's parameters.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
+import typing
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from guardian_plugin.attacks.target import QueryRefused, QueryTarget
 from guardian_plugin.registry import Registry
 
-ATTACKS: Registry = Registry("attack")
+
+# ------------------------------------------------------------------------------- parameters
+class AttackParamError(ValueError):
+    """An attack parameter the attack does not declare, or a value of the wrong type."""
+
+
+class AttackParams(BaseModel):
+    """The parameters every attack takes. ``mean``, ``std``, ``num_classes`` and ``cache_dir`` are what
+    the evaluation harness passes every attack (the victim's normalisation and classes, the config's
+    cache); each attack's ``Params`` adds its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: List[float] = Field([0.0], description="the victim's normalisation mean, per channel (the harness "
+                                                 "passes the victim's)")
+    std: List[float] = Field([1.0], description="the victim's normalisation std, per channel (the harness "
+                                                "passes the victim's)")
+    num_classes: int = Field(10, description="the victim's number of classes (the harness passes the victim's)")
+    cache_dir: Optional[str] = Field(None, description="where trained proxy GANs are cached (the harness passes "
+                                                       "the config's `cache_dir`)")
+    memory: int = Field(20000, description="rows of answered (query, answer) pairs kept (reservoir)")
+    refusal_epochs: int = Field(20, description="passes over `memory` once refused")
+    lr_refusal: float = Field(0.01, description="SGD lr of the training after a refusal")
+
+
+COMMON_PARAMS = tuple(AttackParams.model_fields)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        inner = " | ".join(_type_name(a) for a in args)
+        return f"{inner} | None" if len(args) < len(typing.get_args(annotation)) else inner
+    if origin in (list, List):
+        (arg,) = typing.get_args(annotation) or (Any,)
+        return f"list[{_type_name(arg)}]"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _description(model: type, name: str) -> str:
+    """A field's description; a subclass that only changes a default inherits its parent's."""
+    for m in model.__mro__:
+        f = getattr(m, "model_fields", {}).get(name)
+        if f is not None and f.description:
+            return f.description
+    return ""
+
+
+def param_info(model: type) -> List[dict]:
+    """An attack's parameters: name, type, default, description and whether every attack takes it."""
+    return [{"name": k, "type": _type_name(f.annotation), "default": f.get_default(call_default_factory=True),
+             "description": _description(model, k), "common": k in COMMON_PARAMS}
+            for k, f in model.model_fields.items()]
+
+
+def check_params(name: str, model: type, params: Mapping[str, Any]) -> BaseModel:
+    """``params`` validated against ``model`` (an :class:`AttackParams` subclass) for attack ``name``."""
+    known = list(model.model_fields)
+    unknown = [k for k in params if k not in model.model_fields]
+    if unknown:
+        parts = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), known, n=1)
+            parts.append(repr(k) + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise AttackParamError(f"attack {name!r}: unknown parameter{'s' if len(unknown) > 1 else ''} "
+                               f"{', '.join(parts)}; known: {', '.join(sorted(known))}")
+    try:
+        return model.model_validate(dict(params))
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {msg} (got {err['input']!r})" if where else msg)
+        raise AttackParamError(f"attack {name!r}: bad parameter {'; '.join(problems)}") from None
+
+
+class AttackRegistry(Registry):
+    """The attack registry: registering a class under a name sets its ``name`` (the one place an
+    attack's name is given), and every registered attack's parameters can be listed."""
+
+    def register(self, name: str) -> Callable[[type], type]:
+        add = super().register(name)
+
+        def deco(cls: type) -> type:
+            if "name" in vars(cls):
+                raise TypeError(f"{cls.__name__}: the registry gives an attack its name; do not set `name`")
+            add(cls)
+            cls.name = name
+            return cls
+
+        return deco
+
+    def get(self, name: str) -> Callable:
+        _import_all()
+        return super().get(name)
+
+    def names(self) -> list:
+        _import_all()
+        return super().names()
+
+    def params(self, name: str) -> List[dict]:
+        """The parameters attack ``name`` takes (see :func:`param_info`)."""
+        return param_info(self.get(name).Params)
+
+    def check(self, name: str, params: Mapping[str, Any]) -> BaseModel:
+        """Validate ``params`` for attack ``name``: raises :class:`AttackParamError` (unknown attack: KeyError)."""
+        cls = self.get(name)
+        return check_params(cls.name, cls.Params, params)
+
+
+ATTACKS = AttackRegistry("attack")
 
 
 class BudgetExhausted(Exception):
@@ -95,10 +219,14 @@ class AttackResult:
 
 
 class Attack:
-    """One data-free attack against a :class:`QueryTarget` with a query budget."""
+    """One data-free attack against a :class:`QueryTarget` with a query budget.
 
-    name = "attack"
+    ``**params`` are the attack's parameters, validated against its :attr:`Params` (see the module doc).
+    """
+
+    name = "attack"  # set by ATTACKS.register
     label_modes = ("soft",)
+    Params = AttackParams
 
     def __init__(self, target: QueryTarget, clone: nn.Module, *, budget: int, image_shape, label_mode: str = "soft",
                  device: str | torch.device = "cpu", seed: int = 0,
@@ -116,9 +244,11 @@ class Attack:
         self.evaluate = evaluate
         self.eval_every = eval_every or max(self.budget // 10, 1)
         self.progress = progress
-        self.memory = ReplayBuffer(int(params.pop("memory", 20000)), seed)
-        self.refusal_epochs = int(params.pop("refusal_epochs", 20))
-        self.params = params
+        self.cfg = self.check_params(params)
+        # as given; memory and refusal_epochs were never reported in AttackResult.extra
+        self.params = {k: v for k, v in params.items() if k not in ("memory", "refusal_epochs")}
+        self.memory = ReplayBuffer(self.cfg.memory, seed)
+        self.refusal_epochs = self.cfg.refusal_epochs
         self.queries = 0  # the attack's own count; must equal the target's
         self.refused = False
         self.refused_at: Optional[int] = None
@@ -128,6 +258,11 @@ class Attack:
         self._bar = None
         torch.manual_seed(seed)
         self.setup()
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> AttackParams:
+        """``params`` validated against :attr:`Params`; raises :class:`AttackParamError`."""
+        return check_params(cls.name, cls.Params, params)
 
     # --------------------------------------------------------------------------------- hooks
     def setup(self) -> None:
@@ -154,8 +289,7 @@ class Attack:
         n = len(self.memory)
         if n == 0 or self.refusal_epochs <= 0:
             return
-        opt = torch.optim.SGD(self.clone.parameters(), lr=float(self.params.get("lr_refusal", 0.01)), momentum=0.9,
-                              weight_decay=5e-4)
+        opt = torch.optim.SGD(self.clone.parameters(), lr=self.cfg.lr_refusal, momentum=0.9, weight_decay=5e-4)
         batch = min(128, n)
         self.clone.train()
         for _ in range(self.refusal_epochs * max(n // batch, 1)):
@@ -232,7 +366,6 @@ class Attack:
 
 
 def build_attack(name: str, *args, **kw) -> Attack:
-    _import_all()
     return ATTACKS.get(name)(*args, **kw)
 
 
@@ -243,5 +376,5 @@ def _import_all() -> None:
     import guardian_plugin.attacks as pkg
 
     for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name not in ("base", "target"):
+        if m.name not in ("base", "target", "common", "generator", "docs"):
             importlib.import_module(f"guardian_plugin.attacks.{m.name}")

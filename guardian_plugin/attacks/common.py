@@ -21,11 +21,12 @@ import torch.nn.functional as F
 
 
 # ------------------------------------------------------------------------------ input format
-def norm_consts(params: dict, channels: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The victim's normalisation (params ``mean``/``std``; the harness passes the victim's)."""
-    mean = torch.tensor(params.get("mean", [0.0]), dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(params.get("std", [1.0]), dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return mean, std
+def norm_consts(mean: Sequence[float], std: Sequence[float], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The victim's normalisation (attack params ``mean``/``std``; the harness passes the victim's) as
+    (1, C, 1, 1) tensors."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return mean_t, std_t
 
 
 def to_input(pix: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,13 @@ def tanh_to_input(t: torch.Tensor, output: str, mean: torch.Tensor, std: torch.T
     if output == "pixels":
         return ((t + 1) * 0.5 - mean) / std
     raise ValueError(f"generator output {output!r}: use one of {GENERATOR_OUTPUTS}")
+
+
+def check_output(output: str) -> str:
+    """``output`` if it is one of :data:`GENERATOR_OUTPUTS`, else ValueError."""
+    if output not in GENERATOR_OUTPUTS:
+        raise ValueError(f"generator output {output!r}: use one of {GENERATOR_OUTPUTS}")
+    return output
 
 
 # -------------------------------------------------------------------------------- proxy data

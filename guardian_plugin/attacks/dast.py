@@ -15,12 +15,16 @@ shared trunk nearest x2 -> Conv3 -> BN -> LeakyReLU -> nearest x2 -> Conv3 -> BN
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from guardian_plugin.attacks.base import ATTACKS, Attack
-from guardian_plugin.attacks.common import norm_consts, to_input
+from guardian_plugin.attacks.base import ATTACKS
+from guardian_plugin.attacks.common import to_input
+from guardian_plugin.attacks.generator import GeneratorAttack, GeneratorParams
 
 
 class DaSTGenerator(nn.Module):
@@ -46,26 +50,45 @@ class DaSTGenerator(nn.Module):
 
 
 @ATTACKS.register("dast")
-class DaST(Attack):
-    name = "dast"
+class DaST(GeneratorAttack):
     label_modes = ("soft", "hard")
 
+    class Params(GeneratorParams):
+        nz: int = 100
+        batch_size: int = 500
+        lr: float = Field(1e-4, description="Adam lr (beta1 0.5) of the generator and the substitute")
+        alpha: float = Field(0.2, description="weight of the generator's branch-label cross-entropy")
+        beta: Optional[float] = Field(None, description="weight of the substitute's MSE on probabilities "
+                                                        "(default 0.1 with soft labels, 0 with hard)")
+
+        @model_validator(mode="after")
+        def _batch_covers_the_branches(self):
+            if self.batch_size < 2 * self.num_classes:  # each class branch normalises its share of the batch
+                raise ValueError(f"dast: batch_size {self.batch_size} must be at least 2 x num_classes "
+                                 f"({2 * self.num_classes}): every class branch's batch norm needs two images")
+            return self
+
     def setup(self):
-        p = self.params
-        c, h, _ = self.image_shape
-        self.num_classes = int(p.get("num_classes", 10))
-        self.nz = int(p.get("nz", 100))
-        self.batch = int(p.get("batch_size", 500))
-        if self.batch < 2 * self.num_classes:  # each class branch normalises its share of the batch
-            raise ValueError(f"dast: batch_size {self.batch} must be at least 2 x num_classes "
-                             f"({2 * self.num_classes}): every class branch's batch norm needs two images")
-        self.alpha = float(p.get("alpha", 0.2))
-        self.beta = float(p.get("beta", 0.1 if self.label_mode == "soft" else 0.0))
-        self.mean, self.std = norm_consts(p, c, self.device)
-        self.generator = DaSTGenerator(self.nz, c, h, self.num_classes, int(p.get("ngf", 64))).to(self.device)
-        lr = float(p.get("lr", 1e-4))
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=(0.5, 0.999))
-        self.opt_s = torch.optim.Adam(self.clone.parameters(), lr=lr, betas=(0.5, 0.999))
+        self.num_classes = self.cfg.num_classes
+        self.alpha = self.cfg.alpha
+        self.beta = self.cfg.beta if self.cfg.beta is not None else (0.1 if self.label_mode == "soft" else 0.0)
+        super().setup()
+
+    def build_generator(self, channels: int, size: int) -> nn.Module:
+        return DaSTGenerator(self.nz, channels, size, self.num_classes, self.cfg.ngf)
+
+    def build_generator_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr, betas=(0.5, 0.999))
+
+    def initial_clone_lr(self) -> float:
+        return self.cfg.lr
+
+    def build_clone_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.lr_s, betas=(0.5, 0.999))
+
+    def to_input(self, pix: torch.Tensor) -> torch.Tensor:
+        """The sigmoid generator's [0, 1] pixels, normalised with the victim's constants."""
+        return to_input(pix, self.mean, self.std)
 
     def _labels(self):
         per = self.batch // self.num_classes
@@ -87,7 +110,7 @@ class DaST(Attack):
     def step(self):
         labels = self._labels()
         self.generator.train()
-        x = to_input(self.generator(self.noise(self.batch, self.nz), labels), self.mean, self.std)
+        x = self.to_input(self.generator(self.z(), labels))
         answers = self.query(x.detach())
         # substitute step on the answered images
         self.clone.train()

@@ -20,52 +20,55 @@ needed when [-1, 1] does not cover the victim's input range, as with MNIST norma
 from __future__ import annotations
 
 import copy
+from typing import List, Literal, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
-from guardian_plugin.attacks.base import ATTACKS, Attack, recover_logits
-from guardian_plugin.attacks.common import norm_consts, tanh_to_input
-from guardian_plugin.nets import GeneratorA
+from guardian_plugin.attacks.base import ATTACKS, recover_logits
+from guardian_plugin.attacks.generator import TanhGeneratorAttack, TanhGeneratorParams
 
 
 @ATTACKS.register("dfme")
-class DFME(Attack):
-    name = "dfme"
+class DFME(TanhGeneratorAttack):
     label_modes = ("soft",)
+    lr_schedule = "steps"
+
+    class Params(TanhGeneratorParams):
+        nz: int = 256
+        batch_size: int = 256
+        m: int = Field(1, description="random directions of the zeroth-order gradient estimate")
+        eps: float = Field(1e-3, description="step of the zeroth-order estimate (pre-tanh)")
+        clone_steps: int = Field(5, description="clone steps per iteration")
+        clone_optimizer: Literal["sgd", "adam"] = Field("sgd", description="`sgd` (as published) or `adam`")
+        lr_s: Optional[float] = Field(None, description="clone lr (default 0.1 with sgd, 1e-3 with adam)")
+        lr_milestones: List[float] = Field([0.1, 0.3, 0.5], description="fractions of the budget where the clone "
+                                                                        "lr is multiplied by 0.3 (`[]`: constant)")
+        checkpoint_every: int = Field(0, description="keep a generator state every this many queries (0: none)")
 
     def setup(self):
-        p = self.params
-        self.nz = int(p.get("nz", 256))
-        self.batch = int(p.get("batch_size", 256))
-        self.m = int(p.get("m", 1))
-        self.eps = float(p.get("eps", 1e-3))
-        self.clone_steps = int(p.get("clone_steps", 5))
-        c, h, _ = self.image_shape
-        self.generator = GeneratorA(self.nz, c, h, int(p.get("ngf", 64))).to(self.device)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
-        self.clone_optimizer = str(p.get("clone_optimizer", "sgd"))
-        self.lr_s = float(p.get("lr_s", 1e-3 if self.clone_optimizer == "adam" else 0.1))
-        if self.clone_optimizer == "sgd":
-            self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4)
-        elif self.clone_optimizer == "adam":
-            self.opt_s = torch.optim.Adam(self.clone.parameters(), lr=self.lr_s)
-        else:
-            raise ValueError(f"clone_optimizer {self.clone_optimizer!r}: use 'sgd' (as published) or 'adam'")
-        # clone lr x0.3 at these fractions of the budget (as published: 10/30/50%, set for budgets of
-        # millions of queries; at 1e5 queries the first decay comes after 40 clone steps)
-        self.milestones = [int(self.budget * float(f)) for f in p.get("lr_milestones", (0.1, 0.3, 0.5))]
-        self.output = str(p.get("output", "normalised"))
-        self.mean, self.std = norm_consts(p, c, self.device)
-        tanh_to_input(torch.zeros(1), self.output, self.mean, self.std)  # validate
-        self.checkpoint_every = int(p.get("checkpoint_every", 0))
+        super().setup()
+        self.m, self.eps, self.clone_steps = self.cfg.m, self.cfg.eps, self.cfg.clone_steps
+        self.checkpoint_every = self.cfg.checkpoint_every
         self.checkpoints = []  # generator state dicts, for the detector's dfme source
         self._next_ckpt = self.checkpoint_every
 
-    def _lr(self):
-        lr = self.lr_s * 0.3 ** sum(self.queries >= m for m in self.milestones)
-        for g in self.opt_s.param_groups:
-            g["lr"] = lr
+    def initial_clone_lr(self) -> float:
+        if self.cfg.lr_s is not None:
+            return self.cfg.lr_s
+        return 1e-3 if self.cfg.clone_optimizer == "adam" else 0.1
+
+    def build_clone_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self.cfg.clone_optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=self.lr_s)
+        return super().build_clone_optimizer(model)
+
+    def milestone_fractions(self):
+        # clone lr x0.3 at these fractions of the budget (as published: 10/30/50%, set for budgets of
+        # millions of queries; at 1e5 queries the first decay comes after 40 clone steps)
+        return self.cfg.lr_milestones
 
     def _disagreement(self, x, victim_logits):
         return F.l1_loss(self.clone(x), victim_logits, reduction="none").flatten(1).mean(1)
@@ -73,14 +76,12 @@ class DFME(Attack):
     def generator_step(self):
         self.generator.train()
         self.clone.eval()
-        z = self.noise(self.batch, self.nz)
-        pre_x = self.generator(z, pre_x=True)
+        pre_x = self.generator(self.z(), pre_x=True)
         x0 = pre_x.detach()
         dim = x0[0].numel()
         u = torch.randn(self.m, *x0.shape, device=self.device)
         u = u / u.flatten(2).norm(dim=2).view(self.m, -1, 1, 1, 1)
-        pts = tanh_to_input(torch.cat([torch.tanh(x0 + self.eps * u).flatten(0, 1), torch.tanh(x0)]),
-                            self.output, self.mean, self.std)
+        pts = self.to_input(torch.cat([torch.tanh(x0 + self.eps * u).flatten(0, 1), torch.tanh(x0)]))
         with torch.no_grad():
             v = recover_logits(self.query(pts))
             loss = -self._disagreement(pts, v)  # the generator maximises disagreement
@@ -98,7 +99,7 @@ class DFME(Attack):
         self.generator.train()
         self.clone.train()
         with torch.no_grad():
-            x = tanh_to_input(self.generator(self.noise(self.batch, self.nz)), self.output, self.mean, self.std)
+            x = self.generate()
         v = recover_logits(self.query(x))
         loss = F.l1_loss(self.clone(x), v)
         self.opt_s.zero_grad()
@@ -106,7 +107,7 @@ class DFME(Attack):
         self.opt_s.step()
 
     def step(self):
-        self._lr()
+        self.update_lr()
         self.generator_step()
         for _ in range(self.clone_steps):
             self.clone_step()
@@ -123,5 +124,4 @@ class DFME(Attack):
         if state_dict is not None:
             g.load_state_dict(state_dict)
         g.train(mode == "train")
-        return torch.cat([tanh_to_input(g(self.noise(min(self.batch, n - i), self.nz)), self.output, self.mean, self.std)
-                          for i in range(0, n, self.batch)])
+        return torch.cat([self.to_input(g(self.z(min(self.batch, n - i)))) for i in range(0, n, self.batch)])

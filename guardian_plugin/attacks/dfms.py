@@ -19,36 +19,35 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from guardian_plugin.attacks.base import ATTACKS, Attack
-from guardian_plugin.attacks.common import (augment_shift, balance_loss, cosine, kl_to_answers, norm_consts,
-                                            pretrain_proxy_gan, set_lr, to_input)
+from guardian_plugin.attacks.common import (augment_shift, balance_loss, cosine, kl_to_answers, norm_consts, set_lr,
+                                            to_input)
+from guardian_plugin.attacks.generator import ProxyGANParams, proxy_gan
 
 
 @ATTACKS.register("dfms")
 class DFMS(Attack):
-    name = "dfms"
     label_modes = ("hard", "soft")
+
+    class Params(ProxyGANParams):
+        balance_weight: float = Field(500.0, description="weight of the class-balance term of the generator loss")
+        shift: int = Field(2, description="random shifts of up to this many pixels (augmentation)")
+        lr_s: float = Field(0.1, description="student SGD lr (momentum 0.9, wd 5e-4), cosine schedule")
+        lr_g: float = Field(2e-4, description="generator Adam lr (beta1 0.5)")
+        lr_d: float = Field(2e-4, description="discriminator Adam lr (beta1 0.5)")
 
     def __init__(self, *args, label_mode: str = "hard", **kw):
         super().__init__(*args, label_mode=label_mode, **kw)
 
     def setup(self):
-        p = self.params
-        c, h, _ = self.image_shape
-        self.nz = int(p.get("nz", 100))
-        self.batch = int(p.get("batch_size", 256))
-        self.lam = float(p.get("balance_weight", 500.0))
-        self.shift = int(p.get("shift", 2))
-        self.lr_s = float(p.get("lr_s", 0.1))
-        self.mean, self.std = norm_consts(p, c, self.device)
-        self.generator, self.disc, real = pretrain_proxy_gan(
-            str(p.get("proxy", "photos")), h, c, nz=self.nz, width=int(p.get("gan_width", 32)),
-            steps=int(p.get("gan_steps", 1000)), n_images=int(p.get("proxy_images", 4000)),
-            seed=int(p.get("gan_seed", 0)), cache_dir=p.get("cache_dir"), device=self.device, progress=self.progress)
-        self.real = real
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 2e-4)), betas=(0.5, 0.999))
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=float(p.get("lr_d", 2e-4)), betas=(0.5, 0.999))
+        p = self.cfg
+        self.nz, self.batch, self.lam, self.shift, self.lr_s = p.nz, p.batch_size, p.balance_weight, p.shift, p.lr_s
+        self.mean, self.std = norm_consts(p.mean, p.std, self.device)
+        self.generator, self.disc, self.real = proxy_gan(self)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=p.lr_g, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=p.lr_d, betas=(0.5, 0.999))
         self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4)
 
     def clone_loss(self, logits, answers):

@@ -19,43 +19,36 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from guardian_plugin.attacks.base import ATTACKS, Attack
-from guardian_plugin.attacks.common import balance_loss, fresh_copy, norm_consts, tanh_to_input
-from guardian_plugin.nets import GeneratorA
+from guardian_plugin.attacks.base import ATTACKS
+from guardian_plugin.attacks.common import balance_loss
+from guardian_plugin.attacks.generator import TanhGeneratorAttack, TanhGeneratorParams
 
 
 @ATTACKS.register("disguide")
-class DisGUIDE(Attack):
-    name = "disguide"
+class DisGUIDE(TanhGeneratorAttack):
     label_modes = ("soft", "hard")
+    students = 2
+
+    class Params(TanhGeneratorParams):
+        nz: int = 256
+        batch_size: int = 256
+        lr_s: float = Field(0.03, description="clone SGD lr, both clones (momentum 0.9, wd 5e-4)")
+        replay_batches: int = Field(3, description="replayed batches per iteration (no query)")
+        balance_weight: float = Field(0.2, description="weight of the class-balance term of the generator loss")
+        gen_steps: int = Field(1, description="generator steps per iteration")
 
     def setup(self):
-        p = self.params
-        c, h, _ = self.image_shape
-        self.nz = int(p.get("nz", 256))
-        self.batch = int(p.get("batch_size", 256))
-        self.replay_batches = int(p.get("replay_batches", 3))
-        self.lam = float(p.get("balance_weight", 0.2))
-        self.gen_steps = int(p.get("gen_steps", 1))
-        self.other = fresh_copy(self.clone, self.seed + 1000).to(self.device)
-        self.generator = GeneratorA(self.nz, c, h, int(p.get("ngf", 64))).to(self.device)
-        self.output = str(p.get("output", "normalised"))
-        self.mean, self.std = norm_consts(p, c, self.device)
-        tanh_to_input(torch.zeros(1), self.output, self.mean, self.std)  # validate
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
-        lr = float(p.get("lr_s", 0.03))
-        self.opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-                     for m in (self.clone, self.other)]
-
-    def to_input(self, t):
-        return tanh_to_input(t, self.output, self.mean, self.std)
+        super().setup()
+        self.replay_batches, self.lam, self.gen_steps = (self.cfg.replay_batches, self.cfg.balance_weight,
+                                                         self.cfg.gen_steps)
 
     def generator_step(self):
         self.generator.train()
         self.clone.eval()
         self.other.eval()
-        x = self.to_input(self.generator(self.noise(self.batch, self.nz)))
+        x = self.generate()
         probs = torch.stack([F.softmax(self.clone(x), 1), F.softmax(self.other(x), 1)])  # (2, B, K)
         disagreement = probs.std(0).sum(1).mean()
         loss = -disagreement + self.lam * balance_loss(probs.mean(0))
@@ -64,7 +57,7 @@ class DisGUIDE(Attack):
         self.opt_g.step()
 
     def clone_update(self, x, answers):
-        for model, opt in zip((self.clone, self.other), self.opts):
+        for model, opt in zip(self.clones, self.opts):
             model.train()
             loss = self.clone_loss(model(x), answers)
             opt.zero_grad()
@@ -76,7 +69,7 @@ class DisGUIDE(Attack):
             self.generator_step()
         self.generator.eval()
         with torch.no_grad():
-            x = self.to_input(self.generator(self.noise(self.batch, self.nz)))
+            x = self.generate()
         self.clone_update(x, self.query(x))
         for _ in range(self.replay_batches):
             self.clone_update(*self.memory.sample(self.batch, self.device))

@@ -15,36 +15,30 @@ Queries per iteration: batch * ((m + 1) + clone_steps - 1) = 1920. Soft labels o
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from guardian_plugin.attacks.base import ATTACKS, Attack
-from guardian_plugin.attacks.common import cosine, kl_to_answers, norm_consts, set_lr, tanh_to_input
-from guardian_plugin.nets import GeneratorA
+from guardian_plugin.attacks.base import ATTACKS
+from guardian_plugin.attacks.common import kl_to_answers
+from guardian_plugin.attacks.generator import TanhGeneratorAttack, TanhGeneratorParams
 
 
 @ATTACKS.register("maze")
-class MAZE(Attack):
-    name = "maze"
+class MAZE(TanhGeneratorAttack):
     label_modes = ("soft",)
+    lr_schedule = "cosine"
+
+    class Params(TanhGeneratorParams):
+        nz: int = 100
+        batch_size: int = 128
+        m: int = Field(10, description="random directions of the zeroth-order gradient estimate")
+        eps: float = Field(1e-3, description="step of the zeroth-order estimate (pre-tanh)")
+        clone_steps: int = Field(5, description="clone KL steps per iteration (the first on the ZO batch)")
+        replay_steps: int = Field(10, description="extra clone steps on replayed answers per iteration (no query)")
 
     def setup(self):
-        p = self.params
-        self.nz = int(p.get("nz", 100))
-        self.batch = int(p.get("batch_size", 128))
-        self.m = int(p.get("m", 10))
-        self.eps = float(p.get("eps", 1e-3))
-        self.clone_steps = int(p.get("clone_steps", 5))
-        self.replay_steps = int(p.get("replay_steps", 10))
-        self.lr_s = float(p.get("lr_s", 0.1))
-        c, h, _ = self.image_shape
-        self.generator = GeneratorA(self.nz, c, h, int(p.get("ngf", 64))).to(self.device)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=float(p.get("lr_g", 1e-4)))
-        self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4)
-        self.output = str(p.get("output", "normalised"))
-        self.mean, self.std = norm_consts(p, c, self.device)
-        tanh_to_input(torch.zeros(1), self.output, self.mean, self.std)  # validate
-
-    def to_input(self, t):
-        return tanh_to_input(t, self.output, self.mean, self.std)
+        super().setup()
+        self.m, self.eps = self.cfg.m, self.cfg.eps
+        self.clone_steps, self.replay_steps = self.cfg.clone_steps, self.cfg.replay_steps
 
     def clone_loss(self, logits, answers):
         return kl_to_answers(logits, answers)
@@ -57,7 +51,7 @@ class MAZE(Attack):
         """One ZO step; returns the unperturbed images and their answers for the first clone step."""
         self.generator.train()
         self.clone.eval()
-        pre_x = self.generator(self.noise(self.batch, self.nz), pre_x=True)
+        pre_x = self.generator(self.z(), pre_x=True)
         x0 = pre_x.detach()
         dim = x0[0].numel()
         u = torch.randn(self.m, *x0.shape, device=self.device)
@@ -83,13 +77,13 @@ class MAZE(Attack):
         self.opt_s.step()
 
     def step(self):
-        set_lr(self.opt_s, cosine(self.lr_s, self.queries, self.budget))
+        self.update_lr()
         x, probs = self.generator_step()
         self._clone_update(x, probs)
         self.generator.eval()
         for _ in range(self.clone_steps - 1):
             with torch.no_grad():
-                x = self.to_input(self.generator(self.noise(self.batch, self.nz)))
+                x = self.generate()
             self._clone_update(x, self.query(x))
         for _ in range(self.replay_steps):  # experience replay: no new queries
             self._clone_update(*self.memory.sample(self.batch, self.device))

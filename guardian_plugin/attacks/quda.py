@@ -26,8 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from guardian_plugin.attacks.base import ATTACKS, Attack
-from guardian_plugin.attacks.common import cosine, kl_to_answers, norm_consts, pretrain_proxy_gan, set_lr, to_input
+from guardian_plugin.attacks.common import cosine, kl_to_answers, norm_consts, set_lr, to_input
+from guardian_plugin.attacks.generator import ProxyGANParams, proxy_gan
 
 
 class LatentPolicy(nn.Module):
@@ -45,28 +48,26 @@ class LatentPolicy(nn.Module):
 
 @ATTACKS.register("quda")
 class QUDA(Attack):
-    name = "quda"
     label_modes = ("soft", "hard")
 
+    class Params(ProxyGANParams):
+        candidates: int = Field(4, description="candidate batches drawn per batch sent (the most uncertain is sent)")
+        sigma: float = Field(0.5, description="std of the Gaussian latent policy")
+        replay_batches: int = Field(3, description="replayed batches per iteration (no query)")
+        lr_s: float = Field(0.05, description="clone SGD lr (momentum 0.9, wd 5e-4), cosine schedule")
+        lr_policy: float = Field(1e-3, description="latent policy Adam lr")
+
     def setup(self):
-        p = self.params
-        c, h, _ = self.image_shape
-        self.nz = int(p.get("nz", 100))
-        self.batch = int(p.get("batch_size", 256))
-        self.candidates = int(p.get("candidates", 4))
-        self.sigma = float(p.get("sigma", 0.5))
-        self.replay_batches = int(p.get("replay_batches", 3))
-        self.lr_s = float(p.get("lr_s", 0.05))
-        self.mean, self.std = norm_consts(p, c, self.device)
-        self.generator, _, _ = pretrain_proxy_gan(
-            str(p.get("proxy", "photos")), h, c, nz=self.nz, width=int(p.get("gan_width", 32)),
-            steps=int(p.get("gan_steps", 1000)), n_images=int(p.get("proxy_images", 4000)),
-            seed=int(p.get("gan_seed", 0)), cache_dir=p.get("cache_dir"), device=self.device, progress=self.progress)
+        p = self.cfg
+        self.nz, self.batch, self.candidates, self.sigma = p.nz, p.batch_size, p.candidates, p.sigma
+        self.replay_batches, self.lr_s = p.replay_batches, p.lr_s
+        self.mean, self.std = norm_consts(p.mean, p.std, self.device)
+        self.generator, _, _ = proxy_gan(self)
         self.generator.eval()
         for q in self.generator.parameters():
             q.requires_grad_(False)
         self.policy = LatentPolicy(self.nz).to(self.device)
-        self.opt_p = torch.optim.Adam(self.policy.parameters(), lr=float(p.get("lr_policy", 1e-3)))
+        self.opt_p = torch.optim.Adam(self.policy.parameters(), lr=p.lr_policy)
         self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4)
         self.rewards = []  # mean reward per iteration (what the policy sees)
 

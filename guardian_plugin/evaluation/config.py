@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from guardian_plugin.config import (DEFAULT_WINDOW, DEFAULT_WINDOW_RHO, DistributionConfig, ProbationConfig, QuotaConfig,
                                     read_yaml, validate)
@@ -137,6 +137,27 @@ class EvalConfig(_Strict):
     detection_samples: int = Field(5, ge=1)    # windows recorded along each no-defense query stream
     cache_dir: str = ".cache/attacks"
     attacks: List[AttackSpec]
+
+    @field_validator("attacks")
+    @classmethod
+    def _attack_params(cls, v: List[AttackSpec], info: ValidationInfo):
+        """Every attack's ``params`` checked against the attack's declared parameters, with what the
+        harness adds (the victim's mean, std and classes, the cache), so a misspelt or mistyped key
+        fails here, before anything runs."""
+        from guardian_plugin.attacks.base import ATTACKS
+
+        victim = info.data.get("victim")
+        given = {"cache_dir": info.data.get("cache_dir")}
+        if victim is not None:
+            given.update(mean=victim.mean, std=victim.std, num_classes=victim.num_classes)
+        for i, a in enumerate(v):
+            try:
+                ATTACKS.check(a.attack, {**given, **a.params})
+            except KeyError as e:
+                raise ValueError(f"attacks[{i}].attack: {e.args[0]}") from None
+            except ValueError as e:
+                raise ValueError(f"attacks[{i}].params (id {a.id!r}): {e}") from None
+        return v
 
     @field_validator("configurations")
     @classmethod

@@ -31,95 +31,18 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from guardian_plugin.attacks.base import build_attack
-from guardian_plugin.attacks.target import InProcessTarget, QueryRefused
+from guardian_plugin.attacks.target import EvalTarget, QueryRefused
 from guardian_plugin.evaluation.config import EvalConfig
 from guardian_plugin.responses import DPreds, Passthrough
 
 DETECTOR_CONFIGS = ("model_guardian", "detector_only", "raw_detector", "defense_in_depth")
-
-
-# ------------------------------------------------------------------------------------- target
-class EvalTarget(InProcessTarget):
-    """:class:`InProcessTarget` plus what the harness measures and what attackers may do:
-
-    - ``always``: a response policy applied to every row (DPreds-only configuration);
-    - ``flags``: one byte per answered query, 1 when the detector flagged it;
-    - ``rotate_identity()``: continue as a new client id (the target side of id rotation);
-    - ``record``: copies of the queries at given offsets of the stream (Table II windows).
-    """
-
-    def __init__(self, victim: nn.Module, num_classes: int, guardian=None, always=None, client_id: str = "attacker",
-                 device="cpu", quantize: bool = False, mean=None, std=None, record_starts=(), record_len: int = 0):
-        super().__init__(victim, num_classes, guardian, client_id, device, quantize, mean, std)
-        self.always = always
-        self.base_id = client_id
-        self.identities = 1
-        self.flags = bytearray()
-        self.stop_status: Optional[int] = None  # 403 refused / 429 quota: why the target stopped answering
-        self.probation_answers = 0
-        self.suspect_answers = 0
-        self.dpreds_answers = 0  # answers changed by the response policy (DPreds), probation not included
-        self.last_probation_query = 0  # 1-based index of the last query answered on probation (0: none)
-        self._starts = sorted(set(int(s) for s in record_starts))
-        self._len = int(record_len)
-        self.recorded: Dict[int, List[torch.Tensor]] = {s: [] for s in self._starts}
-
-    def rotate_identity(self) -> str:
-        self.identities += 1
-        self.client_id = f"{self.base_id}#{self.identities}"
-        return self.client_id
-
-    def _record(self, x: torch.Tensor, first: int) -> None:
-        last = first + x.shape[0]
-        for s in self._starts:
-            lo, hi = max(s, first), min(s + self._len, last)
-            if lo < hi:
-                self.recorded[s].append(x[lo - first:hi - first].detach().cpu().clone())
-
-    def recorded_windows(self) -> List[torch.Tensor]:
-        return [torch.cat(v) for v in self.recorded.values() if v]
-
-    @torch.no_grad()
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().to(self.device)
-        b = x.shape[0]
-        if self.quantize:
-            pix = (x * self.std + self.mean).clamp(0, 1)
-            x = ((pix * 255).round() / 255 - self.mean) / self.std
-        admitted = None
-        if self.guardian is not None:
-            # a batch is answered whole or not at all: one denied row (refused, or over the quota) denies it
-            admitted = self.guardian.admit_clients([self.client_id] * b)
-            denied = next((a.denial for a in admitted if not a.ok), None)
-            if denied is not None:
-                if self.refused_at is None:
-                    self.refused_at, self.stop_status = self.queries, denied.status
-                raise QueryRefused(self.client_id, status=denied.status, retry_after=denied.retry_after)
-        self._record(x, self.queries)
-        self.queries += b
-        probs = torch.softmax(self.victim(x), 1)
-        if self.always is not None:
-            probs = self.always(probs, torch.ones(b, dtype=torch.bool, device=probs.device))
-            self.dpreds_answers += b
-        if self.guardian is None:
-            return probs
-        r = self.guardian.inspect(x, probs, admitted)
-        self.flagged += sum(r.detected)
-        self.flags.extend(bytes(int(v) for v in r.detected))
-        self.probation_answers += sum(r.probation)
-        self.dpreds_answers += sum(d and not p for d, p in zip(r.deceived, r.probation))
-        for k, on in enumerate(r.probation):
-            if on:
-                self.last_probation_query = self.queries - b + k + 1
-        self.suspect_answers += sum(f and not d for f, d in zip(r.flagged, r.detected))
-        return r.probs
 
 
 # ------------------------------------------------------------------------------------ loading
