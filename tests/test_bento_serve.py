@@ -285,6 +285,30 @@ def test_metrics_endpoint_has_the_guard_counters(server):
     assert value("guardian_guard_seconds_count", api="classify", service="mnist_guarded") >= 47
 
 
+def test_distribution_test_refuses_a_generator_the_detector_does_not_flag(server, env):
+    """An untrained generator in BatchNorm eval mode through the HTTP QueryTarget (16 images a request):
+    the example detector flags almost none of its images, but the distribution test (on by default:
+    the artifact has reference.json; blocks of 200) fails its first block, its queries then count as
+    flagged, and the sliding window (30% of the last 200, the default) refuses it."""
+    from bento.client import BentoTarget
+    from guardian_plugin.attacks.target import QueryRefused
+    from guardian_plugin.nets import GeneratorA
+
+    torch.manual_seed(21)
+    with torch.no_grad():
+        x = GeneratorA(256, 1, 28, 64).eval()(torch.randn(600, 256))  # tanh output = normalised input (DFME)
+    target = BentoTarget(server.url, client_id="bn-eval")
+    for i in range(0, 600, 16):
+        try:
+            target.query(x[i:i + 16])
+        except QueryRefused:
+            break
+    queries, flagged, refused = _ledger(env["ledger"], "bn-eval")
+    assert refused == 1 and 200 < target.refused_at <= 300, target.refused_at
+    # counted as flagged: the detector's own flags in the first block (few) + every query after it
+    assert queries - 208 <= flagged <= queries - 208 + 10, (queries, flagged)
+
+
 def test_attacker_is_refused_and_stays_refused_in_the_built_bento(server, oracle, env):
     """A DFME-style client through the HTTP QueryTarget: refused once tau queries are mostly flagged,
     403 with a JSON reason from then on, also after the server is replaced by the built Bento."""

@@ -2,8 +2,8 @@
 victim and detector, one SQLite ledger shared by all workers.
 
 One server for the module: the unprotected example archive (top-10 probabilities) and its
-`guardian protect`ed copies with a quota of 5 queries a day (2 workers) and with probation for 3
-queries; TorchServe's MNIST-example style label-only archive (postprocess: argmax label) and its
+`guardian protect`ed copies with a quota of 5 queries a day (2 workers), with probation for 3
+queries, and with the distribution test in blocks of 40 (the artifact's reference.json); TorchServe's MNIST-example style label-only archive (postprocess: argmax label) and its
 protected copy with ``response: {label_only: topk, k: 2}``.
 """
 
@@ -29,7 +29,7 @@ from guardian_plugin.handlers.archive import protect  # noqa: E402
 from guardian_plugin.ledger import open_ledger  # noqa: E402
 from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
 
-QUOTA, PROBATION, K_TOP = 5, 3, 2
+QUOTA, PROBATION, K_TOP, DIST_BLOCK = 5, 3, 2, 40
 WORKERS, BATCH, DELAY_MS = 2, 8, 50
 GUARDIAN = os.path.join(os.path.dirname(sys.executable), "guardian")
 
@@ -53,13 +53,16 @@ def served(tmp_path_factory):
             config=_guard(w / "quota.yaml", ledger, "quota", quota={"queries": QUOTA, "period": "1d"}))
     protect(soft, ex.DETECTOR, os.path.join(store, "prob_g.mar"),
             config=_guard(w / "prob.yaml", ledger, "prob", probation={"queries": PROBATION}))
+    protect(soft, ex.DETECTOR, os.path.join(store, "dist_g.mar"),
+            config=_guard(w / "dist.yaml", ledger, "dist", distribution={"enabled": True, "block": DIST_BLOCK}))
     labels = build_archive("labels", ex.VICTIM_TS, ex.MNIST_LABEL_HANDLER, store)
     protect(labels, ex.DETECTOR, os.path.join(store, "labels_g.mar"),
             config=_guard(w / "labels.yaml", ledger, "labels", rule={"tau": 1000},
                           response={"label_only": "topk", "k": K_TOP}))
     ts = TorchServe(store, str(w / "server")).start()
     try:
-        for name, workers in {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "labels": 1, "labels_g": 1}.items():
+        for name, workers in {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "dist_g": 1, "labels": 1,
+                              "labels_g": 1}.items():
             ts.register(f"{name}.mar", name, workers=workers, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
     except Exception:
         print(ts.log_tail(80))
@@ -132,6 +135,38 @@ def test_concurrent_clients_two_workers_never_exceed_the_quota_ledger_equals_ans
     for (_, _), r in zip(jobs, rs):
         if r.status_code == 429:
             _check_429(r)
+
+
+def test_distribution_test_catches_what_the_detector_does_not_flag(served):
+    """An untrained generator in BatchNorm eval mode: the per-sample detector flags none of its images,
+    but its first block of 40 fails the distribution test, after which its answers are DPreds and its
+    queries count as flagged, so the refusal rule refuses it. Real digits from another client pass."""
+    ts = served["ts"]
+    digits, _ = ex.real_digits(DIST_BLOCK * 2)
+    for i, d in enumerate(digits):
+        r = post(ts, "dist_g", d, "d-benign")
+        assert r.status_code == 200, r.text
+    fakes = ex.generator_images(DIST_BLOCK, seed=11, bn_eval=True)
+    plain = [dict(ex.topk(post(ts, "mnist", f, "d-plain"))) for f in fakes]  # the unprotected answers
+    codes, answers = [], {}
+    for i in range(DIST_BLOCK * 3):
+        r = post(ts, "dist_g", fakes[i % DIST_BLOCK], "d-bn-eval")
+        codes.append(r.status_code)
+        if r.status_code == 200:
+            answers[i] = dict(ex.topk(r))
+    led = open_ledger(served["ledger"], RefusalRule(), "dist")
+    s = led.get("d-bn-eval")
+    assert s.flagged >= s.queries - DIST_BLOCK  # every query after the first block counted as flagged
+    # refused once flagged / queries > 1/2 (the cumulative rule): at query 2 x block + 1
+    assert s.refused and s.refused_at_query == 2 * DIST_BLOCK + 1, s
+    assert codes == [200] * s.refused_at_query + [403] * (len(codes) - s.refused_at_query)
+    # the first block: the model's own answers (not flagged); after it: DPreds, p' = (p + d) / (1 + K d)
+    assert all(answers[i] == plain[i] for i in range(DIST_BLOCK))
+    for i in range(DIST_BLOCK, s.refused_at_query):
+        p = plain[i % DIST_BLOCK]
+        assert set(answers[i]) == set(p) and all(abs(answers[i][k] - (p[k] + 0.5) / 6.0) < 1e-4 for k in p), i
+    b = led.get("d-benign")
+    assert not b.refused and b.flagged <= 2, b  # the detector's own false positives at most
 
 
 def _unflagged(digits):

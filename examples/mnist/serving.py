@@ -35,14 +35,15 @@ def real_digits(n: int, offset: int = 0):
     return [png(x[i, 0]) for i in range(offset, offset + n)], [int(v) for v in y[offset:offset + n]]
 
 
-def generator_images(n: int, seed: int = 0) -> list:
+def generator_images(n: int, seed: int = 0, bn_eval: bool = False) -> list:
     """PNG bytes of DFME-generator (GeneratorA) outputs, mapped from the victim's normalised space to
-    8-bit pixels as an attacker's HTTP client sends them."""
+    8-bit pixels as an attacker's HTTP client sends them. ``bn_eval``: the untrained generator with its
+    BatchNorm layers in eval mode (images the per-sample detector does not flag)."""
     from guardian_plugin.nets import GeneratorA
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    gen = GeneratorA(nz=256, channels=1, size=28).train()
+    gen = GeneratorA(nz=256, channels=1, size=28).train(not bn_eval)
     with torch.no_grad():
         x = gen(torch.randn(max(n, 2), 256, generator=g))[:n]
     pix = (x * MNIST_STD[0] + MNIST_MEAN[0]).clamp(0, 1)
