@@ -181,15 +181,44 @@ def build_classifier(arch: str, **kw) -> nn.Module:
     return CLASSIFIERS.get(arch)(**kw)
 
 
+# What each architecture can take, next to it: ``supports(size, channels, **arch_params)`` returns None or
+# why not (checked by ``guardian train-detector --check`` before anything is trained). ``dry_build = False``
+# marks factories that load weights when built, which the check must not build on the meta device.
+_lenet.supports = lambda size, channels, **_: (None if size >= 4 else
+                                               f"LeNet-5 pools twice by 2 and needs at least 4 px, not {size}")
+_effnet_lite0_head.supports = lambda size, channels, **_: (
+    None if channels in (1, 3) else f"effnet_lite0_head takes 1- or 3-channel inputs, not {channels}")
+_effnet_lite0_head.dry_build = False
+
+
+def _cifar_supports(size, channels, pretrained=False, **_):
+    if pretrained and channels != 3:
+        return f"the pretrained CIFAR ResNet checkpoints take 3 channels, not {channels}"
+    return None
+
+
+for _depth in (20, 32, 44, 56):
+    CLASSIFIERS.get(f"cifar_resnet{_depth}").supports = _cifar_supports
+    CLASSIFIERS.get(f"cifar_resnet{_depth}").dry_build = False  # pretrained=True loads a checkpoint
+
+
 # ----------------------------------------------------------------------------------------- GANs
 class DCGANGenerator(nn.Module):
     """DCGAN-style generator for ``size`` in {28, 32, 64}: transposed convolutions (the upsampling
     whose checkerboard artefacts the detector learns). Output in [0, 1] pixel space."""
 
+    SIZES = (28, 32, 64)  # the layouts below; train-detector's check reads them (supports)
+
+    @classmethod
+    def supports(cls, size: int) -> str | None:
+        """None when ``size`` is one of :attr:`SIZES`, else why not."""
+        return None if size in cls.SIZES else (f"the DCGAN generator supports {', '.join(map(str, cls.SIZES[:-1]))} "
+                                               f"or {cls.SIZES[-1]} px, not {size}")
+
     def __init__(self, nz: int = 64, channels: int = 1, size: int = 28, width: int = 64):
         super().__init__()
-        if size not in (28, 32, 64):
-            raise ValueError(f"DCGANGenerator supports 28, 32 or 64 px, got {size}")
+        if self.supports(size):
+            raise ValueError(f"DCGANGenerator: {self.supports(size)}")
         self.nz, self.size = nz, size
         s0 = 7 if size == 28 else 4 if size == 32 else 8
         self.s0 = s0
@@ -231,6 +260,11 @@ class DCGANDiscriminator(nn.Module):
 class GeneratorA(nn.Module):
     """The DFME / DisGUIDE / Dual Students generator ("GeneratorA"): nearest-neighbour upsampling and
     convolutions, tanh output in [-1, 1] fed to the victim as an already-normalised input."""
+
+    @staticmethod
+    def supports(size: int) -> str | None:
+        """Two 2x nearest upsamplings from ``size // 4``: the output is ``size`` px only for multiples of 4."""
+        return None if size % 4 == 0 and size >= 4 else f"GeneratorA needs a size that is a multiple of 4, not {size}"
 
     def __init__(self, nz: int = 256, channels: int = 1, size: int = 28, ngf: int = 64):
         super().__init__()

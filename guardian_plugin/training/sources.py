@@ -126,6 +126,156 @@ def folder_source(ctx: SourceContext, n: int, path: str = "", **_) -> np.ndarray
 dfme_source.uses_victim = True  # the others never touch ctx.victim: their cache keys leave it out
 
 
+# ------------------------------------------------------------------------------ up-front checks
+# ``guardian train-detector`` checks the config before it loads data (training/validate.py). Each source
+# says, next to its code, what it supports and what it will hold in memory:
+#   supports(size, channels) -> None or why not (the image formats the source can generate)
+#   check(params, cfg) -> [(field under sources.NAME, problem)]   (its settings; cfg is the TrainConfig)
+#   estimate(n, params, cfg) -> ([(what, bytes)], [notes])     (the largest things it holds at once)
+def dry_parameters(factory) -> int:
+    """Parameters of the module ``factory()`` builds, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in factory().parameters())
+
+
+def _f32(*shape) -> int:
+    return 4 * int(np.prod(shape))
+
+
+_DFME_SOURCE_KEYS = ("budget", "checkpoints", "runs", "variants", "batch_size", "clone_arch", "eval_share")
+
+
+def _dfme_settings(params: dict, cfg):
+    """(source-level settings, [DFME.Params per variant]) as dfme_source would run them."""
+    from guardian_plugin.attacks.dfme import DFME
+
+    src = {"budget": 15_000, "checkpoints": 5, "runs": 1, "variants": None, "batch_size": 128, "clone_arch": "lenet5",
+           "eval_share": 0.25, **{k: v for k, v in params.items() if k in _DFME_SOURCE_KEYS}}
+    rest = {k: v for k, v in params.items() if k not in _DFME_SOURCE_KEYS}
+    variants = src["variants"] or [{}]
+    return src, [DFME.check_params({**rest, **v, "batch_size": src["batch_size"], "mean": list(cfg.mean),
+                                    "std": list(cfg.std)}) for v in variants]
+
+
+def _dfme_supports(size: int, channels: int):
+    from guardian_plugin.nets import GeneratorA
+
+    return GeneratorA.supports(size)
+
+
+def _dfme_check(params: dict, cfg):
+    from guardian_plugin.nets import CLASSIFIERS
+
+    out = []
+    if cfg.victim is None:
+        out.append(("", "the dfme source attacks the victim: add `victim:` (arch, num_classes, weights) to the config"))
+    variants = params.get("variants")
+    if variants is not None and not (isinstance(variants, list) and all(isinstance(v, dict) for v in variants)):
+        return out + [("params.variants", f"must be a list of mappings of DFME settings, got {variants!r}")]
+    try:
+        src, _ = _dfme_settings(params, cfg)
+    except Exception as e:  # AttackParamError: unknown or bad DFME setting
+        return out + [("params", str(e))]
+    for k in ("budget", "checkpoints", "runs", "batch_size"):
+        if not isinstance(src[k], int) or isinstance(src[k], bool) or src[k] < 1:
+            out.append((f"params.{k}", f"must be a positive integer, got {src[k]!r}"))
+    arch = src["clone_arch"]
+    if arch not in CLASSIFIERS:
+        out.append(("params.clone_arch", f"unknown architecture {arch!r}; known: {', '.join(CLASSIFIERS)}"))
+    elif CLASSIFIERS.unsupported(arch, cfg.size, cfg.channels):
+        out.append(("params.clone_arch", CLASSIFIERS.unsupported(arch, cfg.size, cfg.channels)))
+    return out
+
+
+def _dfme_estimate(n: int, params: dict, cfg):
+    """Every attack (runs x variants) stays alive until sampling: its generator with Adam's two moments
+    and a gradient, its initial state and ``checkpoints`` deep-copied state dicts, its clone (SGD with
+    momentum) and its replay buffer of answered queries (min(memory, budget) float32 rows)."""
+    from guardian_plugin.nets import CLASSIFIERS, GeneratorA, build_classifier
+
+    src, ps = _dfme_settings(params, cfg)
+    c, s, k = cfg.channels, cfg.size, cfg.victim.num_classes if cfg.victim else 10
+    attacks = src["runs"] * len(ps)
+    gens = [dry_parameters(lambda p=p: GeneratorA(p.nz, c, s, p.ngf)) for p in ps]
+    first = [p.nz * p.ngf * 2 * (s // 4) ** 2 for p in ps]
+    clone = (dry_parameters(lambda: build_classifier(src["clone_arch"], in_channels=c, num_classes=k, image_size=s))
+             if getattr(CLASSIFIERS.get(src["clone_arch"]), "dry_build", True) else 0)
+    states = 1 + src["checkpoints"]
+    big = max(ps, key=lambda p: p.ngf)
+    pieces = [
+        (f"dfme generators: {attacks} attack(s) x ({states} kept states + weights, gradient, Adam)",
+         src["runs"] * sum(4 * g * (states + 4) for g in gens)),
+        (f"dfme replay buffers ({attacks} x min(memory, budget) rows of {c}x{s}x{s})",
+         src["runs"] * sum(_f32(min(p.memory, src["budget"]), c * s * s + k) for p in ps)),
+        (f"dfme clones ({src['clone_arch']}, {attacks} x weights, gradient, momentum)", attacks * 3 * 4 * clone),
+        (f"dfme generator activations (one batch of {src['batch_size']})",
+         _f32(src["batch_size"], s, s, 7 * big.ngf + 3 * c)),
+        (f"dfme samples ({n} float32 images)", _f32(n, c, s, s)),
+    ]
+    notes = [f"dfme GeneratorA: {max(gens) / 1e6:.1f}M parameters ({max(first) / 1e6:.1f}M in its first Linear, "
+             f"nz x 2 ngf x (size/4)^2); {attacks} attack(s) x {states} states kept"]
+    return pieces, notes
+
+
+def _gan_supports(size: int, channels: int):
+    from guardian_plugin.nets import DCGANGenerator
+
+    return DCGANGenerator.supports(size)
+
+
+def _positive_ints(params: dict, keys) -> list:
+    return [(f"params.{k}", f"must be a positive integer, got {params[k]!r}") for k in keys
+            if k in params and (not isinstance(params[k], int) or isinstance(params[k], bool) or params[k] < 1)]
+
+
+def _known(params: dict, known) -> list:
+    unknown = sorted(set(params) - set(known))
+    return [("params", f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")] if unknown else []
+
+
+def _gan_check(params: dict, cfg):
+    return (_known(params, ("epochs", "width", "nz", "batch_size", "lr"))
+            + _positive_ints(params, ("epochs", "width", "nz", "batch_size")))
+
+
+def _diffusion_check(params: dict, cfg):
+    out = (_known(params, ("steps", "width", "sample_steps", "batch_size", "lr"))
+           + _positive_ints(params, ("steps", "width", "sample_steps", "batch_size")))
+    w = params.get("width", 16)
+    if isinstance(w, int) and w % 8:
+        out.append(("params.width", f"the UNet normalises in groups of 8 channels: width must be a multiple of 8, got {w}"))
+    return out
+
+
+def _diffusion_estimate(n: int, params: dict, cfg):
+    from guardian_plugin.training.diffusion import _pad_size
+
+    c, pad, w, b = cfg.channels, _pad_size(cfg.size), params.get("width", 16), params.get("batch_size", 64)
+    return ([(f"diffusion UNet activations (batch {b} at {pad} px, rough)", _f32(b, w, pad, pad, 12)),
+             (f"diffusion samples ({n} float32 images)", _f32(n, c, cfg.size, cfg.size))],
+            [f"diffusion: images padded to {pad} px; attention over {(pad // 4) ** 2} positions"])
+
+
+def _folder_check(params: dict, cfg):
+    import os
+
+    path = params.get("path", "")
+    if not path:
+        return [("params.path", "the folder source needs `path:` (a directory of images)")]
+    if not os.path.isdir(path):
+        return [("params.path", f"{path} is not a directory (relative paths are taken from the working directory "
+                                f"{os.getcwd()})")]
+    return []
+
+
+dfme_source.supports, dfme_source.check, dfme_source.estimate = _dfme_supports, _dfme_check, _dfme_estimate
+gan_source.supports, gan_source.check = _gan_supports, _gan_check
+gan_source.estimate = lambda n, params, cfg: ([(f"gan samples ({n} float32 images)",
+                                                 _f32(n, cfg.channels, cfg.size, cfg.size))], [])
+diffusion_source.check, diffusion_source.estimate = _diffusion_check, _diffusion_estimate
+folder_source.check = _folder_check
+
+
 def build_source(kind: str) -> Callable[..., np.ndarray]:
     return SOURCES.get(kind)
 
@@ -133,3 +283,6 @@ def build_source(kind: str) -> Callable[..., np.ndarray]:
 def uses_victim(kind: str) -> bool:
     """Whether a source's images depend on the victim (its cache key must then include the victim)."""
     return bool(getattr(SOURCES.get(kind), "uses_victim", False))
+dfme_source.memory_advice = ("Lower the dfme source's params: checkpoints, runs or variants (every attack and "
+                             "its kept states live until sampling), ngf or nz (the first Linear has nz x 2 ngf x "
+                             "(size/4)^2 parameters) or memory (replay rows, e.g. 0: the source never uses them).")
