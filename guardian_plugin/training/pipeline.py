@@ -227,25 +227,135 @@ def _roc(real: np.ndarray, fake: np.ndarray):
     return float(roc_auc_score(y, s)), fpr, tpr
 
 
+# ----------------------------------------------------------------------------- stages, timings
+TIMINGS_FILE = "timings.json"
+stage_log = logging.getLogger("guardian_plugin.training.stages")  # one line per stage start and end
+
+
+class StageClock:
+    """Times the pipeline's stages, logs one line as each starts and ends (``stage_log``, INFO), and
+    rewrites ``OUT/timings.json`` each time: the finished stages' seconds, the running stage, and on a
+    failure the stage that failed and its error, so a run that dies late keeps what it measured."""
+
+    def __init__(self, out_dir: str, planned: List[str], config_path: Optional[str]):
+        self.path = os.path.join(out_dir, TIMINGS_FILE)
+        self.planned, self.config_path = planned, config_path
+        self.timings: Dict[str, float] = {}
+        self.t0 = time.time()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.current: Optional[str] = None
+        self._stage_t0 = 0.0
+        self.status, self.failure = "running", None
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def _position(self, name: str) -> str:
+        return f"{self.planned.index(name) + 1}/{len(self.planned)}" if name in self.planned else "-"
+
+    def start(self, name: str) -> None:
+        self.current, self._stage_t0 = name, time.time()
+        stage_log.info("stage %s (%s) started at %.1f s", name, self._position(name), self.elapsed())
+        self.write()
+
+    def end(self) -> None:
+        name, secs = self.current, time.time() - self._stage_t0
+        self.timings[name] = secs
+        self.current = None
+        stage_log.info("stage %s (%s) done in %.1f s (%.1f s elapsed)", name, self._position(name), secs, self.elapsed())
+        self.write()
+
+    def stage(self, name: str):
+        """``with clock.stage(name):`` times the block (a failure is recorded by :meth:`fail`)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            self.start(name)
+            yield
+            self.end()
+
+        return timed()
+
+    def fail(self, exc: BaseException) -> None:
+        self.status = "failed"
+        self.failure = {"stage": self.current, "error": f"{type(exc).__name__}: {exc}",
+                        "stage_seconds": round(time.time() - self._stage_t0, 3) if self.current else None,
+                        "elapsed_s": round(self.elapsed(), 3)}
+        stage_log.error("stage %s failed after %.1f s (%.1f s elapsed): %s: %s", self.current, time.time() - self._stage_t0,
+                        self.elapsed(), type(exc).__name__, exc)
+        self.write()
+
+    def finish(self, status: str = "finished") -> None:
+        self.status = status
+        stage_log.info("train-detector %s in %.1f s", status, self.elapsed())
+        self.write()
+
+    def write(self) -> None:
+        doc = {"status": self.status, "config": self.config_path, "started": self.started,
+               "elapsed_s": round(self.elapsed(), 3), "stages_planned": self.planned,
+               "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+               "running": ({"stage": self.current, "since_s": round(self._stage_t0 - self.t0, 3)}
+                           if self.current and self.status == "running" else None)}
+        if self.failure:
+            doc["failed"] = self.failure
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=2)
+            os.replace(tmp, self.path)
+        except OSError as e:  # the timings never stop a run
+            log.warning("could not write %s: %s", self.path, e)
+
+
 # -------------------------------------------------------------------------------------- run
 def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | None = None, progress: bool = True,
-                   config_path: str | None = None, prepare_only: bool = False) -> dict:
+                   config_path: str | None = None, prepare_only: bool = False, check: bool = True) -> dict:
     """Run the pipeline; with ``prepare_only`` stop once the sources and transformation models are
-    cached (several such runs, one source each, can fill the cache in parallel)."""
-    t_start = time.time()
-    timings: Dict[str, float] = {}
+    cached (several such runs, one source each, can fill the cache in parallel).
+
+    First the config is checked (training/validate.py; ``check=False`` skips it): a ConfigError names
+    every problem before any data is loaded. Each stage's start and end is logged on ``stage_log`` and
+    ``OUT/timings.json`` is rewritten as each stage starts and ends (on a failure: the stage and error)."""
+    from guardian_plugin.training.validate import check_config
+
+    if check:
+        plan = check_config(cfg, base_dir, config_path, out_dir=out_dir, device=device, prepare_only=prepare_only)
+        planned = plan.stages
+        stage_log.info("config checked: %d stages planned (%s); rough memory peak %.2f GB", len(planned),
+                       ", ".join(planned), plan.peak_bytes / 1024 ** 3)
+        for w in plan.warnings:
+            stage_log.warning("warning: %s", w)
+    else:
+        planned = []
+    os.makedirs(out_dir, exist_ok=True)
+    clock = StageClock(out_dir, planned, config_path)
+    try:
+        report = _run_stages(cfg, base_dir, out_dir, device, progress, config_path, prepare_only, clock)
+    except BaseException as e:
+        clock.fail(e)
+        raise
+    clock.finish("prepared" if prepare_only else "finished")
+    return report
+
+
+def _run_stages(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | None, progress: bool,
+                config_path: str | None, prepare_only: bool, clock: StageClock) -> dict:
+    t_start = clock.t0
+    timings = clock.timings
     dev = resolve_device(device or cfg.device)
     seed_everything(cfg.seed)
     cache = _path(cfg.cache, base_dir)
     os.makedirs(cache, exist_ok=True)
-    os.makedirs(out_dir, exist_ok=True)
 
     # 1. real data
-    t = time.time()
-    real = {split: {e.name: load_real(e, cfg, base_dir) for e in getattr(cfg.real, split)}
-            for split in ("train", "calibrate", "evaluate")}
-    timings["real_data"] = time.time() - t
-    victim = load_victim(cfg, base_dir, dev) if cfg.victim else None
+    with clock.stage("real_data"):
+        real = {split: {e.name: load_real(e, cfg, base_dir) for e in getattr(cfg.real, split)}
+                for split in ("train", "calibrate", "evaluate")}
+    victim = None
+    if cfg.victim:
+        with clock.stage("victim"):
+            victim = load_victim(cfg, base_dir, dev)
     victim_hash = victim_file_hash(cfg, base_dir)
 
     # 2. synthetic sources (cached)
@@ -255,52 +365,51 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
     fake_train, fake_val, fake_test, source_info = {}, {}, {}, {}
     for name, s in cfg.sources.items():
         path = source_cache_path(cfg, base_dir, name, victim_hash)
-        t = time.time()
-        if os.path.exists(path):
-            x = np.load(path)["x"]
-            info = json.loads(str(np.load(path)["info"]))
-            info["cached"] = True
-        else:
-            sctx.info = {}
-            x = build_source(s.kind)(sctx, s.n, **s.params)
-            info = {**sctx.info.get(s.kind, {}), "seconds": round(time.time() - t, 1)}
-            np.savez_compressed(path, x=x, info=json.dumps(info))
-            info["cached"] = False
-        if cfg.synthetic_jpeg is not None:
-            x = jpeg_images(x, cfg.synthetic_jpeg)
-            info["jpeg_quality"] = cfg.synthetic_jpeg
-        timings[f"source_{name}"] = time.time() - t
+        with clock.stage(f"source_{name}"):
+            t = time.time()
+            if os.path.exists(path):
+                x = np.load(path)["x"]
+                info = json.loads(str(np.load(path)["info"]))
+                info["cached"] = True
+            else:
+                sctx.info = {}
+                x = build_source(s.kind)(sctx, s.n, **s.params)
+                info = {**sctx.info.get(s.kind, {}), "seconds": round(time.time() - t, 1)}
+                np.savez_compressed(path, x=x, info=json.dumps(info))
+                info["cached"] = False
+            if cfg.synthetic_jpeg is not None:
+                x = jpeg_images(x, cfg.synthetic_jpeg)
+                info["jpeg_quality"] = cfg.synthetic_jpeg
         fake_train[name], fake_val[name], fake_test[name] = source_splits(x, cfg)
         source_info[name] = {**info, "kind": s.kind, "train": len(fake_train[name]), "val": len(fake_val[name]),
                              "test": len(fake_test[name]), "cache": path}
 
     # 3. transformation models (a fixed `normalise: scale` is estimated on real training images)
-    t = time.time()
     real_pool = np.concatenate(list(real["train"].values()))
     names = {src: cfg.detector.per_source_transform.get(src, cfg.detector.transform) for src in cfg.sources}
     tctx = TransformContext(cfg.channels, cfg.size, artifact_dir=out_dir, victim=victim,
                             victim_mean=cfg.mean, victim_std=cfg.std)
     transform_specs: Dict[str, dict] = {}
     transforms: Dict[str, TransformModel] = {}
-    for tname in sorted(set(names.values())):
-        spec = dict(cfg.detector.transform_params.get(tname, {}))
-        if tname == "discriminator":
-            spec.update(weights="transform_discriminator.pt", width=cfg.discriminator.width)
-            dpath = _train_discriminator(cfg, gen_data, cache, dev, progress)
-            shutil.copyfile(dpath, os.path.join(out_dir, spec["weights"]))
-        elif tname == "victim":
-            if victim is None:
-                raise ValueError("transform 'victim' needs `victim:` in the config")
-            spec.update(weights="transform_victim.torchscript.pt", mean=cfg.mean, std=cfg.std)
-            torch.jit.trace(victim.cpu().eval(), torch.zeros(1, cfg.channels, cfg.size, cfg.size)).save(
-                os.path.join(out_dir, spec["weights"]))
-            victim.to(dev)
-        tm = transforms[tname] = build_transform(tname, spec, tctx).to(dev)
-        if tm.model is not None and tm.normalise == "scale" and tm.scale is None:
-            sample = to_float(real_pool[np.random.RandomState(cfg.seed).permutation(len(real_pool))[:512]]).to(dev)
-            spec["scale"] = tm.scale = estimate_scale(tm, sample, spec.get("scale_quantile", 0.99))
-        transform_specs[tname] = spec
-    timings["transforms"] = time.time() - t
+    with clock.stage("transforms"):
+        for tname in sorted(set(names.values())):
+            spec = dict(cfg.detector.transform_params.get(tname, {}))
+            if tname == "discriminator":
+                spec.update(weights="transform_discriminator.pt", width=cfg.discriminator.width)
+                dpath = _train_discriminator(cfg, gen_data, cache, dev, progress)
+                shutil.copyfile(dpath, os.path.join(out_dir, spec["weights"]))
+            elif tname == "victim":
+                if victim is None:
+                    raise ValueError("transform 'victim' needs `victim:` in the config")
+                spec.update(weights="transform_victim.torchscript.pt", mean=cfg.mean, std=cfg.std)
+                torch.jit.trace(victim.cpu().eval(), torch.zeros(1, cfg.channels, cfg.size, cfg.size)).save(
+                    os.path.join(out_dir, spec["weights"]))
+                victim.to(dev)
+            tm = transforms[tname] = build_transform(tname, spec, tctx).to(dev)
+            if tm.model is not None and tm.normalise == "scale" and tm.scale is None:
+                sample = to_float(real_pool[np.random.RandomState(cfg.seed).permutation(len(real_pool))[:512]]).to(dev)
+                spec["scale"] = tm.scale = estimate_scale(tm, sample, spec.get("scale_quantile", 0.99))
+            transform_specs[tname] = spec
     if prepare_only:
         return {"prepared": True, "sources": source_info, "transforms": names,
                 "timings_s": {k: round(v, 1) for k, v in timings.items()}}
@@ -309,18 +418,17 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
     dseed = cfg.seed if cfg.detector.seed is None else cfg.detector.seed
     subs, sub_specs, histories = [], [], {}
     for i, (src, x_fake) in enumerate(fake_train.items()):
-        t = time.time()
-        rng = np.random.RandomState(dseed + 100 + i)
-        n = len(x_fake)
-        idx = rng.choice(len(real_pool), n, replace=n > len(real_pool))
-        sub, hist = train_subdetector(src, transforms[names[src]], real_pool[idx], x_fake, cfg, dev,
-                                      dseed + 10 + i, progress)
+        with clock.stage(f"subdetector_{src}"):
+            rng = np.random.RandomState(dseed + 100 + i)
+            n = len(x_fake)
+            idx = rng.choice(len(real_pool), n, replace=n > len(real_pool))
+            sub, hist = train_subdetector(src, transforms[names[src]], real_pool[idx], x_fake, cfg, dev,
+                                          dseed + 10 + i, progress)
         subs.append(sub)
         histories[src] = hist
         sub_specs.append(SubDetectorSpec(name=src, source=cfg.sources[src].kind, transform=names[src],
                                          arch=cfg.detector.arch, arch_params=cfg.detector.arch_params,
                                          weights=f"subdetector_{src}.pt", threshold=0.0))
-        timings[f"subdetector_{src}"] = time.time() - t
 
     spec = DetectorSpec(format_version=FORMAT_VERSION, image=ImageSpec(channels=cfg.channels, size=cfg.size),
                         input=InputMapping(mean=cfg.mean, std=cfg.std), target_fpr=cfg.target_fpr,
@@ -329,16 +437,15 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
     detector = Detector(spec, transforms, subs).to(dev)
 
     # 5. calibration on held-out real images
-    t = time.time()
-    cal_scores = {g: scores_of(detector, x, device=dev) for g, x in real["calibrate"].items()}
-    thr, level, cal_fpr = calibrate(cal_scores, cfg.target_fpr)
-    for s, v in zip(spec.subdetectors, thr):
-        s.threshold = float(v)
-    detector.thresholds.copy_(torch.from_numpy(thr))
-    timings["calibration"] = time.time() - t
+    with clock.stage("calibration"):
+        cal_scores = {g: scores_of(detector, x, device=dev) for g, x in real["calibrate"].items()}
+        thr, level, cal_fpr = calibrate(cal_scores, cfg.target_fpr)
+        for s, v in zip(spec.subdetectors, thr):
+            s.threshold = float(v)
+        detector.thresholds.copy_(torch.from_numpy(thr))
 
     # 6. evaluation on data no step above has seen
-    t = time.time()
+    clock.start("evaluation")
     ev_real = {g: scores_of(detector, x, device=dev) for g, x in real["evaluate"].items()}
     ev_fake = {src: scores_of(detector, x, device=dev) for src, x in fake_test.items()}
     margin = lambda s: (s - thr).max(1)  # noqa: E731  ensemble score: flagged iff >= 0
@@ -364,7 +471,7 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
         "transforms": names,
         "data": {split: {g: int(len(x)) for g, x in d.items()} for split, d in real.items()},
         "training_history": histories,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "timings_s": {},
         "device": str(dev),
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "guardian_plugin": __import__("guardian_plugin").__version__},
@@ -378,19 +485,20 @@ def train_detector(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | 
             auc, fpr, tpr = _roc(margin(r), margin(s))
             report["roc_auc"][src][g] = auc
             curves[(src, g)] = (fpr, tpr, auc)
-    timings["evaluation"] = time.time() - t
-    report["timings_s"]["evaluation"] = round(timings["evaluation"], 1)
+    clock.end()
+    report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     report["timings_s"]["total"] = round(time.time() - t_start, 1)
 
-    save_detector(out_dir, spec, [s.cpu() for s in subs])
-    if victim is not None:  # the distribution test's benign reference (guardian_plugin.distribution)
-        group = cfg.reference_group or cfg.real.calibrate[0].name
-        ref = distribution_reference(detector, victim, real["calibrate"][group], cfg, dev, f"calibrate:{group}")
-        ref.save(out_dir)
-        report["distribution_reference"] = {"group": group, "n": ref.n, "bins": ref.bins}
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    _plot_roc(curves, os.path.join(out_dir, "roc.png"), cfg.target_fpr)
+    with clock.stage("artifact"):  # (not in report.json's timings: the report is written here)
+        save_detector(out_dir, spec, [s.cpu() for s in subs])
+        if victim is not None:  # the distribution test's benign reference (guardian_plugin.distribution)
+            group = cfg.reference_group or cfg.real.calibrate[0].name
+            ref = distribution_reference(detector, victim, real["calibrate"][group], cfg, dev, f"calibrate:{group}")
+            ref.save(out_dir)
+            report["distribution_reference"] = {"group": group, "n": ref.n, "bins": ref.bins}
+        with open(os.path.join(out_dir, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        _plot_roc(curves, os.path.join(out_dir, "roc.png"), cfg.target_fpr)
     return report
 
 
