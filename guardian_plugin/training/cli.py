@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import time
 
 
 def register(sub) -> None:
@@ -26,7 +29,13 @@ def register(sub) -> None:
                    help="override the config's cache folder (sources and transforms); e.g. an empty one to time a run")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; use 1 on a machine other jobs share)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (one line per stage start and end still goes to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no per-stage lines either")
+    p.add_argument("--check", "--dry-run", dest="check", action="store_true",
+                   help="only check the config (sizes, sources, transforms, architectures, files, a memory "
+                        "estimate) and print the plan; exit 0 when it would run, 2 otherwise. Every run does "
+                        "this check first")
     p.set_defaults(func=_run)
 
     r = sub.add_parser("reference", help="(re)build a detector artifact's distribution-test reference",
@@ -42,7 +51,36 @@ def register(sub) -> None:
     r.set_defaults(func=_reference)
 
 
+class _StderrLines(logging.Handler):
+    """The stage lines, on whatever sys.stderr is when they are emitted."""
+
+    def emit(self, record):
+        try:
+            print(f"[train-detector {time.strftime('%H:%M:%S')}] {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001  logging never stops a run
+            self.handleError(record)
+
+
 def _run(args) -> int:
+    from guardian_plugin.training.pipeline import stage_log
+
+    handler = None
+    if not args.quiet and not args.check:
+        handler = _StderrLines(logging.INFO)
+        stage_log.addHandler(handler)
+        old_level, stage_log.propagate = stage_log.level, False
+        stage_log.setLevel(logging.INFO)
+    try:
+        return _run_logged(args)
+    finally:
+        if handler is not None:
+            stage_log.removeHandler(handler)
+            stage_log.setLevel(old_level)
+            stage_log.propagate = True
+
+
+def _run_logged(args) -> int:
+    from guardian_plugin.errors import ConfigError
     from guardian_plugin.training.config import load_train_config
     from guardian_plugin.training.pipeline import print_summary, train_detector
 
@@ -65,8 +103,22 @@ def _run(args) -> int:
         cfg.seed = args.seed
     if args.detector_seed is not None:
         cfg.detector.seed = args.detector_seed
+    if args.check:
+        from guardian_plugin.training.validate import check_config
+
+        try:
+            plan = check_config(cfg, base, args.config, out_dir=os.path.abspath(args.out), device=args.device,
+                                prepare_only=args.prepare_only)
+        except ConfigError as e:
+            if getattr(e, "plan", None) is not None:
+                print("\n".join(e.plan.lines()))
+            raise
+        print("\n".join(plan.lines()))
+        print("config OK: nothing was loaded or trained (run without --check to train)")
+        return 0
     report = train_detector(cfg, base, os.path.abspath(args.out), device=args.device,
-                            progress=not args.no_progress, config_path=args.config, prepare_only=args.prepare_only)
+                            progress=not (args.no_progress or args.quiet), config_path=args.config,
+                            prepare_only=args.prepare_only)
     if args.prepare_only:
         print("cached: " + ", ".join(f"{k} ({v.get('cache')})" for k, v in report["sources"].items()))
         return 0
