@@ -10,7 +10,8 @@ Example (every key optional but ``detector``)::
                                                    # sliding window (default window: 200, window_rho: 0.3; 0 = off)
     quota: {queries: 10000, flagged: 1000, period: 1d}  # per client and period: HTTP 429 + Retry-After; 0 = off
     probation: {queries: 0, response: label}       # new identities: label-only answers until N benign ones
-    distribution: {enabled: auto, block: 200}      # per-client distribution test (artifact's reference.json)
+    distribution: {enabled: auto, block: 200}      # per-client distribution test (artifact's reference.json;
+                                                   # auto: only for inputs at the detector's own size)
     response: {policy: dpreds, d: 0.5}             # label_only: top1 | topk (k: 2) for label-only models
     identity:                                      # guardian_plugin/identity.py: which mode to trust
       headers: [X-Client-Id]                       # first present header wins, case-insensitive
@@ -108,7 +109,9 @@ class ProbationConfig(_Strict):
 class DistributionConfig(_Strict):
     """The per-client distribution test (guardian_plugin.distribution)."""
 
-    enabled: Union[bool, Literal["auto"]] = "auto"  # auto: when the detector artifact has reference.json
+    # auto: when the detector artifact has reference.json, and only for served inputs at the detector's own
+    # size (what the reference describes; a resizing handler shifts the features: docs/refusal-rule.md)
+    enabled: Union[bool, Literal["auto"]] = "auto"
     block: int = Field(200, ge=20, le=100_000)       # queries per tested block
     max_false: float = Field(1e-6, gt=0, lt=1)       # a benign client's chance of ever failing ...
     horizon: int = Field(10_000, ge=1)               # ... over this many queries (union bound)

@@ -237,7 +237,7 @@ class Guardian:
             f, s = self.detect(inputs[live])
             flagged[live] = f.cpu()
             scores[live] = s.float().cpu()
-            if self.distribution is not None:
+            if self.distribution is not None and self._distribution_applies(inputs):
                 for i, v in zip(live, self.distribution.reference.bin_of(probs[live], s, self.detector.thresholds)):
                     bins[i] = int(v)
         suspect = torch.tensor([adm[i].suspect and not denied[i] for i in range(b)], dtype=torch.bool)
@@ -260,6 +260,21 @@ class Guardian:
         self.counters["refused"] += b - len(live)
         return InspectResult(out, verdicts, scores, (time.perf_counter() - t0) * 1000.0, states,
                              (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist())
+
+    def _distribution_applies(self, inputs: torch.Tensor) -> bool:
+        """Whether the distribution test's reference describes these inputs (see DistributionTest)."""
+        if not self.distribution.native_only:
+            return True
+        size = self.detector.spec.image.size
+        if tuple(inputs.shape[-2:]) == (size, size):
+            return True
+        if not getattr(self, "_dist_warned", False):
+            self._dist_warned = True
+            log.warning("guardian: distribution test not applied: the served inputs are %s px, its reference was "
+                        "built on %d px inputs (set distribution.enabled: true to apply it anyway, or build a "
+                        "reference on the served path; docs/refusal-rule.md)", "x".join(map(str, inputs.shape[-2:])),
+                        size)
+        return False
 
     def _record(self, rows: Sequence[tuple]) -> dict:
         """One atomic ledger update per identified client of the answered rows: (client, counted as
@@ -296,4 +311,4 @@ def distribution_test(cfg: GuardConfig) -> Optional[DistributionTest]:
             raise ConfigError(f"distribution.enabled is true but {cfg.detector} has no reference.json "
                               "(guardian reference --config TRAIN_CONFIG --detector DIR)")
         return None
-    return DistributionTest(ref, d.block, d.max_false, d.horizon)
+    return DistributionTest(ref, d.block, d.max_false, d.horizon, native_only=d.enabled == "auto")

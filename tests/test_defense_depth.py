@@ -192,6 +192,35 @@ def test_shipped_defaults_and_config_errors(tmp_path):
             parse_config({"detector": DETECTOR, **bad})
 
 
+def test_auto_applies_the_distribution_test_only_at_the_detectors_own_size(victim, digits, caplog):
+    """``enabled: auto``: served inputs of another size (a resizing handler) are not tested against a
+    reference built at the detector's size (their features are shifted: measured on CIFAR-10); a
+    warning says so once. ``enabled: true`` applies it anyway."""
+    import logging
+
+    import torch.nn.functional as F
+
+    from guardian_plugin.detector import load_detector
+
+    big = F.interpolate(digits[:60], size=56, mode="nearest")  # a 2x served input, mapped back by center_crop
+    for native_only, counted in ((True, 0), (False, 1)):
+        test = DistributionTest(load_reference(DETECTOR), block=20, native_only=native_only)
+        rule = RefusalRule(14, dist_bins=test.reference.bins, dist_block=20)
+        g = Guardian(load_detector(DETECTOR), open_ledger("memory://", rule), distribution=test)
+        with caplog.at_level(logging.WARNING, logger="guardian_plugin"):
+            for i in range(0, 60, 20):
+                with torch.no_grad():
+                    probs = torch.softmax(victim(digits[i:i + 20]), 1)
+                g.inspect(big[i:i + 20], probs, ["c"] * 20)
+        assert (g.ledger.get("c").dist_counts is not None) == bool(counted)
+        warned = [r for r in caplog.records if "distribution test not applied" in r.getMessage()]
+        assert len(warned) == (1 if native_only else 0)
+        caplog.clear()
+    cfg = parse_config({"detector": DETECTOR})
+    assert distribution_test(cfg).native_only
+    assert not distribution_test(parse_config({"detector": DETECTOR, "distribution": {"enabled": True}})).native_only
+
+
 def test_guardian_checks_the_ledger_keeps_the_tests_bins():
     from guardian_plugin.detector import load_detector
 
