@@ -24,10 +24,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from examples.mnist import serving as ex  # noqa: E402
-from guardian_plugin.devserver.torchserve import TorchServe, build_archive  # noqa: E402
+from guardian_plugin.devserver.torchserve import build_archive  # noqa: E402
 from guardian_plugin.handlers.archive import protect  # noqa: E402
 from guardian_plugin.ledger import open_ledger  # noqa: E402
 from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
+from serving_fixtures import start_torchserve  # noqa: E402
 
 QUOTA, PROBATION, K_TOP, DIST_BLOCK = 5, 3, 2, 40
 WORKERS, BATCH, DELAY_MS = 2, 8, 50
@@ -59,15 +60,8 @@ def served(tmp_path_factory):
     protect(labels, ex.DETECTOR, os.path.join(store, "labels_g.mar"),
             config=_guard(w / "labels.yaml", ledger, "labels", rule={"tau": 1000},
                           response={"label_only": "topk", "k": K_TOP}))
-    ts = TorchServe(store, str(w / "server")).start()
-    try:
-        for name, workers in {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "dist_g": 1, "labels": 1,
-                              "labels_g": 1}.items():
-            ts.register(f"{name}.mar", name, workers=workers, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
-    except Exception:
-        print(ts.log_tail(80))
-        ts.stop()
-        raise
+    ts = start_torchserve(store, str(w / "server"), {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "dist_g": 1,
+                                                     "labels": 1, "labels_g": 1}, BATCH, DELAY_MS)
     digits, _ = ex.real_digits(24)
     yield {"ts": ts, "w": w, "ledger": ledger, "digits": digits, "fakes": ex.generator_images(16, seed=5)}
     ts.stop()
