@@ -47,7 +47,7 @@ def served(tmp_path_factory):
     for p in (ex.VICTIM_TS, os.path.join(ex.DETECTOR, "detector.yaml")):
         assert os.path.exists(p), f"{p} missing: regenerate the example with `make train-example`"
     w = tmp_path_factory.mktemp("torchserve_depth")
-    store, build = str(w / "store"), str(w / "build")
+    store = str(w / "store")
     ledger = f"sqlite:///{w}/state/ledger.db"
     soft = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)
     protect(soft, ex.DETECTOR, os.path.join(store, "quota_g.mar"),
