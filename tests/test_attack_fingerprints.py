@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from attack_fixtures import MEAN, STD, one_torch_thread, tiny_victim
 
 from guardian_plugin.attacks import build_attack
 from guardian_plugin.attacks.aware import build_aware_attack
@@ -28,7 +29,6 @@ from guardian_plugin.nets import SmallResNet
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILE = os.path.join(HERE, "data", "attack_fingerprints.json")
 RECORD = os.environ.get("GUARDIAN_RECORD_FINGERPRINTS") == "1"
-MEAN, STD = [0.1307], [0.3081]
 
 # name -> (attack, label mode, budget, params, defense-aware strategies)
 CASES = {
@@ -52,16 +52,13 @@ CASES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def victim_and_probe():
-    torch.manual_seed(0)
-    victim = SmallResNet(1, 10, width=4, blocks=1).eval()
+    victim = tiny_victim()
     x = (torch.rand(64, 1, 28, 28) - MEAN[0]) / STD[0]
     with torch.no_grad():
         y = victim(x).argmax(1)

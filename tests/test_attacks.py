@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from attack_fixtures import MEAN, STD, one_torch_thread, tiny_victim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,6 @@ from guardian_plugin.nets import SmallResNet
 from guardian_plugin.responses import dpreds
 
 _import_all()
-MEAN, STD = [0.1307], [0.3081]
 TINY = {  # a few iterations each, tiny networks
     "dfme": dict(batch_size=16, ngf=8, clone_steps=2),
     "maze": dict(batch_size=8, ngf=8, m=2, clone_steps=2, replay_steps=2),
@@ -52,17 +52,13 @@ class RecordingTarget(InProcessTarget):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny networks on a shared machine: one thread avoids oversubscription (100x slower otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def victim():
-    torch.manual_seed(0)
-    return SmallResNet(1, 10, width=4, blocks=1).eval()
+    return tiny_victim()
 
 
 def _attack(name, target, mode, budget, tmp_path, seed=0, **extra):

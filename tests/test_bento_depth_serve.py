@@ -8,7 +8,6 @@ detector's own verdict on the same preprocessed tensor (as tests/test_bento_serv
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("bentoml")
@@ -30,6 +28,7 @@ from guardian_plugin.devserver.bentoml import BentoServer  # noqa: E402
 from guardian_plugin.ledger import open_ledger  # noqa: E402
 from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
 from ledger_fixtures import fresh_namespace, redis_url  # noqa: E402
+from serving_fixtures import bento_oracle  # noqa: E402
 
 DETECTOR = os.environ.get("GUARDIAN_TEST_DETECTOR") or os.path.join(ROOT, "examples", "mnist", "artifacts", "detector")
 SERVICE = "bento.service:MNISTGuarded"
@@ -71,25 +70,7 @@ def replicas(tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle():
     """(unprotected probabilities, detector verdicts) of 28 px uint8 images, one image at a time."""
-    import PIL.Image
-
-    from bento.client import png
-    from bento.service import MNISTUnprotected
-    from guardian_plugin.guardian import Guardian
-
-    torch.set_num_threads(1)
-    unprotected = MNISTUnprotected.inner()
-    guardian = Guardian.from_artifact(DETECTOR)
-
-    def answer(images):
-        out, flags = [], []
-        for a in images:
-            im = PIL.Image.open(io.BytesIO(png(a)))
-            out.append(np.array(unprotected.classify(im), dtype=np.float64))
-            flags.append(bool(guardian.detect(unprotected.preprocess(im))[0][0]))
-        return np.stack(out), flags
-
-    return answer
+    return bento_oracle(DETECTOR)
 
 
 def classify(server, a, cid):

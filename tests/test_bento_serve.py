@@ -23,7 +23,6 @@ import torch
 pytest.importorskip("bentoml")
 requests = pytest.importorskip("requests")
 
-from guardian_plugin.guardian import Guardian  # noqa: E402
 from guardian_plugin.responses import dpreds  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +33,7 @@ TAU = 14  # bento/guard.yaml: tau auto at rho 0.5
 
 
 from guardian_plugin.devserver.bentoml import BentoServer as Server  # noqa: E402
+from serving_fixtures import bento_oracle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +64,7 @@ def server(env):
 def oracle():
     """The unprotected service's own answers (its API method called in this process, one image at a
     time) and the detector's verdict on the same preprocessed tensor."""
-    import PIL.Image
-
-    from bento.client import png
-    from bento.service import MNISTUnprotected
-
-    torch.set_num_threads(1)
-    unprotected = MNISTUnprotected.inner()
-    guardian = Guardian.from_artifact(DETECTOR)
-
-    def answer(images):
-        out, flags = [], []
-        for a in images:
-            im = PIL.Image.open(io.BytesIO(png(a)))
-            out.append(np.array(unprotected.classify(im), dtype=np.float64))
-            flags.append(bool(guardian.detect(unprotected.preprocess(im))[0][0]))
-        return np.stack(out), flags
-
-    return answer
+    return bento_oracle(DETECTOR)
 
 
 def _classify(url, a, cid):

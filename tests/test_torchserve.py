@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -26,6 +24,7 @@ from examples.mnist import serving as ex  # noqa: E402
 from guardian_plugin.handlers.archive import (  # noqa: E402
     GUARDED_HANDLER, GUARDED_IMAGE_CLASSIFIER, _detector_files, protect, read_archive, rewrite_archive)
 from guardian_plugin.devserver.torchserve import TorchServe, build_archive  # noqa: E402
+from serving_fixtures import start_torchserve  # noqa: E402
 
 D, K = 0.5, 10  # DPreds d (the default) and the number of classes
 WORKERS, BATCH, DELAY_MS = 2, 8, 50
@@ -65,15 +64,8 @@ def served(tmp_path_factory):
                                                                    "missing": "reject"}}},
     }, extra_files=_detector_files(ex.DETECTOR))
 
-    ts = TorchServe(store, str(w / "server")).start()
-    try:
-        models = {"mnist": 1, "rgb": 1, "mnist_g": WORKERS, "rgb_g": WORKERS, "literal": WORKERS}
-        for name, workers in models.items():
-            ts.register(f"{name}.mar", name, workers=workers, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
-    except Exception:
-        print(ts.log_tail(80))
-        ts.stop()
-        raise
+    models = {"mnist": 1, "rgb": 1, "mnist_g": WORKERS, "rgb_g": WORKERS, "literal": WORKERS}
+    ts = start_torchserve(store, str(w / "server"), models, BATCH, DELAY_MS)
     digits, labels = ex.real_digits(16)
     fakes = ex.generator_images(16, seed=1)
     state = {"ts": ts, "store": store, "w": w, "digits": digits, "labels": labels, "fakes": fakes}

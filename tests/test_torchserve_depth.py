@@ -24,10 +24,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from examples.mnist import serving as ex  # noqa: E402
-from guardian_plugin.devserver.torchserve import TorchServe, build_archive  # noqa: E402
+from guardian_plugin.devserver.torchserve import build_archive  # noqa: E402
 from guardian_plugin.handlers.archive import protect  # noqa: E402
 from guardian_plugin.ledger import open_ledger  # noqa: E402
 from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
+from serving_fixtures import start_torchserve  # noqa: E402
 
 QUOTA, PROBATION, K_TOP, DIST_BLOCK = 5, 3, 2, 40
 WORKERS, BATCH, DELAY_MS = 2, 8, 50
@@ -46,7 +47,7 @@ def served(tmp_path_factory):
     for p in (ex.VICTIM_TS, os.path.join(ex.DETECTOR, "detector.yaml")):
         assert os.path.exists(p), f"{p} missing: regenerate the example with `make train-example`"
     w = tmp_path_factory.mktemp("torchserve_depth")
-    store, build = str(w / "store"), str(w / "build")
+    store = str(w / "store")
     ledger = f"sqlite:///{w}/state/ledger.db"
     soft = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)
     protect(soft, ex.DETECTOR, os.path.join(store, "quota_g.mar"),
@@ -59,15 +60,8 @@ def served(tmp_path_factory):
     protect(labels, ex.DETECTOR, os.path.join(store, "labels_g.mar"),
             config=_guard(w / "labels.yaml", ledger, "labels", rule={"tau": 1000},
                           response={"label_only": "topk", "k": K_TOP}))
-    ts = TorchServe(store, str(w / "server")).start()
-    try:
-        for name, workers in {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "dist_g": 1, "labels": 1,
-                              "labels_g": 1}.items():
-            ts.register(f"{name}.mar", name, workers=workers, batch_size=BATCH, max_batch_delay_ms=DELAY_MS)
-    except Exception:
-        print(ts.log_tail(80))
-        ts.stop()
-        raise
+    ts = start_torchserve(store, str(w / "server"), {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "dist_g": 1,
+                                                     "labels": 1, "labels_g": 1}, BATCH, DELAY_MS)
     digits, _ = ex.real_digits(24)
     yield {"ts": ts, "w": w, "ledger": ledger, "digits": digits, "fakes": ex.generator_images(16, seed=5)}
     ts.stop()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from test_cifar10_data import needs_data
+from training_fixtures import real_data_once
 
 from guardian_plugin.cli import main
 from guardian_plugin.errors import ConfigError
@@ -63,16 +64,7 @@ def no_data(monkeypatch):
 @pytest.fixture(scope="module", autouse=True)
 def real_once():
     """Each real-data entry is read once for the whole module (MNIST and the photos take seconds)."""
-    memo, load = {}, pipeline.load_real
-
-    def cached(e, cfg, base_dir):
-        key = (e.model_dump_json(), cfg.size, cfg.channels)
-        if key not in memo:
-            memo[key] = load(e, cfg, base_dir)
-        return memo[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "load_real", cached)
+    with real_data_once():
         yield
 
 

@@ -15,6 +15,7 @@ from guardian_plugin.training.augment import jpeg_roundtrip
 from guardian_plugin.training.config import load_train_config
 from guardian_plugin.training.data import to_float
 from test_pretrained import needs_effnet
+from training_fixtures import real_data_once
 
 torch.set_num_threads(1)
 TINY = "tests/data/tiny-detector-config.yaml"
@@ -28,16 +29,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(autouse=True, scope="module")
 def real_once():
     """Each real-data entry is read once for the whole module (reading MNIST and the photos takes seconds)."""
-    memo, load = {}, pipeline.load_real
-
-    def cached(e, cfg, base_dir):
-        key = (e.model_dump_json(), cfg.size, cfg.channels)
-        if key not in memo:
-            memo[key] = load(e, cfg, base_dir)
-        return memo[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "load_real", cached)
+    with real_data_once():
         yield
 
 

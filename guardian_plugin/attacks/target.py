@@ -65,13 +65,19 @@ class InProcessTarget(QueryTarget):
         self.flagged = 0
         self.refused_at: Optional[int] = None
 
-    @torch.no_grad()
-    def query(self, x: torch.Tensor) -> torch.Tensor:
+    def _as_sent(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the target's device as the victim receives it: detached and, with ``quantize``,
+        rounded to 8-bit pixels and normalised back."""
         x = x.detach().to(self.device)
-        b = x.shape[0]
         if self.quantize:
             pix = (x * self.std + self.mean).clamp(0, 1)
             x = ((pix * 255).round() / 255 - self.mean) / self.std
+        return x
+
+    @torch.no_grad()
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._as_sent(x)
+        b = x.shape[0]
         if self.guardian is not None and self.guardian.refused([self.client_id])[0]:
             if self.refused_at is None:
                 self.refused_at = self.queries
@@ -127,11 +133,8 @@ class EvalTarget(InProcessTarget):
 
     @torch.no_grad()
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().to(self.device)
+        x = self._as_sent(x)
         b = x.shape[0]
-        if self.quantize:
-            pix = (x * self.std + self.mean).clamp(0, 1)
-            x = ((pix * 255).round() / 255 - self.mean) / self.std
         admitted = None
         if self.guardian is not None:
             # a batch is answered whole or not at all: one denied row (refused, or over the quota) denies it
