@@ -76,9 +76,11 @@ class Reference:
 
     def bin_of(self, probs: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
         """The joint bin index of each row (long, on the CPU)."""
-        c = torch.bucketize(confidence(probs).cpu(), torch.tensor(self.conf_edges, dtype=torch.float64), right=True)
-        m = torch.bucketize(margin(scores, thresholds).cpu(), torch.tensor(self.margin_edges, dtype=torch.float64),
-                            right=True)
+        if getattr(self, "_edges", None) is None:  # once per reference: bin_of runs on every request
+            self._edges = (torch.tensor(self.conf_edges, dtype=torch.float64),
+                           torch.tensor(self.margin_edges, dtype=torch.float64))
+        c = torch.bucketize(confidence(probs).cpu(), self._edges[0], right=True)
+        m = torch.bucketize(margin(scores, thresholds).cpu(), self._edges[1], right=True)
         return c * (len(self.margin_edges) + 1) + m
 
     def counts(self, bins: torch.Tensor) -> List[int]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -105,6 +105,7 @@ class Guardian:
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.probation = probation if probation is not None and probation.queries > 0 else None
         self.distribution = distribution
+        self._dist_warned = False
         if distribution is not None and (ledger.rule.dist_bins != distribution.reference.bins
                                          or ledger.rule.dist_block != distribution.block):
             raise ConfigError(f"the ledger's rule keeps {ledger.rule.dist_bins} bins in blocks of "
@@ -165,10 +166,7 @@ class Guardian:
         the refusal rule and the quotas (reserved atomically, one reservation per distinct client: a
         client's rows beyond what its quota grants get 429), with the client's probation and
         distribution-test standing. Python use (the evaluation harness); adapters call ``admit_batch``."""
-        wanted: "OrderedDict[str, int]" = OrderedDict()
-        for c in clients:
-            if c is not None:
-                wanted[c] = wanted.get(c, 0) + 1
+        wanted = Counter(c for c in clients if c is not None)  # rows per client, in order of appearance
         try:
             res = dict(zip(wanted, self.ledger.reserve_many(list(wanted.items())))) if wanted else {}
         except LedgerUnavailable:
@@ -268,7 +266,7 @@ class Guardian:
         size = self.detector.spec.image.size
         if tuple(inputs.shape[-2:]) == (size, size):
             return True
-        if not getattr(self, "_dist_warned", False):
+        if not self._dist_warned:
             self._dist_warned = True
             log.warning("guardian: distribution test not applied: the served inputs are %s px, its reference was "
                         "built on %d px inputs (set distribution.enabled: true to apply it anyway, or build a "

@@ -146,7 +146,7 @@ class EvalTarget(InProcessTarget):
                 raise QueryRefused(self.client_id, status=denied.status, retry_after=denied.retry_after)
         self._record(x, self.queries)
         self.queries += b
-        probs = torch.softmax(self.victim(x), 1)
+        probs = self.model_probs = torch.softmax(self.victim(x), 1)  # the unprotected answer, kept for checks
         if self.always is not None:
             probs = self.always(probs, torch.ones(b, dtype=torch.bool, device=probs.device))
             self.dpreds_answers += b

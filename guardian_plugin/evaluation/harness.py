@@ -207,9 +207,7 @@ def benign_replay(defenses: Defenses, configuration: str, x: torch.Tensor, total
         except QueryRefused as e:
             stop = {"status": e.status, "at_query": t.queries}
             break
-        with torch.no_grad():
-            top = defenses.victim(xb.to(defenses.device)).argmax(1).cpu()
-        same += int((p.argmax(1).cpu() == top).sum())
+        same += int((p.argmax(1).cpu() == t.model_probs.argmax(1).cpu()).sum())  # the model's own top-1
         answered += len(idx)
     return {"queries": total, "answered": answered, "stopped": stop, "top1_equal": same,
             "top1_equal_all": same == answered, "probation_answers": t.probation_answers,
