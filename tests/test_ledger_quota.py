@@ -424,3 +424,30 @@ def test_clients_without_quotas_shows_no_quota_columns(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"detector": "det", "ledger": uri, "namespace": "cfgns"}))
     rc, out, _ = run(capsys, "clients", "list", "--config", str(cfg))
     assert rc == 0 and "0/10000" in out
+
+
+def _open_at_once(path, barrier, out):
+    barrier.wait()
+    try:
+        led = open_ledger(f"sqlite:///{path}", RefusalRule(tau=100, quota=10), "race")
+        led.record("c", 1, 0)
+        out.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        out.put(repr(e))
+
+
+def test_workers_opening_a_fresh_sqlite_file_at_once_all_succeed(tmp_path):
+    """TorchServe loads a model's workers together: every one opens (creates, switches to WAL, migrates)
+    the same fresh ledger file at the same moment; none may fail with "database is locked"."""
+    ctx = mp.get_context("spawn")
+    for trial in range(3):
+        path = tmp_path / f"fresh-{trial}.db"
+        barrier, out = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(str(path), barrier, out)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert results == ["ok"] * 6, results
+        assert open_ledger(f"sqlite:///{path}", RefusalRule(tau=100), "race").get("c").queries == 6

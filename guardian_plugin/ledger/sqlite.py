@@ -13,8 +13,10 @@ process, over an index on ``last_seen``.
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import threading
+import time
 from typing import List, Tuple
 from urllib.parse import parse_qsl
 
@@ -120,11 +122,25 @@ class SQLiteLedger(Ledger):
         con = getattr(self._local, "con", None)
         if con is None:
             con = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
-            con.execute("PRAGMA journal_mode=WAL")
+            self._set_wal(con)
             con.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
             con.execute("PRAGMA synchronous=NORMAL")
             self._local.con = con
         return con
+
+    def _set_wal(self, con: sqlite3.Connection) -> None:
+        """``PRAGMA journal_mode=WAL``, retried for up to ``timeout_s``: switching the journal mode does
+        not wait on the busy handler, so two workers opening a fresh ledger file at once could fail
+        with "database is locked" (seen when TorchServe loads two workers together)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02 + 0.03 * random.random())
 
     class _Tx:
         def __init__(self, con):
