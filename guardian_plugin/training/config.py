@@ -29,6 +29,9 @@ class RealEntry(_Strict):
     path: Optional[str] = None
     range: Optional[Tuple[int, int]] = None
     seed: int = 0
+    # photos only: crop only photos whose shorter side is at least this many pixels (e.g. the image size,
+    # so that a 224 px detector never trains on 25 px LFW faces blown up 9x; docs/imagenet.md)
+    min_side: Optional[int] = Field(None, ge=1)
 
     @field_validator("kind")
     @classmethod
@@ -41,6 +44,8 @@ class RealEntry(_Strict):
     def _split(self):
         if self.kind == "cifar10" and self.split not in CIFAR10_SPLITS:
             raise ValueError(f"split: cifar10 needs one of {', '.join(CIFAR10_SPLITS)} (got {self.split!r})")
+        if self.min_side is not None and self.kind != "photos":
+            raise ValueError(f"min_side applies to kind photos only, not {self.kind}")
         return self
 
 

@@ -217,13 +217,17 @@ def _convert(crop: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 
 def photo_crops(group: str, n: int, size: int = 28, channels: int = 1, seed: int = 0,
-                min_frac: float = 0.08, max_frac: float = 0.6) -> np.ndarray:
+                min_frac: float = 0.08, max_frac: float = 0.6, min_side: Optional[int] = None) -> np.ndarray:
     """``n`` random square crops (side a random fraction of the shorter edge, at least ``size`` px)
     from the photos of one group, converted to (n, channels, size, size) uint8. Small images (faces)
-    are taken whole or nearly so."""
+    are taken whole or nearly so. ``min_side``: only photos whose shorter side is at least that."""
     if group not in PHOTO_GROUPS:
         raise KeyError(f"photo group {group!r}; known: {sorted(PHOTO_GROUPS)}")
     photos = [p for name in PHOTO_GROUPS[group] for p in _load_photo(name)]
+    if min_side is not None:
+        photos = [p for p in photos if min(p.shape[:2]) >= min_side]
+        if not photos:
+            raise ValueError(f"photo group {group!r} has no photo with a shorter side of {min_side} px or more")
     rng = np.random.RandomState(seed)
     out = np.empty((n, channels, size, size), np.uint8)
     for i in range(n):
@@ -240,19 +244,25 @@ def photo_crops(group: str, n: int, size: int = 28, channels: int = 1, seed: int
     return out
 
 
+def foolbox_data_folder() -> str:
+    """The ``foolbox`` package's data folder (20 labelled samples each of ImageNet, CIFAR-10, CIFAR-100,
+    MNIST and Fashion-MNIST, named ``DATASET_NN_LABEL.ext``), found without importing foolbox."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the foolbox package (pip install foolbox==3.3.4; the `train` extra) ships the "
+                                  "ImageNet and CIFAR-100 samples")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
+
+
 def natural_photos(size: int = 32, channels: int = 3) -> Dict[str, np.ndarray]:
     """Natural photos that are not CIFAR-10, whole (not cropped), resized to ``size``: the 20 ImageNet and
     20 CIFAR-100 samples that ship in the ``foolbox`` package (its data folder, read without importing
     foolbox), every scikit-image / scikit-learn photo of the ``evaluate`` photo group and its 50 LFW faces
     (grey, 25 x 25): no photo of the train or calibrate groups. For false-positive rates on images a CIFAR-10 detector never saw."""
-    import importlib.util
-
     out: Dict[str, np.ndarray] = {}
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the foolbox package (pip install foolbox==3.3.4; the `train` extra) ships the "
-                                  "ImageNet and CIFAR-100 samples")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    folder = foolbox_data_folder()
     for prefix in ("imagenet", "cifar100"):
         files = sorted(f for f in os.listdir(folder) if f.startswith(prefix + "_") and f.endswith((".png", ".jpg")))
         out[f"foolbox_{prefix}"] = np.stack([_convert(np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
