@@ -107,6 +107,14 @@ def test_config_validates_in_full():
     assert cfg.size == 224
 
 
+def test_build_without_a_detector_says_what_is_missing_before_any_work(tmp_path):
+    if not _missing_features():
+        pytest.skip("the config trains on this version: nothing to refuse")
+    with pytest.raises(SystemExit, match="--detector PATH"):
+        build.main(["--timing", str(tmp_path / "timing.json")])
+    assert not (tmp_path / "timing.json").exists()
+
+
 def test_photo_crops_min_side_keeps_faces_out():
     from guardian_plugin.training.data import photo_crops
 
