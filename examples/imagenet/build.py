@@ -1,5 +1,6 @@
 """`make imagenet-example`: the whole ImageNet example, from the pip packages to a protected TorchServe
-archive, with the time of each stage in examples/imagenet/artifacts/pipeline-timing.json.
+archive, with the time of each stage in examples/imagenet/artifacts/pipeline-timing.json (build-timing.json when
+the detector is not trained here).
 
     python -m examples.imagenet.build [--detector PATH] [--input-fit area] [--device auto] [--jobs 2] [--cache DIR]
 
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="source processes in parallel on CPU (1: one after another)")
     ap.add_argument("--cache", default=None, help="cache folder (default: the config's, .cache/imagenet); an empty "
                                                    "one times the pipeline from scratch")
-    ap.add_argument("--timing", default=os.path.join(ix.ARTIFACTS, "pipeline-timing.json"))
+    ap.add_argument("--timing", default=None, help="default: artifacts/pipeline-timing.json (committed) when the "
+                    "detector is trained here, artifacts/build-timing.json (not committed) with --detector")
     a = ap.parse_args(argv)
     if a.detector and not os.path.exists(os.path.join(a.detector, "detector.yaml")):
         sys.exit(f"--detector {a.detector}: no detector artifact there (detector.yaml missing)")
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
     with stages("protect"):
         protected = protect_step(mar, detector, input_fit=a.input_fit)
     print(f"      {os.path.relpath(mar, pl.ROOT)}, {os.path.relpath(protected, pl.ROOT)}", flush=True)
-    stages.write(a.timing, pl.command_line("examples.imagenet.build", argv), device=a.device, jobs=a.jobs,
+    timing = a.timing or os.path.join(ix.ARTIFACTS, "build-timing.json" if a.detector else "pipeline-timing.json")
+    stages.write(timing, pl.command_line("examples.imagenet.build", argv), device=a.device, jobs=a.jobs,
                  detector=os.path.relpath(detector, pl.ROOT) if detector.startswith(pl.ROOT) else detector,
                  detector_trained_here=not a.detector)
     return 0
