@@ -181,6 +181,30 @@ def build_classifier(arch: str, **kw) -> nn.Module:
     return CLASSIFIERS.get(arch)(**kw)
 
 
+# A shared trunk (the detector's ``trunks``): the classifier without its last linear layer, which each
+# architecture that can be split names here as ``head`` (the attribute holding that layer).
+_small_resnet.head = "fc"
+for _arch in ("resnet18", "resnet34", "resnet50"):
+    CLASSIFIERS.get(_arch).head = "fc"
+
+
+def trunk_archs() -> list:
+    """The architectures that can serve as a shared trunk."""
+    return [n for n in CLASSIFIERS if getattr(CLASSIFIERS.get(n), "head", None)]
+
+
+def build_trunk(arch: str, **kw) -> nn.Module:
+    """``arch`` up to its pooled features: (B, C, H, W) -> (B, ``out_features``); the classifier's last
+    linear layer becomes an identity, so the trunk's state dict is the classifier's without it."""
+    head = getattr(CLASSIFIERS.get(arch), "head", None)
+    if head is None:
+        raise ValueError(f"architecture {arch!r} cannot be a shared trunk; these can: {', '.join(trunk_archs())}")
+    m = build_classifier(arch, **{**kw, "num_classes": 1})
+    m.out_features = getattr(m, head).in_features
+    setattr(m, head, nn.Identity())
+    return m
+
+
 # What each architecture can take, next to it: ``supports(size, channels, **arch_params)`` returns None or
 # why not (checked by ``guardian train-detector --check`` before anything is trained). ``dry_build = False``
 # marks factories that load weights when built, which the check must not build on the meta device.
