@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from guardian_plugin.errors import ArtifactError
-from guardian_plugin.nets import build_classifier, build_trunk
+from guardian_plugin.nets import build_classifier, build_trunk, fold_batchnorm
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform
 from guardian_plugin.weights import load_into
 
@@ -230,7 +230,7 @@ class Detector(nn.Module):
     patches once (``patches``) and each shared trunk once, all of its heads in one matrix product."""
 
     def __init__(self, spec: DetectorSpec, transforms: Dict[str, TransformModel], subs: Sequence[nn.Module],
-                 trunks: Optional[Dict[str, Trunk]] = None):
+                 trunks: Optional[Dict[str, Trunk]] = None, fast: Optional[bool] = None):
         super().__init__()
         self.spec = spec
         self.transforms = nn.ModuleDict(transforms)
@@ -238,16 +238,21 @@ class Detector(nn.Module):
         self.trunks = nn.ModuleDict(trunks or {})
         self.register_buffer("thresholds", torch.tensor([s.threshold for s in spec.subdetectors], dtype=torch.float32))
         self._needed = list(dict.fromkeys(s.transform for s in spec.subdetectors))
+        self._mean_std_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._heads = {t: [i for i, s in enumerate(spec.subdetectors) if s.trunk == t] for t in self.trunks}
         self._alone = [i for i, s in enumerate(spec.subdetectors) if s.trunk is None]
         p = spec.patches
         self._lattice = patch_lattice(spec.image.size, p.size, p.grid) if p is not None else None
-        # channels-last convolutions measured 1.5-3x faster on CPU for these small networks, but they round
-        # differently: only the new shapes use them, so version-1 artifacts score exactly as before
-        self._channels_last = p is not None or bool(self.trunks)
-        if self._channels_last:
-            self.subs.to(memory_format=torch.channels_last)
-            self.trunks.to(memory_format=torch.channels_last)
+        # ``fast`` (default: the new shapes) runs copies with each batch norm folded into its convolution,
+        # channels-last (measured faster on CPU for these small networks: benchmarks/guard_cost.py), and a
+        # local transform on the pixel patches only (``_patches_first``). Folding and the layout round
+        # differently, so version-1 artifacts run the modules as they are and score exactly as before.
+        # The copies are made here, from trained modules; ``subs`` / ``trunks`` stay what is saved.
+        self._fast = (p is not None or bool(self.trunks)) if fast is None else fast
+        if self._fast:
+            self.fast_subs = nn.ModuleList([fold_batchnorm(m) for m in subs]).to(memory_format=torch.channels_last)
+            self.fast_trunks = nn.ModuleDict({t: fold_batchnorm(m) for t, m in self.trunks.items()}).to(
+                memory_format=torch.channels_last)
         self.eval()
 
     @property
@@ -260,12 +265,12 @@ class Detector(nn.Module):
         mean, std = self._mean_std(x.dtype, x.device)
         if mean.shape[1] not in (1, c) or std.shape[1] not in (1, c):
             raise ValueError(f"input mapping has {mean.shape[1]} means / {std.shape[1]} stds for {c} channels")
-        pix = (x * std + mean).clamp(0.0, 1.0)
+        pix = (x * std).add_(mean).clamp_(0.0, 1.0)  # (x * std + mean) clamped, two fewer allocations
         return self.fit_size(pix)
 
     def _mean_std(self, dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """The input mapping's mean and std as (1, C, 1, 1) tensors, made once per dtype and device."""
-        cache = self.__dict__.setdefault("_mean_std_cache", {})
+        cache = self._mean_std_cache
         key = (dtype, device)
         if key not in cache:
             m = self.spec.input
@@ -292,40 +297,63 @@ class Detector(nn.Module):
             return F.interpolate(pix, size=(size, size), mode="area")
         return F.interpolate(pix, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
-    def representations(self, pix: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {name: self.transforms[name](pix) for name in self._needed}
+    def _patches_first(self, name: str, size: Tuple[int, int]) -> bool:
+        """Whether transform ``name`` may run on the lattice's pixel patches instead of the whole image:
+        the same values bit for bit (see TransformModel.crop_alignment: a local T, a pixel-wise
+        normalisation, the image, the patches and their offsets all aligned), at a fraction of the
+        pixels (9 patches of 32 px are 18% of a 224 px image)."""
+        t, p = self.transforms[name], self.spec.patches
+        a = t.crop_alignment
+        if not self._fast or self._lattice is None or a is None or (t.model is not None and t.normalise != "scale"):
+            return False
+        return all(n % a == 0 for n in (*size, p.size)) and all(o % a == 0 for pos in self._lattice for o in pos)
+
+    def views_of(self, pix: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """What the sub-detectors of each transform see: the whole representation or its (B * N) lattice
+        patches, the representation of the whole image and then cut (a transform that commutes with
+        aligned crops runs on the pixel patches instead: the same values, fewer pixels)."""
+        out, pixel_patches = {}, None
+        for name in self._needed:
+            if self._patches_first(name, tuple(pix.shape[-2:])):
+                if pixel_patches is None:
+                    pixel_patches = lattice_patches(pix, self._lattice, self.spec.patches.size)
+                out[name] = self._layout(self.transforms[name](pixel_patches))
+            else:
+                out[name] = self.views(self.transforms[name](pix))
+        return out
 
     def views(self, rep: torch.Tensor) -> torch.Tensor:
         """What the sub-detectors of a representation see: itself, or its (B * N) lattice patches."""
         if self._lattice is not None:
             rep = lattice_patches(rep, self._lattice, self.spec.patches.size)
-        return rep.contiguous(memory_format=torch.channels_last) if self._channels_last else rep
+        return self._layout(rep)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._fast else x
 
     def _image_scores(self, logits: torch.Tensor, batch: int) -> torch.Tensor:
         """Per-view logits -> per-image scores: the mean over an image's patches."""
         return logits if self._lattice is None else logits.view(batch, len(self._lattice), *logits.shape[1:]).mean(1)
 
-    @torch.inference_mode()
-    def logits_from_reps(self, reps: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _logits(self, views: Dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        """(B, K) logits from what each transform's sub-detectors see (``views_of``)."""
         specs = self.spec.subdetectors
-        batch = next(iter(reps.values())).shape[0]
-        views = {name: self.views(rep) for name, rep in reps.items()}
         cols: List[Optional[torch.Tensor]] = [None] * len(specs)
         for t, idx in self._heads.items():
-            feats = self.trunks[t](views[self.spec.trunks[t].transform])
+            feats = (self.fast_trunks if self._fast else self.trunks)[t](views[self.spec.trunks[t].transform])
             w = torch.cat([self.subs[i].fc.weight for i in idx])  # the heads fused: one (B*N, F) x (F, k) product
             b = torch.cat([self.subs[i].fc.bias for i in idx])
             logits = self._image_scores(F.linear(feats, w, b), batch)
             for j, i in enumerate(idx):
                 cols[i] = logits[:, j]
         for i in self._alone:
-            cols[i] = self._image_scores(self.subs[i](views[specs[i].transform]), batch)
+            cols[i] = self._image_scores((self.fast_subs if self._fast else self.subs)[i](views[specs[i].transform]), batch)
         return torch.stack(cols, 1)
 
     @torch.inference_mode()
     def scores(self, pix: torch.Tensor) -> torch.Tensor:
         """(B, K) logits for [0, 1] pixel images of the detector's size."""
-        return self.logits_from_reps(self.representations(pix))
+        return self._logits(self.views_of(pix), pix.shape[0])
 
     @torch.inference_mode()
     def flag(self, pix: torch.Tensor):
@@ -407,7 +435,7 @@ def _contiguous(sd: dict) -> dict:
 
 
 def untrained_detector(shape: Dict, channels: int, size: int, sources: Sequence[str] = ("dfme", "gan", "diffusion"),
-                       transforms: Optional[Dict[str, TransformModel]] = None) -> Detector:
+                       transforms: Optional[Dict[str, TransformModel]] = None, fast: Optional[bool] = None) -> Detector:
     """A detector of ``shape`` (DetectorTrain's keys: transform, transform_params, patch, shared_trunk,
     arch, arch_params) with random weights and zero thresholds: what a trained one costs to run
     (benchmarks, tests). ``transforms`` supplies transforms that need weights (an untrained discriminator)."""
@@ -427,4 +455,4 @@ def untrained_detector(shape: Dict, channels: int, size: int, sources: Sequence[
     spec = DetectorSpec(format_version=format_version_for(patches, trunks), image=ImageSpec(channels=channels, size=size),
                         patches=patches, trunks=trunks, transforms={tname: {}}, subdetectors=subs)
     mods, trunk_mods = build_modules(spec, transforms)
-    return Detector(spec, {tname: transforms[tname]}, mods, trunk_mods)
+    return Detector(spec, {tname: transforms[tname]}, mods, trunk_mods, fast=fast)

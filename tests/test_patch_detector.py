@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from guardian_plugin.detector import (DEFAULT_224, DETECTOR_YAML, DetectorSpec, load_detector, patch_lattice,
+from guardian_plugin.detector import (DEFAULT_224, DETECTOR_YAML, Detector, DetectorSpec, load_detector, patch_lattice,
                                       patch_positions, read_spec, save_detector, untrained_detector)
 from guardian_plugin.errors import ArtifactError, ConfigError
 from guardian_plugin.training import pipeline
@@ -176,3 +175,39 @@ def test_default_224_shape_builds_and_scores():
     det = untrained_detector(DEFAULT_224, 3, 224)
     assert isinstance(det.spec, DetectorSpec) and det.spec.patches.size == 32 and len(det.trunks) == 1
     assert det.scores(torch.rand(2, 3, 224, 224)).shape == (2, 3)
+
+
+def test_folded_channels_last_path_scores_like_the_plain_modules():
+    """The new shapes run batch-norm-folded, channels-last copies; with non-trivial batch-norm statistics
+    they score as the saved modules do, up to rounding, and leave those modules untouched."""
+    torch.manual_seed(2)
+    plain = untrained_detector({**DEFAULT_224, "arch_params": {"width": 4, "blocks": 1}}, 3, 64, fast=False)
+    for m in plain.trunks.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    before = {k: v.clone() for k, v in plain.trunks.state_dict().items()}
+    fast = Detector(plain.spec, dict(plain.transforms), list(plain.subs), dict(plain.trunks))
+    x = torch.rand(4, 3, 64, 64)
+    assert torch.allclose(fast.scores(x), plain.scores(x), atol=1e-4)
+    assert all(torch.equal(v, plain.trunks.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.fast_trunks.modules())
+
+
+def test_npr_runs_on_aligned_pixel_patches_with_the_same_values():
+    """NPR's residual of an aligned pixel patch is that patch of the whole image's residual, bit for bit,
+    so the detector computes it on the patches only; at an odd offset the 2 x 2 grid shifts and the
+    residual differs, and the detector takes the whole image's."""
+    x = torch.rand(3, 3, 64, 64)
+    det = untrained_detector({**DEFAULT_224, "arch_params": {"width": 4, "blocks": 1}}, 3, 64)
+    assert det._patches_first("npr", (64, 64))
+    whole_then_cut = det.views(det.transforms["npr"](x))
+    assert torch.equal(det.views_of(x)["npr"], whole_then_cut)
+    odd = untrained_detector({**DEFAULT_224, "patch": {"size": 8, "grid": 4}}, 3, 30)  # offsets 0, 7, 14, 22
+    assert not odd._patches_first("npr", (30, 30))
+    y = torch.rand(2, 3, 30, 30)
+    npr = odd.transforms["npr"]
+    assert not torch.equal(npr(y[:, :, 7:15, 7:15]), npr(y)[:, :, 7:15, 7:15])
+    assert torch.equal(odd.views_of(y)["npr"], odd.views(npr(y)))
