@@ -34,13 +34,14 @@ class BasicBlock(nn.Module):
             self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # in place: the same values, fewer allocations
         out = self.bn2(self.conv2(out))
         if self.pad is not None:
             x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
         elif self.short is not None:
             x = self.short(x)
-        return F.relu(out + x)
+        out += x
+        return F.relu(out, inplace=True)
 
 
 class SmallResNet(nn.Module):
@@ -52,7 +53,8 @@ class SmallResNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, blocks: int = 1):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
         layers, cin = [], width
         for i, cout in enumerate((width, width * 2, width * 4)):
             for b in range(blocks):
@@ -192,6 +194,53 @@ def _effnet_lite0_imagenet(in_channels=3, num_classes=1000, **_):
 
 def build_classifier(arch: str, **kw) -> nn.Module:
     return CLASSIFIERS.get(arch)(**kw)
+
+
+# A shared trunk (the detector's ``trunks``): the classifier without its last linear layer, which each
+# architecture that can be split names here as ``head`` (the attribute holding that layer).
+_small_resnet.head = "fc"
+for _arch in ("resnet18", "resnet34", "resnet50"):
+    CLASSIFIERS.get(_arch).head = "fc"
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every batch norm that follows a convolution merged into it
+    (``convN``/``bnN`` attribute pairs, and a conv followed by a batch norm in a Sequential: the layouts
+    of SmallResNet, BasicBlock and torchvision's ResNets); ``model`` itself is unchanged. The same
+    function as in eval mode, one pass over the activations fewer per convolution, different rounding."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    m = copy.deepcopy(model).eval()
+    for mod in list(m.modules()):
+        if isinstance(mod, nn.Sequential):
+            for i in range(len(mod) - 1):
+                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
+                    mod[i], mod[i + 1] = fuse_conv_bn_eval(mod[i], mod[i + 1]), nn.Identity()
+        for k in (1, 2, 3):
+            conv, bn = getattr(mod, f"conv{k}", None), getattr(mod, f"bn{k}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(mod, f"conv{k}", fuse_conv_bn_eval(conv, bn))
+                setattr(mod, f"bn{k}", nn.Identity())
+    return m
+
+
+def trunk_archs() -> list:
+    """The architectures that can serve as a shared trunk."""
+    return [n for n in CLASSIFIERS if getattr(CLASSIFIERS.get(n), "head", None)]
+
+
+def build_trunk(arch: str, **kw) -> nn.Module:
+    """``arch`` up to its pooled features: (B, C, H, W) -> (B, ``out_features``); the classifier's last
+    linear layer becomes an identity, so the trunk's state dict is the classifier's without it."""
+    head = getattr(CLASSIFIERS.get(arch), "head", None)
+    if head is None:
+        raise ValueError(f"architecture {arch!r} cannot be a shared trunk; these can: {', '.join(trunk_archs())}")
+    m = build_classifier(arch, **{**kw, "num_classes": 1})
+    m.out_features = getattr(m, head).in_features
+    setattr(m, head, nn.Identity())
+    return m
 
 
 # What each architecture can take, next to it: ``supports(size, channels, **arch_params)`` returns None or

@@ -52,6 +52,9 @@ class TransformModel(nn.Module):
         self.gradient = gradient
         self.out_channels = out_channels  # the representation's channels when not the image's (feature maps)
         self.normalise, self.scale = normalise, scale
+        # ``crop_alignment`` a: T of a crop whose offsets and size are multiples of a is that crop of T of
+        # the whole image, bit for bit (a local, pixel-wise or block-wise T); None: T sees the whole image
+        self.crop_alignment: Optional[int] = None
         if model is not None:
             model.eval()
             for p in model.parameters():
@@ -132,7 +135,9 @@ class TransformContext:
 
 @TRANSFORMS.register("identity")
 def _identity(spec: dict, ctx: TransformContext) -> TransformModel:
-    return TransformModel("identity", None, gradient=False)
+    t = TransformModel("identity", None, gradient=False)
+    t.crop_alignment = 1
+    return t
 
 
 @TRANSFORMS.register("discriminator")
@@ -203,7 +208,9 @@ class _NPR(nn.Module):
 def _npr(spec: dict, ctx: TransformContext) -> TransformModel:
     """The residual is not a gradient and needs no weights; ``scale: 1`` maps its [-1, 1] to [0, 255]."""
     _check_keys("npr", spec, ())
-    return TransformModel("npr", _NPR(), gradient=False, normalise="scale", scale=1.0)
+    t = TransformModel("npr", _NPR(), gradient=False, normalise="scale", scale=1.0)
+    t.crop_alignment = 2  # nearest 2x down / up: each aligned 2 x 2 block on its own
+    return t
 
 
 class _EffNet(nn.Module):

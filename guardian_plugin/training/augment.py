@@ -25,10 +25,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = N
     b, c, h, w = x.shape
     if cfg.crop_pad:
         p = cfg.crop_pad
-        xp = F.pad(x, (p, p, p, p), mode="reflect")
-        i = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-        j = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-        x = torch.stack([xp[k, :, i[k]:i[k] + h, j[k]:j[k] + w] for k in range(b)])
+        x = random_crops(F.pad(x, (p, p, p, p), mode="reflect"), h, w, gen)
     if cfg.flip:
         m = torch.rand(b, generator=gen) < cfg.flip
         x = torch.where(m.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -47,6 +44,14 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator | None = N
             lo, hi = cfg.jpeg_quality
             x[k] = jpeg_roundtrip(x[k], int(torch.randint(lo, hi + 1, (1,), generator=gen)))
     return x
+
+
+def random_crops(x: torch.Tensor, h: int, w: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """One uniformly placed ``h`` x ``w`` crop of each image of (B, C, H, W) ``x`` (rows, then columns drawn)."""
+    b, _, hh, ww = x.shape
+    i = torch.randint(0, hh - h + 1, (b,), generator=gen)
+    j = torch.randint(0, ww - w + 1, (b,), generator=gen)
+    return torch.stack([x[k, :, i[k]:i[k] + h, j[k]:j[k] + w] for k in range(b)])
 
 
 def jpeg_roundtrip(img: torch.Tensor, quality: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from guardian_plugin.config import read_yaml, validate
+from guardian_plugin.detector import PatchSpec
 from guardian_plugin.training.augment import AugmentConfig
 from guardian_plugin.training.data import CIFAR10_SPLITS
 
@@ -75,6 +76,13 @@ class TransformTrain(_Strict):
     seed: int = 1
 
 
+class PatchTrain(PatchSpec):
+    """``detector.patch``: sub-detectors on ``size`` x ``size`` patches of the image at native resolution,
+    trained on one random crop per image per step, scored by the mean over a ``grid`` x ``grid`` lattice."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class DetectorTrain(_Strict):
     transform: str = "discriminator"
     per_source_transform: Dict[str, str] = {}
@@ -94,6 +102,12 @@ class DetectorTrain(_Strict):
     # the transform's cost is paid views x images times instead of epochs x images times.
     precompute: bool = False
     precompute_views: int = Field(2, ge=1)
+    # patch: {size: P, grid: G}: every sub-detector sees P x P patches of the transformed image instead of
+    # the whole image (docs/detector.md, "Patches and a shared trunk"); null: the whole image
+    patch: Optional[PatchTrain] = None
+    # shared_trunk: the sources that share a transform share one `arch` trunk with a linear head each,
+    # trained jointly (one trunk pass per transform at inference instead of one network per source)
+    shared_trunk: bool = False
 
 
 class TrainConfig(_Strict):

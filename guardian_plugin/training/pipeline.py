@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from guardian_plugin.detector import (FORMAT_VERSION, Detector, DetectorSpec, ImageSpec, InputMapping, SubDetector,
-                                      SubDetectorSpec, save_detector)
-from guardian_plugin.training.augment import augment, jpeg_roundtrip
+from guardian_plugin.detector import (HEAD_ARCH, Detector, DetectorSpec, Head, ImageSpec, InputMapping, PatchSpec,
+                                      SubDetector, SubDetectorSpec, Trunk, TrunkSpec, format_version_for, save_detector)
+from guardian_plugin.training.augment import augment, jpeg_roundtrip, random_crops
 from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
 from guardian_plugin.training.data import (cifar10_split, image_folder, mnist_splits, normalise, photo_crops, to_float,
@@ -146,18 +146,50 @@ def scores_of(detector: Detector, x, batch: int = 256, device="cpu") -> np.ndarr
     return torch.cat(out).numpy() if out else np.zeros((0, len(detector.subs)), np.float32)
 
 
+def _batch_reps(transform: TransformModel, x: np.ndarray, idx: torch.Tensor, views: Optional[List[torch.Tensor]],
+                ep: int, d, gen: torch.Generator, device) -> torch.Tensor:
+    """The training representations of images ``x[idx]`` in epoch ``ep``: augmented pixels through the
+    transform (or the epoch's precomputed view, cropped and flipped), then with ``d.patch`` one random
+    P x P crop of each at native resolution.
+
+    The transform runs on the WHOLE image and the patch is cut from its output, as at inference: a
+    gradient transform (discriminator, victim) is a function of the whole image, and the NPR residual
+    x - up(down(x)) is only the same as on the whole image when the 2 x 2 grid it down-samples on is the
+    image's own; a crop at an odd offset would shift that grid and see another residual. For NPR the
+    whole-image residual costs a few element-wise passes, nothing beside the sub-detector."""
+    if views is not None:  # crop / flip the stored representation of this epoch's view
+        geometric = d.augment.model_copy(update={"blur": 0.0, "jpeg": 0.0})
+        rep = augment(views[ep % len(views)][idx].float(), geometric, gen).to(device)
+    else:
+        rep = transform(augment(to_float(x[idx.numpy()]), d.augment, gen).to(device))
+    if d.patch is not None:
+        rep = random_crops(rep, d.patch.size, d.patch.size, gen)
+    return rep.contiguous(memory_format=torch.channels_last) if _channels_last(d) else rep
+
+
+def _channels_last(d) -> bool:
+    """The new shapes (patches, a shared trunk) train and run channels-last (faster convolutions on CPU)."""
+    return d.patch is not None or d.shared_trunk
+
+
+def _optimiser(params, d):
+    opt = torch.optim.Adam(params, lr=d.lr)
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=d.lr_step, gamma=d.lr_gamma)
+
+
 def train_subdetector(name: str, transform: TransformModel, real: np.ndarray, fake: np.ndarray, cfg: TrainConfig,
                       device, seed: int, progress: bool = True) -> Tuple[SubDetector, List[dict]]:
     d = cfg.detector
     seed_everything(seed)
-    sub = SubDetector(d.arch, transform.out_channels or cfg.channels, cfg.size, **d.arch_params).to(device)
-    opt = torch.optim.Adam(sub.parameters(), lr=d.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=d.lr_step, gamma=d.lr_gamma)
+    size = d.patch.size if d.patch is not None else cfg.size
+    sub = SubDetector(d.arch, transform.out_channels or cfg.channels, size, **d.arch_params).to(device)
+    if _channels_last(d):
+        sub = sub.to(memory_format=torch.channels_last)
+    opt, sched = _optimiser(sub.parameters(), d)
     x = np.concatenate([real, fake])
     y = torch.cat([torch.zeros(len(real)), torch.ones(len(fake))])
     gen = torch.Generator().manual_seed(seed)
     views = _precomputed_views(transform, x, d, gen, device, name, progress) if d.precompute else None
-    geometric = d.augment.model_copy(update={"blur": 0.0, "jpeg": 0.0})
     hist = []
     bar = tqdm(range(d.epochs), desc=f"sub-detector {name}", disable=not progress)
     for ep in bar:
@@ -167,11 +199,7 @@ def train_subdetector(name: str, transform: TransformModel, real: np.ndarray, fa
         loss_sum = 0.0
         for k in range(0, len(x), d.batch_size):
             idx = perm[k:k + d.batch_size]
-            if views is not None:  # crop / flip the stored representation of this epoch's view
-                rep = augment(views[ep % len(views)][idx].float(), geometric, gen).to(device)
-            else:
-                rep = transform(augment(to_float(x[idx.numpy()]), d.augment, gen).to(device))
-            logit = sub(rep)
+            logit = sub(_batch_reps(transform, x, idx, views, ep, d, gen, device))
             yb = y[idx].to(device)
             loss = F.binary_cross_entropy_with_logits(logit, yb)
             opt.zero_grad()
@@ -184,6 +212,69 @@ def train_subdetector(name: str, transform: TransformModel, real: np.ndarray, fa
         hist.append({"epoch": ep + 1, "loss": loss_sum / tot, "train_accuracy": correct / tot})
         bar.set_postfix(loss=f"{loss_sum / tot:.4f}", acc=f"{correct / tot:.3f}")
     return sub.eval(), hist
+
+
+def train_shared_trunk(tname: str, transform: TransformModel, real: np.ndarray, fakes: Dict[str, np.ndarray],
+                       cfg: TrainConfig, device, seed: int, progress: bool = True
+                       ) -> Tuple[Trunk, Dict[str, Head], Dict[str, List[dict]]]:
+    """One trunk on transform ``tname`` and a linear head per source of ``fakes``, trained jointly.
+
+    Every step holds ``batch_size / 2`` real images, the negatives of EVERY head, and
+    ``batch_size / (2 K)`` images of each of the K sources, the positives of that source's head only (no
+    head is trained to call another source's images real or fake). Each head's loss is half the mean over
+    the real images and half the mean over its own source's, so it stays balanced whatever K is; the loss
+    is the mean over heads. An epoch runs until the largest of those sets has been seen once (the smaller
+    ones cycle). Returns (trunk, heads by source, per-source history: joint loss, that head's accuracy)."""
+    d = cfg.detector
+    seed_everything(seed)
+    names = list(fakes)
+    size = d.patch.size if d.patch is not None else cfg.size
+    trunk = Trunk(d.arch, transform.out_channels or cfg.channels, size, **d.arch_params).to(device)
+    trunk = trunk.to(memory_format=torch.channels_last)
+    fused = torch.nn.Linear(trunk.out_features, len(names)).to(device)
+    opt, sched = _optimiser(list(trunk.parameters()) + list(fused.parameters()), d)
+    x = np.concatenate([real] + [fakes[n] for n in names])
+    starts = np.cumsum([0, len(real)] + [len(fakes[n]) for n in names])
+    groups = [torch.arange(starts[g], starts[g + 1]) for g in range(len(names) + 1)]  # 0: real, k + 1: source k
+    per_step = [max(1, d.batch_size // 2)] + [max(1, d.batch_size // (2 * len(names)))] * len(names)
+    steps = max(-(-len(g) // b) for g, b in zip(groups, per_step))
+    gen = torch.Generator().manual_seed(seed)
+    views = _precomputed_views(transform, x, d, gen, device, tname, progress) if d.precompute else None
+    hist: Dict[str, List[dict]] = {n: [] for n in names}
+    bar = tqdm(range(d.epochs), desc=f"trunk {tname} ({', '.join(names)})", disable=not progress)
+    for ep in bar:
+        trunk.train()
+        perms = [g[torch.randperm(len(g), generator=gen)] for g in groups]
+        loss_sum, right, seen = 0.0, np.zeros(len(names)), np.zeros(len(names))
+        for step in range(steps):
+            picks = [p[(step * b + torch.arange(b)) % len(p)] for p, b in zip(perms, per_step)]
+            logits = fused(trunk(_batch_reps(transform, x, torch.cat(picks), views, ep, d, gen, device)))
+            n_real = per_step[0]
+            real_logits = logits[:n_real]
+            real_loss = F.binary_cross_entropy_with_logits(real_logits, torch.zeros_like(real_logits), reduction="none").mean(0)
+            own, off = [], n_real
+            for k, b in enumerate(per_step[1:]):
+                own.append(logits[off:off + b, k])
+                off += b
+            fake_loss = torch.stack([F.binary_cross_entropy_with_logits(o, torch.ones_like(o)) for o in own])
+            loss = 0.5 * (real_loss + fake_loss).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item()
+            with torch.no_grad():
+                right += (real_logits <= 0).sum(0).cpu().numpy() + np.array([int((o > 0).sum()) for o in own])
+                seen += n_real + np.array(per_step[1:])
+        sched.step()
+        for k, n in enumerate(names):
+            hist[n].append({"epoch": ep + 1, "loss": loss_sum / steps, "train_accuracy": float(right[k] / seen[k])})
+        bar.set_postfix(loss=f"{loss_sum / steps:.4f}")
+    heads = {}
+    for k, n in enumerate(names):
+        heads[n] = Head(trunk.out_features)
+        heads[n].fc.weight.data.copy_(fused.weight.data[k:k + 1].cpu())
+        heads[n].fc.bias.data.copy_(fused.bias.data[k:k + 1].cpu())
+    return trunk.eval(), heads, hist
 
 
 def _precomputed_views(transform: TransformModel, x: np.ndarray, d, gen: torch.Generator, device, name: str,
@@ -423,27 +514,45 @@ def _run_stages(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | Non
         return {"prepared": True, "sources": source_info, "transforms": names,
                 "timings_s": {k: round(v, 1) for k, v in timings.items()}}
 
-    # 4. sub-detectors: each gets as many real training images as it has synthetic ones
+    # 4. sub-detectors: each gets as many real training images as it has synthetic ones (a shared trunk:
+    #    as many as all of its sources together, every one a negative of every head)
     dseed = cfg.seed if cfg.detector.seed is None else cfg.detector.seed
-    subs, sub_specs, histories = [], [], {}
-    for i, (src, x_fake) in enumerate(fake_train.items()):
-        with clock.stage(f"subdetector_{src}"):
-            rng = np.random.RandomState(dseed + 100 + i)
-            n = len(x_fake)
-            idx = rng.choice(len(real_pool), n, replace=n > len(real_pool))
-            sub, hist = train_subdetector(src, transforms[names[src]], real_pool[idx], x_fake, cfg, dev,
-                                          dseed + 10 + i, progress)
-        subs.append(sub)
-        histories[src] = hist
-        sub_specs.append(SubDetectorSpec(name=src, source=cfg.sources[src].kind, transform=names[src],
-                                         arch=cfg.detector.arch, arch_params=cfg.detector.arch_params,
-                                         weights=f"subdetector_{src}.pt", threshold=0.0))
-
-    spec = DetectorSpec(format_version=FORMAT_VERSION, image=ImageSpec(channels=cfg.channels, size=cfg.size),
+    d = cfg.detector
+    trained, histories, trunks, trunk_specs = {}, {}, {}, {}
+    if d.shared_trunk:
+        for g, tname in enumerate(dict.fromkeys(names[src] for src in fake_train)):
+            srcs = [src for src in fake_train if names[src] == tname]
+            with clock.stage(f"trunk_{tname}"):
+                rng = np.random.RandomState(dseed + 100 + g)
+                n = sum(len(fake_train[src]) for src in srcs)
+                idx = rng.choice(len(real_pool), n, replace=n > len(real_pool))
+                trunks[tname], heads, hist = train_shared_trunk(tname, transforms[tname], real_pool[idx],
+                                                                {src: fake_train[src] for src in srcs}, cfg, dev,
+                                                                dseed + 10 + g, progress)
+            trunk_specs[tname] = TrunkSpec(transform=tname, arch=d.arch, arch_params=d.arch_params,
+                                           weights=f"trunk_{tname}.pt")
+            trained.update(heads)
+            histories.update(hist)
+    else:
+        for i, (src, x_fake) in enumerate(fake_train.items()):
+            with clock.stage(f"subdetector_{src}"):
+                rng = np.random.RandomState(dseed + 100 + i)
+                n = len(x_fake)
+                idx = rng.choice(len(real_pool), n, replace=n > len(real_pool))
+                trained[src], histories[src] = train_subdetector(src, transforms[names[src]], real_pool[idx], x_fake,
+                                                                 cfg, dev, dseed + 10 + i, progress)
+    subs = [trained[src] for src in fake_train]
+    sub_specs = [SubDetectorSpec(name=src, source=cfg.sources[src].kind, transform=names[src],
+                                 **({"arch": HEAD_ARCH, "trunk": names[src], "weights": f"head_{src}.pt"} if d.shared_trunk
+                                    else {"arch": d.arch, "arch_params": d.arch_params, "weights": f"subdetector_{src}.pt"}),
+                                 threshold=0.0) for src in fake_train]
+    patches = PatchSpec(size=d.patch.size, grid=d.patch.grid) if d.patch is not None else None
+    spec = DetectorSpec(format_version=format_version_for(patches, trunk_specs),
+                        image=ImageSpec(channels=cfg.channels, size=cfg.size),
                         input=InputMapping(mean=cfg.mean, std=cfg.std), target_fpr=cfg.target_fpr,
                         num_classes=cfg.victim.num_classes if cfg.victim else None,
-                        transforms=transform_specs, subdetectors=sub_specs)
-    detector = Detector(spec, transforms, subs).to(dev)
+                        transforms=transform_specs, patches=patches, trunks=trunk_specs, subdetectors=sub_specs)
+    detector = Detector(spec, transforms, subs, trunks).to(dev)
 
     # 5. calibration on held-out real images
     with clock.stage("calibration"):
@@ -460,7 +569,7 @@ def _run_stages(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | Non
     margin = lambda s: (s - thr).max(1)  # noqa: E731  ensemble score: flagged iff >= 0
     val = {src: float((scores_of(detector, x, device=dev) >= thr).any(1).mean()) for src, x in fake_val.items() if len(x)}
     report = {
-        "format_version": FORMAT_VERSION,
+        "format_version": spec.format_version,
         "seed": cfg.seed,
         "detector_seed": dseed,
         "target_fpr": cfg.target_fpr,
@@ -499,7 +608,7 @@ def _run_stages(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | Non
     report["timings_s"]["total"] = round(time.time() - t_start, 1)
 
     with clock.stage("artifact"):  # (not in report.json's timings: the report is written here)
-        save_detector(out_dir, spec, [s.cpu() for s in subs])
+        save_detector(out_dir, spec, [s.cpu() for s in subs], {t: m.cpu() for t, m in trunks.items()})
         if victim is not None:  # the distribution test's benign reference (guardian_plugin.distribution)
             group = cfg.reference_group or cfg.real.calibrate[0].name
             ref = distribution_reference(detector, victim, real["calibrate"][group], cfg, dev, f"calibrate:{group}")

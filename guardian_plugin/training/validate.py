@@ -221,9 +221,21 @@ def check_config(cfg, base_dir: str, config_path: Optional[str] = None, out_dir:
 
     # sub-detectors (nets.py: the architecture's supports, then a dry build at the representation's shape)
     d = cfg.detector
+    sub_size = s
+    if d.patch is not None:  # patches are cut from the image at native resolution
+        if d.patch.size > s:
+            problems.append(("detector.patch.size", f"{d.patch.size} px patches do not fit {s} px images"))
+        else:
+            sub_size = d.patch.size
+    if d.shared_trunk:
+        from guardian_plugin.nets import trunk_archs
+
+        if d.arch not in trunk_archs():
+            problems.append(("detector.arch", f"shared_trunk needs an architecture that splits into a trunk and a "
+                                              f"head ({', '.join(trunk_archs())}), not {d.arch!r}"))
     sub_params: Dict[int, Optional[int]] = {}
     for ch in sorted(set(rep_channels.values())):
-        why, sub_params[ch] = _arch_problem(d.arch, ch, s, d.arch_params, 1)
+        why, sub_params[ch] = _arch_problem(d.arch, ch, sub_size, d.arch_params, 1)
         if why:
             problems.append(("detector.arch", why))
     if not (0 < cfg.test_fraction + cfg.val_fraction < 1):
@@ -271,7 +283,8 @@ def check_config(cfg, base_dir: str, config_path: Optional[str] = None, out_dir:
 
     stages = ["real_data"] + (["victim"] if cfg.victim else []) + [f"source_{n}" for n in cfg.sources] + ["transforms"]
     if not prepare_only:
-        stages += [f"subdetector_{n}" for n in cfg.sources] + ["calibration", "evaluation", "artifact"]
+        stages += ([f"trunk_{t}" for t in dict.fromkeys(names[n] for n in cfg.sources)] if d.shared_trunk
+                   else [f"subdetector_{n}" for n in cfg.sources]) + ["calibration", "evaluation", "artifact"]
     plan = Plan(config=where, image=(c, s), device=str(dev or "auto"), stages=stages,
                 sources={n: {"kind": src.kind, "n": src.n, "transform": names.get(n, default),
                              "cache": _cache_state(cfg, base_dir, n)} for n, src in cfg.sources.items()},
