@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-cifar10 test train-example train-cifar10 clean
+.PHONY: setup demo demo-cifar10 demo-imagenet test train-example train-cifar10 imagenet-example clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,17 @@ train-example: setup
 # Needs ../shared/data (or GUARDIAN_DATA). SKIP_VICTIM=1 keeps the committed victim.
 train-cifar10: setup
 	$(BIN)/python -m examples.cifar10.train_all $(if $(SKIP_VICTIM),--skip-victim,)
+
+# The ImageNet example (docs/imagenet.md): the pretrained EfficientNet-Lite0 archived with the built-in
+# image_classifier handler, its detector trained (examples/imagenet/detector-config.yaml), the archive
+# protected; artifacts in examples/imagenet/artifacts. DETECTOR=DIR protects with an existing artifact
+# instead of training (INPUT_FIT=area for one trained below 224 px, e.g. examples.imagenet.standin's).
+imagenet-example: setup
+	$(BIN)/python -m examples.imagenet.build $(if $(DETECTOR),--detector $(DETECTOR),) $(if $(INPUT_FIT),--input-fit $(INPUT_FIT),)
+
+# Both ImageNet archives served by TorchServe, natural photos and synthetic images sent (same options).
+demo-imagenet: setup
+	$(BIN)/python -m examples.imagenet.demo $(if $(DETECTOR),--detector $(DETECTOR),) $(if $(INPUT_FIT),--input-fit $(INPUT_FIT),)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,12 +1,19 @@
-"""Overhead of the guard on TorchServe: requests/s and p50/p99 latency of the MNIST example archive,
+"""Overhead of the guard on TorchServe: requests/s and p50/p99 latency of an example archive,
 unprotected vs `guardian protect`ed, in the same run (same server, same machine, same client load).
 
     python benchmarks/torchserve_overhead.py [--requests 400] [--concurrency 8] [--rounds 2]
+    python benchmarks/torchserve_overhead.py --example imagenet [--detector DIR --input-fit area] [--requests 100]
+
+``--example mnist`` (default): the MNIST example archive (its own handler), held-out digits.
+``--example imagenet``: the ImageNet example (examples/imagenet: the pretrained EfficientNet-Lite0 with
+the built-in image_classifier handler), the 20 foolbox ImageNet samples as JPEG bodies; its detector
+is examples/imagenet/artifacts/detector unless ``--detector`` names another (e.g. the stand-in of
+`python -m examples.imagenet.standin`, with ``--input-fit area``).
 
 Both models: 2 workers, batch_size 8, max_batch_delay 5 ms, one torch thread per worker. Benign
-traffic only (held-out digits, 8 client ids), so nobody is refused and the guard runs on every
-request. Rounds alternate unprotected / protected so drift on a shared machine hits both alike.
-Writes benchmarks/results/torchserve_overhead.json and prints a table.
+traffic only (8 client ids, a refusal threshold no client reaches), so nobody is refused and the guard
+runs on every request. Rounds alternate unprotected / protected so drift on a shared machine hits both
+alike. Writes benchmarks/results/torchserve_overhead[_imagenet].json and prints a table.
 """
 
 from __future__ import annotations
@@ -32,7 +39,46 @@ from examples.mnist import serving as ex  # noqa: E402
 from guardian_plugin.handlers.archive import protect  # noqa: E402
 from guardian_plugin.devserver.torchserve import TorchServe, build_archive  # noqa: E402
 
-OUT = os.path.join(ROOT, "benchmarks", "results", "torchserve_overhead.json")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+OUT = os.path.join(RESULTS, "torchserve_overhead.json")
+
+
+def mnist_setup(work: str, store: str, args) -> dict:
+    """The MNIST example's archives (unprotected ``mnist``, protected ``mnist_g``) and request bodies."""
+    for p in (ex.VICTIM_TS, os.path.join(ex.DETECTOR, "detector.yaml")):
+        if not os.path.exists(p):
+            sys.exit(f"{p} is missing (committed example artifact; `make train-example` regenerates it)")
+    mar = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)
+    guard = ex.guard_yaml(os.path.join(work, "guard.yaml"), f"sqlite:///{work}/ledger.db", tau=1_000_000)
+    protect(mar, ex.DETECTOR, os.path.join(store, "mnist_g.mar"), config=guard)
+    bodies, _ = ex.real_digits(200)
+    return {"models": ("mnist", "mnist_g"), "bodies": bodies, "detector": os.path.relpath(ex.DETECTOR, ROOT),
+            "model": "MNIST example LeNet-5 via examples/mnist/mnist_handler.py"}
+
+
+def imagenet_setup(work: str, store: str, args) -> dict:
+    """The ImageNet example's archives (``imagenet``, ``imagenet_g``; examples/imagenet/build.py) and the
+    20 foolbox ImageNet samples (JPEG) as request bodies."""
+    from examples.imagenet import build, serving as ix
+
+    detector = os.path.abspath(args.detector or ix.DETECTOR)
+    if not os.path.exists(os.path.join(detector, "detector.yaml")):
+        sys.exit(f"no ImageNet detector artifact at {detector}: `make imagenet-example`, or --detector DIR "
+                 "(e.g. `python -m examples.imagenet.standin`, then --detector examples/imagenet/artifacts/"
+                 "detector-standin --input-fit area)")
+    build.victim_step(work)
+    mar = build.archive_step(store, work)
+    guard = ex.guard_yaml(os.path.join(work, "guard.yaml"), f"sqlite:///{work}/ledger.db", tau=1_000_000)
+    protect(mar, detector, os.path.join(store, "imagenet_g.mar"), config=guard, input_fit=args.input_fit)
+    bodies, _, _ = ix.foolbox_samples()
+    return {"models": ("imagenet", "imagenet_g"), "bodies": bodies,
+            "detector": os.path.relpath(detector, ROOT) if detector.startswith(ROOT) else detector,
+            "input_fit": args.input_fit,
+            "model": "ImageNet example: pretrained EfficientNet-Lite0 (224 px) via the built-in image_classifier "
+                     "handler; bodies: the 20 foolbox ImageNet samples (JPEG, 512 px)"}
+
+
+SETUPS = {"mnist": mnist_setup, "imagenet": imagenet_setup}
 
 
 def load(url: str, bodies, n: int, concurrency: int, clients: int = 8):
@@ -60,29 +106,31 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=40)
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--example", choices=sorted(SETUPS), default="mnist")
+    ap.add_argument("--detector", default=None, help="imagenet: the detector artifact (default: the example's)")
+    ap.add_argument("--input-fit", default=None, choices=["center_crop", "resize", "area"],
+                    help="imagenet: guardian protect --input-fit (a detector trained below 224 px)")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/torchserve_overhead.json (mnist), "
+                                                "torchserve_overhead_imagenet.json (imagenet)")
     args = ap.parse_args(argv)
-    for p in (ex.VICTIM_TS, os.path.join(ex.DETECTOR, "detector.yaml")):
-        if not os.path.exists(p):
-            sys.exit(f"{p} is missing (committed example artifact; `make train-example` regenerates it)")
+    args.out = args.out or (OUT if args.example == "mnist" else os.path.join(RESULTS, f"torchserve_overhead_{args.example}.json"))
 
     work = tempfile.mkdtemp(prefix="guardian-bench-")
     store = os.path.join(work, "store")
-    mar = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, store)
-    guard = ex.guard_yaml(os.path.join(work, "guard.yaml"), f"sqlite:///{work}/ledger.db", tau=1_000_000)
-    protect(mar, ex.DETECTOR, os.path.join(store, "mnist_g.mar"), config=guard)
-    bodies, _ = ex.real_digits(200)
+    setup = SETUPS[args.example](work, store, args)
+    plain, guarded = setup["models"]
+    bodies = setup["bodies"]
     ts = TorchServe(store, os.path.join(work, "server")).start()
     samples = {"unprotected": {"wall": 0.0, "lat": [], "n": 0, "errors": 0},
                "protected": {"wall": 0.0, "lat": [], "n": 0, "errors": 0}}
     per_round = []
     try:
-        for name in ("mnist", "mnist_g"):
+        for name in (plain, guarded):
             ts.register(f"{name}.mar", name, workers=2, batch_size=8, max_batch_delay_ms=5)
-        for model in ("mnist", "mnist_g"):  # warm-up: first batches load lazily
+        for model in (plain, guarded):  # warm-up: first batches load lazily
             load(f"{ts.url}/predictions/{model}", bodies, args.warmup, args.concurrency)
         for r in range(args.rounds):
-            for label, model in (("unprotected", "mnist"), ("protected", "mnist_g")):
+            for label, model in (("unprotected", plain), ("protected", guarded)):
                 wall, lat, codes = load(f"{ts.url}/predictions/{model}", bodies, args.requests, args.concurrency)
                 s = samples[label]
                 s["wall"] += wall
@@ -107,14 +155,15 @@ def main(argv=None) -> int:
              "p50_protected_over_unprotected": p["p50_ms"] / u["p50_ms"],
              "p99_protected_over_unprotected": p["p99_ms"] / u["p99_ms"]}
     guard_ms = [float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
-                if l.startswith("GuardianGuardTime{") and 'ModelName="mnist_g"' in l]
+                if l.startswith("GuardianGuardTime{") and f'ModelName="{guarded}"' in l]
     import torch
 
     out = {
         "benchmark": "torchserve_overhead", "results": res, "ratio": ratio, "rounds": per_round,
         "last_batch_guard_ms": guard_ms[0] if guard_ms else None,
-        "setup": {"model": "MNIST example SmallResNet(width 16) via examples/mnist/mnist_handler.py",
-                  "detector": os.path.relpath(ex.DETECTOR, ROOT), "workers_per_model": 2, "batch_size": 8,
+        "setup": {"example": args.example, "model": setup["model"], "detector": setup["detector"],
+                  **({"input_fit": setup["input_fit"]} if setup.get("input_fit") else {}),
+                  "workers_per_model": 2, "batch_size": 8,
                   "max_batch_delay_ms": 5, "concurrency": args.concurrency, "requests_per_round": args.requests,
                   "rounds": args.rounds, "warmup": args.warmup, "torch_threads_per_worker": 1},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

@@ -26,6 +26,20 @@ def png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def png_bodies(x: np.ndarray) -> List[bytes]:
+    """uint8 (N, 3, H, W) -> one PNG per image, as a client sends them."""
+    return [png(np.ascontiguousarray(a.transpose(1, 2, 0))) for a in x]
+
+
+def handler_preprocess(bodies: Sequence[bytes]):
+    """What TorchServe's built-in image_classifier handler gives the model for these request bodies: its
+    own transform (Resize 256, CenterCrop 224, ToTensor, ImageNet Normalize) on the decoded images."""
+    import torch
+    from ts.torch_handler.image_classifier import ImageClassifier
+
+    return torch.stack([ImageClassifier.image_processing(Image.open(io.BytesIO(b))) for b in bodies])
+
+
 def add_common_args(ap) -> None:
     """The options every demo takes."""
     ap.add_argument("--attack-budget", type=int, default=4000, help="DFME query budget (it is refused long before)")

@@ -84,7 +84,10 @@ class Reference:
         return c * (len(self.margin_edges) + 1) + m
 
     def counts(self, bins: torch.Tensor) -> List[int]:
-        return torch.bincount(bins, minlength=self.bins).tolist()
+        # sized by the edges, not by ``probs``: build_reference counts before ``probs`` exists, and a
+        # reference whose last bins were empty (few calibration images) was written short, then refused
+        # at load ("do not match the edges")
+        return torch.bincount(bins, minlength=(len(self.conf_edges) + 1) * (len(self.margin_edges) + 1)).tolist()
 
     def save(self, directory: str) -> str:
         path = os.path.join(directory, REFERENCE_FILE)

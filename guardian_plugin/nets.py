@@ -177,6 +177,19 @@ def _effnet_lite0_head(**kw):
     return EffNetLite0Head(**kw)
 
 
+@CLASSIFIERS.register("effnet_lite0_imagenet")
+def _effnet_lite0_imagenet(in_channels=3, num_classes=1000, **_):
+    """The ImageNet-pretrained EfficientNet-Lite0 classifier taking ImageNet-normalised input (pretrained.py;
+    the ImageNet example's victim): 3 channels, 1000 classes, the weights from its pip package."""
+    from guardian_plugin.errors import ConfigError
+    from guardian_plugin.pretrained import ImageNetInputLite0
+
+    if (in_channels, num_classes) != (3, 1000):
+        raise ConfigError(f"effnet_lite0_imagenet is the pretrained 3-channel, 1000-class network, not "
+                          f"{in_channels} channels / {num_classes} classes")
+    return ImageNetInputLite0()
+
+
 def build_classifier(arch: str, **kw) -> nn.Module:
     return CLASSIFIERS.get(arch)(**kw)
 
@@ -189,6 +202,9 @@ _lenet.supports = lambda size, channels, **_: (None if size >= 4 else
 _effnet_lite0_head.supports = lambda size, channels, **_: (
     None if channels in (1, 3) else f"effnet_lite0_head takes 1- or 3-channel inputs, not {channels}")
 _effnet_lite0_head.dry_build = False
+_effnet_lite0_imagenet.supports = lambda size, channels, **_: (
+    None if channels == 3 else f"effnet_lite0_imagenet takes 3-channel inputs, not {channels}")
+_effnet_lite0_imagenet.dry_build = False  # loads the pretrained weights when built
 
 
 def _cifar_supports(size, channels, pretrained=False, **_):

@@ -149,3 +149,25 @@ def _fill_frozen(module: EffNetLite0Head, state_dict, prefix, *_) -> None:
     own = module.trunk.state_dict()
     for k in module._frozen:
         state_dict.setdefault(f"{prefix}trunk.{k}", own[k])
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageNetInputLite0(nn.Module):
+    """The pretrained EfficientNet-Lite0 classifier (1000 ImageNet logits) behind the ImageNet
+    normalisation ``(x - IMAGENET_MEAN) / IMAGENET_STD`` that TorchServe's built-in ``image_classifier``
+    handler (and most ImageNet pipelines) apply: the network wants ``(x - 0.5) / 0.5``, so the input is
+    mapped back with one per-channel affine map, ``z * 2 std + (2 mean - 1)``. On the same pixels it
+    returns the bare network's logits (tests/test_imagenet_example.py). The ImageNet example's victim
+    (examples/imagenet, docs/imagenet.md); ``fold_batchnorm`` as in :func:`efficientnet_lite0`."""
+
+    def __init__(self, fold_batchnorm: bool = True):
+        super().__init__()
+        self.net = efficientnet_lite0(fold_batchnorm=fold_batchnorm)
+        std, mean = torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN)
+        self.register_buffer("scale", (2 * std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", (2 * mean - 1).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * self.scale + self.shift)

@@ -100,6 +100,19 @@ def test_reference_round_trip_and_bad_files(tmp_path):
         load_reference(str(tmp_path))
 
 
+def test_reference_keeps_its_empty_last_bins(tmp_path):
+    # the most confident rows have the lowest margins: the last joint bin (top confidence, top margin)
+    # is empty; a small calibration set (the ImageNet stand-in's 12 photos) wrote such a reference short
+    n = 50
+    top = torch.linspace(0.55, 0.99, n)  # the top class, so confidence rises with the row
+    probs = torch.stack([top, 1 - top], 1)
+    scores = torch.linspace(1.0, -1.0, n)[:, None]
+    ref = build_reference(probs, scores, torch.zeros(1), "test")
+    assert ref.bins == (len(ref.conf_edges) + 1) * (len(ref.margin_edges) + 1) and ref.probs[-1] > 0
+    ref.save(str(tmp_path))
+    assert load_reference(str(tmp_path)) == ref
+
+
 def test_distribution_test_never_fails_without_a_complete_block():
     t = DistributionTest(Reference([1.0], [0.0], [0.25] * 4, 100), block=200)
     assert t.evaluate(None) == (False, 0.0, math.inf) and not t.fails([0, 0, 0, 0])

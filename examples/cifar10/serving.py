@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.torchserve_demo import ROOT, png
+from examples.torchserve_demo import ROOT, handler_preprocess, png_bodies  # noqa: F401  (used by the demo)
 
 ARTIFACTS = os.path.join(ROOT, "examples", "cifar10", "artifacts")
 VICTIM_TS = os.path.join(ARTIFACTS, "victim.torchscript.pt")
@@ -78,19 +78,3 @@ def benign_images(n: int) -> Tuple[np.ndarray, List[int]]:
 
     x, y = cifar10_split("test", n)
     return x, [int(v) for v in y]
-
-
-def png_bodies(x: np.ndarray) -> List[bytes]:
-    """uint8 (N, 3, H, W) -> one PNG per image, as a client sends them."""
-    return [png(np.ascontiguousarray(a.transpose(1, 2, 0))) for a in x]
-
-
-def handler_preprocess(bodies: List[bytes]) -> torch.Tensor:
-    """What the image_classifier handler gives the model for these request bodies: its own transform
-    (Resize 256, CenterCrop 224, ToTensor, ImageNet Normalize) on the decoded images."""
-    import io
-
-    from PIL import Image
-    from ts.torch_handler.image_classifier import ImageClassifier
-
-    return torch.stack([ImageClassifier.image_processing(Image.open(io.BytesIO(b))) for b in bodies])

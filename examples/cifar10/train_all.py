@@ -16,12 +16,11 @@ Every stage shows its own progress bars. On CUDA the stages run one after the ot
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
-import time
+
+from examples import pipeline as pl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -30,10 +29,6 @@ ARTIFACTS = os.path.join(HERE, "artifacts")
 # Balanced on this machine's measured source times (2 CPU cores, contended): DFME 1,713 s + GAN 364 s
 # (+ the discriminator transform) in one process, the diffusion model's 2,750 s in the other
 SOURCE_GROUPS = [["dfme", "gan"], ["diffusion"]]
-
-
-def guardian(*args: str) -> list:
-    return [sys.executable, "-m", "guardian_plugin.cli", *args]
 
 
 def main(argv=None) -> int:
@@ -46,44 +41,17 @@ def main(argv=None) -> int:
                                                    "one times the pipeline from scratch")
     ap.add_argument("--timing", default=os.path.join(ARTIFACTS, "pipeline-timing.json"))
     a = ap.parse_args(argv)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cache = ["--cache", os.path.abspath(a.cache)] if a.cache else []
-    stages = {}
+    stages = pl.Stages()
 
-    t = time.time()
     if not a.skip_victim:
-        subprocess.run([sys.executable, "-m", "examples.cifar10.train_victim", "--device", a.device,
-                        "--threads", str(os.cpu_count() or 1)], check=True, cwd=ROOT, env=env)
-        stages["victim"] = round(time.time() - t, 1)
-
-    t = time.time()
-    groups = SOURCE_GROUPS if a.jobs > 1 and a.device != "cuda" else [sum(SOURCE_GROUPS, [])]
-    procs = []
-    for k, group in enumerate(groups):
-        # only the first group trains the default transform's model (cached): the others skip it
-        transform = [] if k == 0 else ["--transform", "identity"]
-        procs.append(subprocess.Popen(guardian("train-detector", "--config", CONFIG, "--out",
-                                               os.path.join(ROOT, "runs", "cifar10", f"prepare-{k}"), "--prepare-only",
-                                               "--sources", *group, *transform, *cache, "--threads", "1",
-                                               "--device", a.device),
-                                      cwd=ROOT, env=env))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        sys.exit(f"source generation failed (exit codes {codes}); the log above names the source")
-    stages["sources"] = round(time.time() - t, 1)
-
-    t = time.time()
-    subprocess.run(guardian("train-detector", "--config", CONFIG, "--out", a.out, *cache, "--threads", "1",
-                            "--device", a.device), check=True, cwd=ROOT, env=env)
-    stages["detector"] = round(time.time() - t, 1)
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out = {"stages_s": stages, "total_s": round(sum(stages.values()), 1), "device": a.device, "jobs": a.jobs,
-           "cpu_count": os.cpu_count(), "machine": platform.machine(), "commit": commit or None,
-           "command": "python -m examples.cifar10.train_all " + " ".join(sys.argv[1:] if argv is None else argv)}
-    with open(a.timing, "w") as f:
-        json.dump(out, f, indent=2)
-    print("stages: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()) + f"; total {out['total_s'] / 60:.1f} min")
+        with stages("victim"):
+            subprocess.run([sys.executable, "-m", "examples.cifar10.train_victim", "--device", a.device,
+                            "--threads", str(os.cpu_count() or 1)], check=True, cwd=ROOT, env=pl.ENV)
+    with stages("sources"):
+        pl.prepare_sources(CONFIG, SOURCE_GROUPS, os.path.join(ROOT, "runs", "cifar10"), a.device, a.cache, a.jobs)
+    with stages("detector"):
+        pl.train_detector(CONFIG, a.out, a.device, a.cache)
+    stages.write(a.timing, pl.command_line("examples.cifar10.train_all", argv), device=a.device, jobs=a.jobs)
     return 0
 
 

@@ -32,6 +32,9 @@ class RealEntry(_Strict):
     path: Optional[str] = None
     range: Optional[Tuple[int, int]] = None
     seed: int = 0
+    # photos only: crop only photos whose shorter side is at least this many pixels (e.g. the image size,
+    # so that a 224 px detector never trains on 25 px LFW faces blown up 9x; docs/imagenet.md)
+    min_side: Optional[int] = Field(None, ge=1)
 
     @field_validator("kind")
     @classmethod
@@ -46,6 +49,8 @@ class RealEntry(_Strict):
             raise ValueError(f"split: cifar10 needs one of {', '.join(CIFAR10_SPLITS)} (got {self.split!r})")
         if self.kind == "foolbox" and self.group not in FOOLBOX_GROUPS:
             raise ValueError(f"group: foolbox needs one of {', '.join(FOOLBOX_GROUPS)} (got {self.group!r})")
+        if self.min_side is not None and self.kind != "photos":
+            raise ValueError(f"min_side applies to kind photos only, not {self.kind}")
         return self
 
 

@@ -287,14 +287,19 @@ def photo_inventory(size: int) -> Dict[str, Dict[str, list]]:
 
 
 def photo_crops(group: str, n: int, size: int = 28, channels: int = 1, seed: int = 0,
-                min_frac: float = 0.08, max_frac: float = 0.6) -> np.ndarray:
+                min_frac: float = 0.08, max_frac: float = 0.6, min_side: Optional[int] = None) -> np.ndarray:
     """``n`` random square crops from the photos of one group, converted to (n, channels, size, size)
     uint8. From a photo whose shorter edge is over 2 ``size`` px the side is a random fraction of that
     edge, at least ``size`` px; smaller photos are taken whole or nearly so (:func:`photo_side_range`:
-    never upscaled more than 2x; photos too small for that are left out, and a log line says which)."""
+    never upscaled more than 2x; photos too small for that are left out, and a log line says which).
+    ``min_side``: only photos whose shorter side is at least that."""
     if group not in PHOTO_GROUPS:
         raise KeyError(f"photo group {group!r}; known: {sorted(PHOTO_GROUPS)}")
     loaded = [(name, p) for name in PHOTO_GROUPS[group] for p in _load_photo(name)]
+    if min_side is not None:
+        loaded = [(name, p) for name, p in loaded if min(p.shape[:2]) >= min_side]
+        if not loaded:
+            raise ValueError(f"photo group {group!r} has no photo with a shorter side of {min_side} px or more")
     photos = [p for _, p in loaded if photo_side_range(min(p.shape[:2]), size)]
     left = sorted({name for name, p in loaded if not photo_side_range(min(p.shape[:2]), size)})
     if left:
@@ -326,15 +331,9 @@ def foolbox_samples(group: str, size: int, channels: int, view: Optional[Tuple[i
     """The 20 samples of ``group`` (imagenet: 224 x 224 photos of 20 ImageNet classes; cifar100: 32 x 32)
     that ship in the ``foolbox`` package's data folder (read without importing foolbox), whole: resized
     to ``size`` px, or with ``view=(resize, crop)`` through the served view (:func:`served_view_pil`)."""
-    import importlib.util
-
     if group not in FOOLBOX_GROUPS:
         raise KeyError(f"foolbox group {group!r}; known: {', '.join(FOOLBOX_GROUPS)}")
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the foolbox package (pip install foolbox==3.3.4; the `train` extra) ships the "
-                                  "ImageNet and CIFAR-100 samples")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    folder = foolbox_data_folder()
     files = sorted(f for f in os.listdir(folder) if f.startswith(group + "_") and f.endswith((".png", ".jpg")))
     return whole_images([os.path.join(folder, f) for f in files], size, channels, view)
 
@@ -355,6 +354,18 @@ def whole_images(files: Sequence[str], size: int, channels: int, view: Optional[
             a = np.asarray(im)
             out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
     return out
+
+
+def foolbox_data_folder() -> str:
+    """The ``foolbox`` package's data folder (20 labelled samples each of ImageNet, CIFAR-10, CIFAR-100,
+    MNIST and Fashion-MNIST, named ``DATASET_NN_LABEL.ext``), found without importing foolbox."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the foolbox package (pip install foolbox==3.3.4; the `train` extra) ships the "
+                                  "ImageNet and CIFAR-100 samples")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
 def natural_photos(size: int = 32, channels: int = 3) -> Dict[str, np.ndarray]:

@@ -55,7 +55,7 @@ def load_real(e: RealEntry, cfg: TrainConfig, base_dir: str) -> np.ndarray:
             raise ValueError(f"real entry {e.name!r}: mnist is 1 x 28 x 28, the config says {cfg.channels} x {size}")
         x = mnist_splits(seed=0)[e.split or "train"][0]
     elif e.kind == "photos":
-        x = photo_crops(e.group or "train", e.n or 1000, size, cfg.channels, seed=e.seed)
+        x = photo_crops(e.group or "train", e.n or 1000, size, cfg.channels, seed=e.seed, min_side=e.min_side)
     elif e.kind == "folder":
         return _first(image_folder(_path(e.path, base_dir), cfg.size, cfg.channels, view=view), e)
     elif e.kind == "foolbox":
@@ -109,13 +109,22 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _entry_key(e: RealEntry) -> dict:
+    """A real entry's settings for cache keys; ``min_side`` only when set, so that the keys of configs
+    written before it existed (and their cached sources) stay the same."""
+    d = e.model_dump()
+    if d.get("min_side") is None:
+        d.pop("min_side", None)
+    return d
+
+
 def source_cache_key(cfg: TrainConfig, source, victim_hash: Optional[str]) -> str:
     """Everything a source's images depend on: its settings, the seed, the generative data and image
     size, and the victim's weights only for sources that query the victim (a new victim regenerates
     the dfme source, not the GAN or diffusion ones)."""
     key = {"kind": source.kind, "n": source.n, "params": source.params, "seed": cfg.seed,
            "victim": victim_hash if uses_victim(source.kind) else None,
-           "data": [e.model_dump() for e in cfg.real.train if e.name == cfg.generative_data],
+           "data": [_entry_key(e) for e in cfg.real.train if e.name == cfg.generative_data],
            "size": cfg.size, "channels": cfg.channels}
     if cfg.served_view is not None:  # the generative data went through it (absent otherwise: keys made before it stay)
         key["served_view"] = cfg.served_view.model_dump()

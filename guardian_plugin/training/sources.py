@@ -213,31 +213,32 @@ def _upsample_check(kind: str, params: dict, cfg) -> list:
     """``upsample_from`` / ``upsample_mode``: a size the source's generator supports, at most the config's."""
     out = []
     s = params.get("upsample_from")
+    size, channels = getattr(cfg, "size", None), getattr(cfg, "channels", 3)  # cfg None: no config to compare with
     if s is not None:
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             out.append(("params.upsample_from", f"must be a positive integer (px), got {s!r}"))
-        elif s > cfg.size:
-            out.append(("params.upsample_from", f"{s} px is above the config's size ({cfg.size}): the samples are "
+        elif size is not None and s > size:
+            out.append(("params.upsample_from", f"{s} px is above the config's size ({size}): the samples are "
                                                 "upsampled to the config's size, never shrunk"))
-        elif SOURCES.unsupported(kind, s, cfg.channels):
-            out.append(("params.upsample_from", f"{SOURCES.unsupported(kind, s, cfg.channels)}; use a size the "
-                                                f"generator supports, e.g. {_upsample_sizes(kind, cfg)}"))
+        elif SOURCES.unsupported(kind, s, channels):
+            out.append(("params.upsample_from", f"{SOURCES.unsupported(kind, s, channels)}; use a size the generator "
+                                                f"supports, e.g. {_upsample_sizes(kind, size or 224, channels)}"))
     mode = params.get("upsample_mode", "bilinear")
     if mode not in UPSAMPLE_MODES:
         out.append(("params.upsample_mode", f"must be one of {', '.join(UPSAMPLE_MODES)}, got {mode!r}"))
     return out
 
 
-def _upsample_sizes(kind: str, cfg) -> str:
+def _upsample_sizes(kind: str, size: int, channels: int) -> str:
     """The sizes to suggest for ``upsample_from`` (what attackers against large models generate at)."""
-    sizes = [n for n in (32, 64, 28) if n <= cfg.size and not SOURCES.unsupported(kind, n, cfg.channels)][:2]
+    sizes = [n for n in (32, 64, 28) if n <= size and not SOURCES.unsupported(kind, n, channels)][:2]
     return " or ".join(map(str, sorted(sizes))) or "a smaller size"
 
 
 def upsample_advice(kind: str, cfg) -> str:
     """The sentence that suggests ``upsample_from`` for a source at the config's size."""
-    return (f"set params.upsample_from: {_upsample_sizes(kind, cfg)} (the generator works at that size and its "
-            f"images are upsampled to {cfg.size} px, as attacks on {cfg.size} px models generate)")
+    return (f"set params.upsample_from: {_upsample_sizes(kind, cfg.size, cfg.channels)} (the generator works at that "
+            f"size and its images are upsampled to {cfg.size} px, as attacks on {cfg.size} px models generate)")
 
 
 def _dfme_check(params: dict, cfg):
