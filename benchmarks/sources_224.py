@@ -32,6 +32,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     ap.add_argument("--photos", type=int, default=2000, help="photo crops the gan / diffusion sources learn")
+    ap.add_argument("--dfme-budget", type=int, default=None, help="override the dfme budget (a shorter run whose "
+                    "time scales linearly with the queries)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -52,6 +54,8 @@ def main(argv=None) -> dict:
         from guardian_plugin.pretrained import efficientnet_lite0
 
         victim = efficientnet_lite0()
+    if args.dfme_budget:
+        BUDGETS["dfme"]["params"]["budget"] = args.dfme_budget
     for name in args.sources:
         spec = BUDGETS[name]
         ctx = SourceContext(real, victim, MEAN, STD, num_classes=1000, seed=0, progress=False)
