@@ -292,7 +292,7 @@ class DCGANGenerator(nn.Module):
             nn.ConvTranspose2d(width * 4, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.ReLU(),
             nn.ConvTranspose2d(width * 2, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
         ]
-        if size == 32:
+        if size in (32, 64):  # 4 -> 32 and 8 -> 64: a third 2x step (64 px came out at 32 px without it)
             ups += [nn.ConvTranspose2d(width, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
         ups += [nn.Conv2d(width, channels, 3, 1, 1), nn.Sigmoid()]
         self.net = nn.Sequential(*ups)

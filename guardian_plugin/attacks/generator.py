@@ -12,7 +12,7 @@ alone), so a run with the same seed sends the same queries as before this base e
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ from guardian_plugin.attacks.base import Attack, AttackParams
 from guardian_plugin.attacks.common import (check_output, cosine, fresh_copy, norm_consts, pretrain_proxy_gan,
                                             set_lr, tanh_to_input)
 from guardian_plugin.nets import GeneratorA
+from guardian_plugin.training.data import upsample
 
 
 class GeneratorParams(AttackParams):
@@ -112,6 +113,12 @@ class TanhGeneratorParams(GeneratorParams):
                                                   "input, as published) or `pixels` (mapped to [0, 1] pixels, "
                                                   "then normalised)")
 
+    upsample_from: Optional[int] = Field(None, ge=4, description="generator output size in px, upsampled "
+                                         "(differentiably) to the victim's size before every query, as "
+                                         "attacks on 224 px models do (null: the victim's size)")
+    upsample_mode: Literal["nearest", "bilinear", "bicubic"] = Field("bilinear", description="how "
+                                                                     "`upsample_from` images are upsampled")
+
     @field_validator("output")
     @classmethod
     def _output(cls, v: str) -> str:
@@ -127,10 +134,14 @@ class TanhGeneratorAttack(GeneratorAttack):
 
     def setup(self) -> None:
         self.output = self.cfg.output
+        self.input_size = self.image_shape[1]
+        if (self.cfg.upsample_from or 0) > self.input_size:
+            raise ValueError(f"{self.name}: upsample_from ({self.cfg.upsample_from}) is above the victim's "
+                             f"{self.input_size} px")
         super().setup()
 
     def build_generator(self, channels: int, size: int) -> nn.Module:
-        return GeneratorA(self.nz, channels, size, self.cfg.ngf)
+        return GeneratorA(self.nz, channels, self.cfg.upsample_from or size, self.cfg.ngf)
 
     def build_generator_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr_g)
@@ -142,7 +153,11 @@ class TanhGeneratorAttack(GeneratorAttack):
         return torch.optim.SGD(model.parameters(), lr=self.lr_s, momentum=0.9, weight_decay=5e-4)
 
     def to_input(self, t: torch.Tensor) -> torch.Tensor:
-        return tanh_to_input(t, self.output, self.mean, self.std)
+        """The tanh output (any leading dims) -> the victim's input: upsampled to the victim's size
+        (``upsample_from``, differentiable; the generator's own gradients and zeroth-order estimates
+        stay at the generator's size) and mapped by ``output``."""
+        return tanh_to_input(upsample(t, self.input_size, self.cfg.upsample_mode, (-1.0, 1.0)), self.output,
+                             self.mean, self.std)
 
     def generate(self, n: Optional[int] = None) -> torch.Tensor:
         """Victim inputs from fresh noise (``n`` images, default one batch), in the generator's current mode."""

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from guardian_plugin.config import read_yaml, validate
 from guardian_plugin.detector import PatchSpec
 from guardian_plugin.training.augment import AugmentConfig
-from guardian_plugin.training.data import CIFAR10_SPLITS
+from guardian_plugin.training.data import CIFAR10_SPLITS, FOOLBOX_GROUPS
+
+REAL_KINDS = ("mnist", "photos", "folder", "cifar10", "foolbox")
 
 
 class _Strict(BaseModel):
@@ -20,7 +22,8 @@ class _Strict(BaseModel):
 
 class RealEntry(_Strict):
     """Real images: ``kind`` mnist (split train|test), photos (group train|calibrate|evaluate, n),
-    folder (path), cifar10 (split: one of the named splits of the shared copy, docs/cifar10.md)."""
+    folder (path), cifar10 (split: one of the named splits of the shared copy, docs/cifar10.md),
+    foolbox (group imagenet|cifar100: the 20 samples of the foolbox package, whole)."""
 
     name: str
     kind: str
@@ -37,14 +40,16 @@ class RealEntry(_Strict):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v):
-        if v not in ("mnist", "photos", "folder", "cifar10"):
-            raise ValueError("kind must be one of mnist, photos, folder, cifar10")
+        if v not in REAL_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(REAL_KINDS)}")
         return v
 
     @model_validator(mode="after")
     def _split(self):
         if self.kind == "cifar10" and self.split not in CIFAR10_SPLITS:
             raise ValueError(f"split: cifar10 needs one of {', '.join(CIFAR10_SPLITS)} (got {self.split!r})")
+        if self.kind == "foolbox" and self.group not in FOOLBOX_GROUPS:
+            raise ValueError(f"group: foolbox needs one of {', '.join(FOOLBOX_GROUPS)} (got {self.group!r})")
         if self.min_side is not None and self.kind != "photos":
             raise ValueError(f"min_side applies to kind photos only, not {self.kind}")
         return self
@@ -110,6 +115,21 @@ class DetectorTrain(_Strict):
     shared_trunk: bool = False
 
 
+class ServedView(_Strict):
+    """What TorchServe's built-in ``image_classifier`` handler does to every image before the model:
+    torchvision Resize(``resize``) (shorter side, bilinear, antialiased) then CenterCrop(``crop``)."""
+
+    resize: int = Field(..., ge=1)
+    crop: int = Field(..., ge=1)
+
+    @model_validator(mode="after")
+    def _crop(self):
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must be at most resize ({self.resize}): the crop is cut from "
+                             "the resized image")
+        return self
+
+
 class TrainConfig(_Strict):
     seed: int = 0
     device: str = "auto"
@@ -135,9 +155,15 @@ class TrainConfig(_Strict):
     # distribution; needs `victim`); default: the first calibrate entry
     reference_group: Optional[str] = None
     cache: str = ".cache/guardian"
+    # every image of every split (real and synthetic) first goes through the served model's own
+    # preprocessing, e.g. {resize: 256, crop: 224} for TorchServe's image_classifier handler; crop = size
+    served_view: Optional[ServedView] = None
 
     @model_validator(mode="after")
     def _names(self):
+        if self.served_view is not None and self.served_view.crop != self.size:
+            raise ValueError(f"served_view.crop ({self.served_view.crop}) must equal size ({self.size}): the "
+                             "detector sees what the model sees, the crop")
         names = [e.name for e in self.real.train]
         if self.generative_data not in names:
             raise ValueError(f"generative_data {self.generative_data!r} is not a real.train entry ({names})")

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,49 @@ def denormalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (x * s + m).clamp(0, 1)
 
 
+UPSAMPLE_MODES = ("nearest", "bilinear", "bicubic")
+
+
+def upsample(x: torch.Tensor, size: int, mode: str = "bilinear", bounds: Tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Images (..., C, s, s) -> (..., C, size, size) by ``mode`` (:data:`UPSAMPLE_MODES`; differentiable),
+    clamped to ``bounds`` (bicubic overshoots). How the sources and the generator attacks with
+    ``upsample_from`` bring a generator's small output to the model's size."""
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample mode {mode!r}: use one of {', '.join(UPSAMPLE_MODES)}")
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])
+    up = F.interpolate(flat, size=(size, size), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+    return up.clamp(*bounds).reshape(*lead, *up.shape[-3:])
+
+
+def downsample_area(x01: torch.Tensor, size: int) -> torch.Tensor:
+    """[0, 1] images brought down to ``size`` px by area averaging (what the gan and diffusion sources
+    with ``upsample_from`` learn from)."""
+    return x01 if x01.shape[-1] == size else F.interpolate(x01, size=(size, size), mode="area")
+
+
+def served_view_pil(im: Image.Image, resize: int, crop: int) -> Image.Image:
+    """What TorchServe's built-in ``image_classifier`` handler does to a decoded image before its
+    ToTensor / Normalize: torchvision ``Resize(resize)`` (shorter side to ``resize``, bilinear, with
+    antialiasing: PIL images are resized by PIL) then ``CenterCrop(crop)``."""
+    from torchvision.transforms import functional as TF
+
+    return TF.center_crop(TF.resize(im, resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True), crop)
+
+
+def served_view(x: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """uint8 images (N, C, H, W) through :func:`served_view_pil`, each as the PIL image a server decodes
+    from a lossless upload of it: (N, C, crop, crop) uint8."""
+    out = np.empty((len(x), x.shape[1], crop, crop), np.uint8)
+    for i, a in enumerate(x):
+        im = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+        v = np.asarray(served_view_pil(im, resize, crop))
+        out[i] = v[None] if v.ndim == 2 else v.transpose(2, 0, 1)
+    return out
+
+
 def _load_photo(name: str) -> List[np.ndarray]:
     """RGB or grayscale float arrays in [0, 1] (H, W[, 3])."""
     if name.startswith("sklearn:"):
@@ -216,18 +260,53 @@ def _convert(crop: np.ndarray, size: int, channels: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
+def photo_side_range(short: int, size: int) -> Optional[Tuple[int, int]]:
+    """(smallest, largest) side of a square crop of a photo whose shorter side is ``short`` px, for
+    ``size`` px images, or None when the photo is left out at that size. No crop is upscaled more than
+    2x: a photo at least ``size`` px gives crops of at least ``size`` px (native resolution, or larger
+    and downscaled); a smaller one gives crops of 3/4 to all of its shorter side but at least ``size``/2
+    px; a photo under ``size``/2 px (the 25 px LFW faces from 51 px up, microaneurysms' 102 px from 205
+    px up) is left out. Above 2 ``size`` px the crop side is drawn by :func:`photo_crops` instead."""
+    if 2 * short < size:
+        return None
+    return max(short * 3 // 4, 8, size if short >= size else -(-size // 2)), short
+
+
+def photo_inventory(size: int) -> Dict[str, Dict[str, list]]:
+    """{group: {"used": [(name, h, w)], "left_out": [...]}}: which photos :func:`photo_crops` draws from
+    at ``size`` px (an LFW range counts each face)."""
+    out = {}
+    for group, names in PHOTO_GROUPS.items():
+        used, left = [], []
+        for name in names:
+            for p in _load_photo(name):
+                entry = (name, *p.shape[:2])
+                (used if photo_side_range(min(p.shape[:2]), size) else left).append(entry)
+        out[group] = {"used": used, "left_out": left}
+    return out
+
+
 def photo_crops(group: str, n: int, size: int = 28, channels: int = 1, seed: int = 0,
                 min_frac: float = 0.08, max_frac: float = 0.6, min_side: Optional[int] = None) -> np.ndarray:
-    """``n`` random square crops (side a random fraction of the shorter edge, at least ``size`` px)
-    from the photos of one group, converted to (n, channels, size, size) uint8. Small images (faces)
-    are taken whole or nearly so. ``min_side``: only photos whose shorter side is at least that."""
+    """``n`` random square crops from the photos of one group, converted to (n, channels, size, size)
+    uint8. From a photo whose shorter edge is over 2 ``size`` px the side is a random fraction of that
+    edge, at least ``size`` px; smaller photos are taken whole or nearly so (:func:`photo_side_range`:
+    never upscaled more than 2x; photos too small for that are left out, and a log line says which).
+    ``min_side``: only photos whose shorter side is at least that."""
     if group not in PHOTO_GROUPS:
         raise KeyError(f"photo group {group!r}; known: {sorted(PHOTO_GROUPS)}")
-    photos = [p for name in PHOTO_GROUPS[group] for p in _load_photo(name)]
+    loaded = [(name, p) for name in PHOTO_GROUPS[group] for p in _load_photo(name)]
     if min_side is not None:
-        photos = [p for p in photos if min(p.shape[:2]) >= min_side]
-        if not photos:
+        loaded = [(name, p) for name, p in loaded if min(p.shape[:2]) >= min_side]
+        if not loaded:
             raise ValueError(f"photo group {group!r} has no photo with a shorter side of {min_side} px or more")
+    photos = [p for _, p in loaded if photo_side_range(min(p.shape[:2]), size)]
+    left = sorted({name for name, p in loaded if not photo_side_range(min(p.shape[:2]), size)})
+    if left:
+        log.info("photo group %s at %d px: %d of %d photos left out (shorter side under %d px: %s)", group, size,
+                 len(loaded) - len(photos), len(loaded), -(-size // 2), ", ".join(left))
+    if not photos:
+        raise ValueError(f"photo group {group!r} has no photo of at least {-(-size // 2)} px for {size} px crops")
     rng = np.random.RandomState(seed)
     out = np.empty((n, channels, size, size), np.uint8)
     for i in range(n):
@@ -235,12 +314,45 @@ def photo_crops(group: str, n: int, size: int = 28, channels: int = 1, seed: int
         h, w = im.shape[:2]
         short = min(h, w)
         if short <= 2 * size:
-            side = rng.randint(max(short * 3 // 4, 8), short + 1)
+            lo, hi = photo_side_range(short, size)
+            side = rng.randint(lo, hi + 1)
         else:
             side = int(rng.uniform(min_frac, max_frac) * short)
             side = max(side, size)
-        top, left = rng.randint(0, h - side + 1), rng.randint(0, w - side + 1)
-        out[i] = _convert(im[top:top + side, left:left + side], size, channels)
+        top, left_ = rng.randint(0, h - side + 1), rng.randint(0, w - side + 1)
+        out[i] = _convert(im[top:top + side, left_:left_ + side], size, channels)
+    return out
+
+
+FOOLBOX_GROUPS = ("imagenet", "cifar100")
+
+
+def foolbox_samples(group: str, size: int, channels: int, view: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """The 20 samples of ``group`` (imagenet: 224 x 224 photos of 20 ImageNet classes; cifar100: 32 x 32)
+    that ship in the ``foolbox`` package's data folder (read without importing foolbox), whole: resized
+    to ``size`` px, or with ``view=(resize, crop)`` through the served view (:func:`served_view_pil`)."""
+    if group not in FOOLBOX_GROUPS:
+        raise KeyError(f"foolbox group {group!r}; known: {', '.join(FOOLBOX_GROUPS)}")
+    folder = foolbox_data_folder()
+    files = sorted(f for f in os.listdir(folder) if f.startswith(group + "_") and f.endswith((".png", ".jpg")))
+    return whole_images([os.path.join(folder, f) for f in files], size, channels, view)
+
+
+def whole_images(files: Sequence[str], size: int, channels: int, view: Optional[Tuple[int, int]] = None,
+                 resample=None) -> np.ndarray:
+    """Image files, whole, as (N, channels, S, S) uint8: resized to ``size`` x ``size`` (``resample``:
+    PIL's filter, default the :func:`_convert` choice: Lanczos down, bilinear up), or with
+    ``view=(resize, crop)`` through :func:`served_view_pil` (S = crop)."""
+    out = np.empty((len(files), channels, view[1] if view else size, view[1] if view else size), np.uint8)
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            if view is None and resample is None:
+                out[i] = _convert(np.asarray(im.convert("RGB")) / 255.0, size, channels)
+                continue
+            im = im.convert("L" if channels == 1 else "RGB")
+            im = served_view_pil(im, *view) if view else im.resize((size, size), resample)
+            a = np.asarray(im)
+            out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
     return out
 
 
@@ -261,12 +373,8 @@ def natural_photos(size: int = 32, channels: int = 3) -> Dict[str, np.ndarray]:
     20 CIFAR-100 samples that ship in the ``foolbox`` package (its data folder, read without importing
     foolbox), every scikit-image / scikit-learn photo of the ``evaluate`` photo group and its 50 LFW faces
     (grey, 25 x 25): no photo of the train or calibrate groups. For false-positive rates on images a CIFAR-10 detector never saw."""
-    out: Dict[str, np.ndarray] = {}
-    folder = foolbox_data_folder()
-    for prefix in ("imagenet", "cifar100"):
-        files = sorted(f for f in os.listdir(folder) if f.startswith(prefix + "_") and f.endswith((".png", ".jpg")))
-        out[f"foolbox_{prefix}"] = np.stack([_convert(np.asarray(Image.open(os.path.join(folder, f)).convert("RGB"))
-                                                      / 255.0, size, channels) for f in files])
+    out: Dict[str, np.ndarray] = {f"foolbox_{prefix}": foolbox_samples(prefix, size, channels)
+                                  for prefix in FOOLBOX_GROUPS}
     for group, names in (("skimage_photos", [n for n in PHOTO_GROUPS["evaluate"] if not n.startswith("lfw:")]),
                          ("lfw_faces", [n for n in PHOTO_GROUPS["evaluate"] if n.startswith("lfw:")])):
         out[group] = np.stack([_convert(p, size, channels) for name in names for p in _load_photo(name)])
@@ -276,21 +384,16 @@ def natural_photos(size: int = 32, channels: int = 3) -> Dict[str, np.ndarray]:
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def image_folder(path: str, size: int, channels: int, limit: int | None = None) -> np.ndarray:
-    """Every image under ``path`` (recursively, sorted), converted to (N, channels, size, size) uint8."""
+def image_folder(path: str, size: int, channels: int, limit: int | None = None,
+                 view: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Every image under ``path`` (recursively, sorted), converted to (N, channels, size, size) uint8
+    (bilinear resize), or with ``view=(resize, crop)``: each original image through the served view."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder {path} does not exist")
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise ValueError(f"image folder {path} holds no images ({', '.join(IMAGE_EXTS)})")
-    files = files[:limit] if limit else files
-    out = np.empty((len(files), channels, size, size), np.uint8)
-    for i, f in enumerate(files):
-        with Image.open(f) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-            a = np.asarray(im)
-            out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
-    return out
+    return whole_images(files[:limit] if limit else files, size, channels, view, resample=Image.BILINEAR)
 
 
 def save_image_folder(x: np.ndarray, path: str, prefix: str = "img") -> None:

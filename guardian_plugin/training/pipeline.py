@@ -2,7 +2,9 @@
 
 1. real images in three disjoint splits: train (the real class), calibrate (thresholds), evaluate
 2. synthetic sources (cached by their settings), each split into train / test; with ``synthetic_jpeg``
-   every synthetic image first goes through that JPEG round trip, like the real images of a JPEG data set
+   every synthetic image first goes through that JPEG round trip, like the real images of a JPEG data set;
+   with ``served_view`` every real and synthetic image then goes through the served model's Resize +
+   CenterCrop (what the guard sees behind TorchServe's image_classifier handler)
 3. transformation models (the discriminator is a GAN trained here on the defender's data)
 4. one sub-detector per source: equal numbers of real and synthetic training images, augmentation
    before the transform, Adam with a step decay
@@ -33,8 +35,8 @@ from guardian_plugin.detector import (HEAD_ARCH, Detector, DetectorSpec, Head, I
 from guardian_plugin.training.augment import augment, jpeg_roundtrip, random_crops
 from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
-from guardian_plugin.training.data import (cifar10_split, image_folder, mnist_splits, normalise, photo_crops, to_float,
-                                          to_uint8)
+from guardian_plugin.training.data import (cifar10_split, foolbox_samples, image_folder, mnist_splits, normalise,
+                                          photo_crops, served_view, to_float, to_uint8)
 from guardian_plugin.training.sources import SourceContext, build_source, uses_victim
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform, estimate_scale
 
@@ -43,25 +45,43 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ data
 def load_real(e: RealEntry, cfg: TrainConfig, base_dir: str) -> np.ndarray:
+    """A real entry's images as the detector will see them: at the config's size, or with ``served_view``
+    loaded at its ``resize`` (whole files and the foolbox samples: at their own size) and then through
+    the served view (Resize + CenterCrop), which leaves them at the config's size."""
+    view = (cfg.served_view.resize, cfg.served_view.crop) if cfg.served_view else None
+    size = view[0] if view else cfg.size
     if e.kind == "mnist":
-        if cfg.channels != 1 or cfg.size != 28:
-            raise ValueError(f"real entry {e.name!r}: mnist is 1 x 28 x 28, the config says {cfg.channels} x {cfg.size}")
+        if cfg.channels != 1 or size != 28:
+            raise ValueError(f"real entry {e.name!r}: mnist is 1 x 28 x 28, the config says {cfg.channels} x {size}")
         x = mnist_splits(seed=0)[e.split or "train"][0]
     elif e.kind == "photos":
-        x = photo_crops(e.group or "train", e.n or 1000, cfg.size, cfg.channels, seed=e.seed, min_side=e.min_side)
+        x = photo_crops(e.group or "train", e.n or 1000, size, cfg.channels, seed=e.seed, min_side=e.min_side)
     elif e.kind == "folder":
-        x = image_folder(_path(e.path, base_dir), cfg.size, cfg.channels)
+        return _first(image_folder(_path(e.path, base_dir), cfg.size, cfg.channels, view=view), e)
+    elif e.kind == "foolbox":
+        return _first(foolbox_samples(e.group, cfg.size, cfg.channels, view=view), e)
     else:  # cifar10: a named split of the shared copy
         x = cifar10_split(e.split)[0]
         if cfg.channels == 1:
             x = to_uint8(to_float(x).mean(1, keepdim=True))
-        if cfg.size != 32:
-            x = to_uint8(F.interpolate(to_float(x), size=(cfg.size, cfg.size), mode="bilinear", antialias=True))
+        if size != 32:
+            x = to_uint8(F.interpolate(to_float(x), size=(size, size), mode="bilinear", antialias=True))
+    return as_served(_first(x, e), cfg)
+
+
+def _first(x: np.ndarray, e: RealEntry) -> np.ndarray:
+    """The entry's ``range`` and then its first ``n`` (photos: ``n`` is how many crops were drawn)."""
     if e.range is not None:
         x = x[e.range[0]:e.range[1]]
     if e.n is not None and e.kind != "photos":
         x = x[: e.n]
     return x
+
+
+def as_served(x: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """Images through the config's served view, when it has one (synthetic images: generated at the
+    config's size, as an attacker sends them; real ones: loaded at the view's ``resize``)."""
+    return served_view(x, cfg.served_view.resize, cfg.served_view.crop) if cfg.served_view else x
 
 
 def _path(p: str | None, base_dir: str) -> str:
@@ -102,10 +122,13 @@ def source_cache_key(cfg: TrainConfig, source, victim_hash: Optional[str]) -> st
     """Everything a source's images depend on: its settings, the seed, the generative data and image
     size, and the victim's weights only for sources that query the victim (a new victim regenerates
     the dfme source, not the GAN or diffusion ones)."""
-    return _hash({"kind": source.kind, "n": source.n, "params": source.params, "seed": cfg.seed,
-                  "victim": victim_hash if uses_victim(source.kind) else None,
-                  "data": [_entry_key(e) for e in cfg.real.train if e.name == cfg.generative_data],
-                  "size": cfg.size, "channels": cfg.channels})
+    key = {"kind": source.kind, "n": source.n, "params": source.params, "seed": cfg.seed,
+           "victim": victim_hash if uses_victim(source.kind) else None,
+           "data": [_entry_key(e) for e in cfg.real.train if e.name == cfg.generative_data],
+           "size": cfg.size, "channels": cfg.channels}
+    if cfg.served_view is not None:  # the generative data went through it (absent otherwise: keys made before it stay)
+        key["served_view"] = cfg.served_view.model_dump()
+    return _hash(key)
 
 
 def source_cache_path(cfg: TrainConfig, base_dir: str, name: str, victim_hash: Optional[str]) -> str:
@@ -480,6 +503,9 @@ def _run_stages(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | Non
             if cfg.synthetic_jpeg is not None:
                 x = jpeg_images(x, cfg.synthetic_jpeg)
                 info["jpeg_quality"] = cfg.synthetic_jpeg
+            if cfg.served_view is not None:  # after the JPEG round trip: the server decodes what was sent
+                x = as_served(x, cfg)
+                info["served_view"] = cfg.served_view.model_dump()
         fake_train[name], fake_val[name], fake_test[name] = source_splits(x, cfg)
         source_info[name] = {**info, "kind": s.kind, "train": len(fake_train[name]), "val": len(fake_val[name]),
                              "test": len(fake_test[name]), "cache": path}

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 from guardian_plugin.errors import ConfigError
 
 GB = 1024 ** 3
+NATIVE_NOTE_PX = 64  # a source generating natively above this size gets a note that suggests upsample_from
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _real_count(e, base_dir: str) -> Optional[int]:
 
     if e.kind == "photos":
         return e.n or 1000
-    full = {"mnist": 4000 if (e.split or "train") == "train" else 1000,
+    full = {"mnist": 4000 if (e.split or "train") == "train" else 1000, "foolbox": 20,
             "cifar10": CIFAR10_SPLITS[e.split][1] * 10 if e.split in CIFAR10_SPLITS else None}.get(e.kind)
     if e.range is not None:
         full = e.range[1] - e.range[0] if full is None else max(0, min(e.range[1], full) - e.range[0])
@@ -99,12 +100,20 @@ def _real_count(e, base_dir: str) -> Optional[int]:
 
 
 def _check_real(cfg, base_dir: str, problems: list) -> None:
+    load = cfg.served_view.resize if cfg.served_view else cfg.size  # real images are loaded at this size
     for split in ("train", "calibrate", "evaluate"):
         for i, e in enumerate(getattr(cfg.real, split)):
             where = f"real.{split}.{i} ({e.name})"
-            if e.kind == "mnist" and (cfg.channels, cfg.size) != (1, 28):
-                problems.append((where, f"mnist images are 1 x 28 x 28, the config's are {cfg.channels} x {cfg.size}; "
-                                        f"at {cfg.size} px use kind photos, folder or cifar10 (resized)"))
+            if e.kind == "mnist" and (cfg.channels, cfg.size, load) != (1, 28, 28):
+                problems.append((where, f"mnist images are 1 x 28 x 28, the config's are {cfg.channels} x {cfg.size}"
+                                        + (f" (loaded at served_view.resize {load})" if load != cfg.size else "")
+                                        + f"; at {cfg.size} px use kind photos, folder, foolbox or cifar10 (resized)"))
+            elif e.kind == "foolbox":
+                import importlib.util
+
+                if importlib.util.find_spec("foolbox") is None:
+                    problems.append((where, "kind foolbox reads the samples the foolbox package ships: pip install "
+                                            "foolbox==3.3.4 (the `train` extra)"))
             elif e.kind == "folder":
                 path = e.path if not e.path or os.path.isabs(e.path) else os.path.join(base_dir, e.path)
                 if not path or not os.path.isdir(path):
@@ -142,7 +151,7 @@ def check_config(cfg, base_dir: str, config_path: Optional[str] = None, out_dir:
                  device: Optional[str] = None, prepare_only: bool = False) -> Plan:
     """Check ``cfg`` without loading data or training; returns the :class:`Plan` or raises one
     ConfigError listing every problem, each with its field."""
-    from guardian_plugin.training.sources import SOURCES
+    from guardian_plugin.training.sources import SOURCES, native_size, upsample_advice
     from guardian_plugin.transform import TransformContext, check_transform
 
     where = config_path or "<config>"
@@ -182,13 +191,20 @@ def check_config(cfg, base_dir: str, config_path: Optional[str] = None, out_dir:
         if src.kind not in SOURCES:
             problems.append((f, f"unknown source kind {src.kind!r}; known: {', '.join(SOURCES)}"))
             continue
-        why = SOURCES.unsupported(src.kind, s, c)
+        fn = SOURCES.get(src.kind)
+        upsamples = getattr(fn, "upsamples", False)  # its generator may work at params.upsample_from px instead
+        why = None if upsamples and "upsample_from" in src.params else SOURCES.unsupported(src.kind, s, c)
         if why:
             works = [k for k in SOURCES.supporting(s, c) if k != src.kind]
-            problems.append((f, f"kind {src.kind!r} cannot make {c} x {s} x {s} images: {why}; at {s} px use kind "
-                                + ", ".join(repr(k) for k in works)
+            problems.append((f, f"kind {src.kind!r} cannot make {c} x {s} x {s} images: {why}; "
+                                + (f"{upsample_advice(src.kind, cfg)}, or " if upsamples else "")
+                                + f"at {s} px use kind " + ", ".join(repr(k) for k in works)
                                 + " ('folder': images you generated elsewhere at that size), or remove the source"))
             continue
+        if upsamples and s > NATIVE_NOTE_PX and native_size(dict(src.params), s) == s:
+            notes.append(f"{f}: the {src.kind} generator works at {s} px itself, (s / 32)^2 = {(s / 32) ** 2:.0f}x "
+                            f"the pixels of a 32 px one (issue #14: days on 2 cores at 224 px); "
+                            + upsample_advice(src.kind, cfg))
         found = getattr(SOURCES.get(src.kind), "check", lambda p, cfg: [])(dict(src.params), cfg)
         problems += [(f + (f".{sub}" if sub else ""), msg) for sub, msg in found]
         estimate = getattr(SOURCES.get(src.kind), "estimate", None)
