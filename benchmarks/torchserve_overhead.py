@@ -2,9 +2,12 @@
 unprotected vs `guardian protect`ed, in the same run (same server, same machine, same client load).
 
     python benchmarks/torchserve_overhead.py [--requests 400] [--concurrency 8] [--rounds 2]
+    python benchmarks/torchserve_overhead.py --example cifar10 [--requests 200]
     python benchmarks/torchserve_overhead.py --example imagenet [--detector DIR --input-fit area] [--requests 100]
 
 ``--example mnist`` (default): the MNIST example archive (its own handler), held-out digits.
+``--example cifar10``: the CIFAR-10 example's archive (the ResNet-56 behind the built-in image_classifier
+handler, `guardian protect --input-fit area`, as examples/cifar10/demo.py builds it), 200 test images.
 ``--example imagenet``: the ImageNet example (examples/imagenet: the pretrained EfficientNet-Lite0 with
 the built-in image_classifier handler), the 20 foolbox ImageNet samples as JPEG bodies; its detector
 is examples/imagenet/artifacts/detector unless ``--detector`` names another (e.g. the stand-in of
@@ -13,7 +16,7 @@ is examples/imagenet/artifacts/detector unless ``--detector`` names another (e.g
 Both models: 2 workers, batch_size 8, max_batch_delay 5 ms, one torch thread per worker. Benign
 traffic only (8 client ids, a refusal threshold no client reaches), so nobody is refused and the guard
 runs on every request. Rounds alternate unprotected / protected so drift on a shared machine hits both
-alike. Writes benchmarks/results/torchserve_overhead[_imagenet].json and prints a table.
+alike. Writes benchmarks/results/torchserve_overhead[_cifar10|_imagenet].json and prints a table.
 """
 
 from __future__ import annotations
@@ -78,7 +81,31 @@ def imagenet_setup(work: str, store: str, args) -> dict:
                      "handler; bodies: the 20 foolbox ImageNet samples (JPEG, 512 px)"}
 
 
-SETUPS = {"mnist": mnist_setup, "imagenet": imagenet_setup}
+def cifar10_setup(work: str, store: str, args) -> dict:
+    """The CIFAR-10 example's archives as `python -m examples.cifar10.demo` builds them (``cifar10``,
+    ``cifar10_g``): the ResNet-56 behind the built-in image_classifier handler (a TorchScript wrapper from
+    its 224 px tensor back to 32 px, examples/cifar10/serving.py), protected with ``--input-fit area``;
+    the first 200 test images (PNG, 32 px) as request bodies. Needs ../shared/data."""
+    from examples.cifar10 import serving as cx
+
+    detector = os.path.abspath(args.detector or cx.DETECTOR)
+    for p in (cx.VICTIM_TS, os.path.join(detector, "detector.yaml")):
+        if not os.path.exists(p):
+            sys.exit(f"{p} is missing (committed example artifact; docs/cifar10.md)")
+    x, _ = cx.benign_images(200)  # fails naming ../shared/data when the data is absent
+    model_pt = cx.served_victim(os.path.join(work, "victim224.torchscript.pt"))
+    names = cx.index_to_name(os.path.join(work, "index_to_name.json"))
+    mar = build_archive("cifar10", model_pt, "image_classifier", store, extra_files=[names])
+    guard = ex.guard_yaml(os.path.join(work, "guard.yaml"), f"sqlite:///{work}/ledger.db", tau=1_000_000)
+    protect(mar, detector, os.path.join(store, "cifar10_g.mar"), config=guard, input_fit=args.input_fit or "area")
+    return {"models": ("cifar10", "cifar10_g"), "bodies": cx.png_bodies(x),
+            "detector": os.path.relpath(detector, ROOT) if detector.startswith(ROOT) else detector,
+            "input_fit": args.input_fit or "area",
+            "model": "CIFAR-10 example: ResNet-56 (32 px) behind the built-in image_classifier handler (224 px "
+                     "tensor -> 32 px wrapper); bodies: 200 CIFAR-10 test images (PNG, 32 px)"}
+
+
+SETUPS = {"mnist": mnist_setup, "cifar10": cifar10_setup, "imagenet": imagenet_setup}
 
 
 def load(url: str, bodies, n: int, concurrency: int, clients: int = 8):
@@ -107,9 +134,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--example", choices=sorted(SETUPS), default="mnist")
-    ap.add_argument("--detector", default=None, help="imagenet: the detector artifact (default: the example's)")
+    ap.add_argument("--detector", default=None, help="cifar10, imagenet: the detector artifact (default: the example's)")
     ap.add_argument("--input-fit", default=None, choices=["center_crop", "resize", "area"],
-                    help="imagenet: guardian protect --input-fit (a detector trained below 224 px)")
+                    help="cifar10, imagenet: guardian protect --input-fit (default: area for cifar10, "
+                         "none for imagenet)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/torchserve_overhead.json (mnist), "
                                                 "torchserve_overhead_imagenet.json (imagenet)")
     args = ap.parse_args(argv)

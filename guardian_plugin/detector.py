@@ -9,7 +9,7 @@ An artifact is one directory:
   roc.png            ROC curves (optional)
 Thresholds apply to each sub-detector's logit: a sample is flagged when ANY logit >= its threshold.
 
-Two optional keys (format_version 2; an artifact without them is version 1 and scores as it always did):
+Two optional keys (format_version 2; an artifact without them is version 1, read as it always was):
   patches {size, grid}  every sub-detector sees size x size crops of the representation at a fixed
                         grid x grid lattice (corners included) and scores the image by the MEAN of its
                         patch logits: native-resolution artefacts at the cost of small images
@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from guardian_plugin.errors import ArtifactError
-from guardian_plugin.nets import build_classifier, build_trunk, fold_batchnorm
+from guardian_plugin.nets import FusedSmallResNets, build_classifier, build_trunk, fold_batchnorm
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform
 from guardian_plugin.weights import load_into
 
@@ -243,17 +243,40 @@ class Detector(nn.Module):
         self._alone = [i for i, s in enumerate(spec.subdetectors) if s.trunk is None]
         p = spec.patches
         self._lattice = patch_lattice(spec.image.size, p.size, p.grid) if p is not None else None
-        # ``fast`` (default: the new shapes) runs copies with each batch norm folded into its convolution,
-        # channels-last (measured faster on CPU for these small networks: benchmarks/guard_cost.py), and a
-        # local transform on the pixel patches only (``_patches_first``). Folding and the layout round
-        # differently, so version-1 artifacts run the modules as they are and score exactly as before.
+        # ``fast`` (the default) runs inference copies: every batch norm folded into its convolution,
+        # channels-last (measured faster on CPU for these small networks: benchmarks/guard_cost.py), the
+        # heads on one trunk as one matrix product, independent sub-detectors of one SmallResNet shape on
+        # one transform as one network of grouped convolutions (nets.FusedSmallResNets), and a local
+        # transform on the pixel patches only (``_patches_first``). These round differently from the saved
+        # modules (scores within about 1e-5); ``fast=False`` runs the saved modules as they are.
         # The copies are made here, from trained modules; ``subs`` / ``trunks`` stay what is saved.
-        self._fast = (p is not None or bool(self.trunks)) if fast is None else fast
+        self._fast = True if fast is None else fast
         if self._fast:
-            self.fast_subs = nn.ModuleList([fold_batchnorm(m) for m in subs]).to(memory_format=torch.channels_last)
-            self.fast_trunks = nn.ModuleDict({t: fold_batchnorm(m) for t, m in self.trunks.items()}).to(
-                memory_format=torch.channels_last)
+            self._build_fast_copies()
         self.eval()
+
+    def _build_fast_copies(self) -> None:
+        """The inference copies ``fast`` runs (see __init__)."""
+        cl = torch.channels_last
+        specs = self.spec.subdetectors
+        groups: Dict[tuple, List[int]] = {}
+        for i in self._alone:
+            s = specs[i]
+            groups.setdefault((s.transform, s.arch, repr(sorted(s.arch_params.items()))), []).append(i)
+        fused_idx = [idx for idx in groups.values() if FusedSmallResNets.fusable([self.subs[i].net for i in idx])]
+        self._fused_idx = fused_idx
+        self.fused = nn.ModuleList([FusedSmallResNets([self.subs[i].net for i in idx]) for idx in fused_idx]).to(memory_format=cl)
+        in_fused = {i for idx in fused_idx for i in idx}
+        self.fast_subs = nn.ModuleDict({str(i): fold_batchnorm(self.subs[i]) for i in self._alone if i not in in_fused}).to(memory_format=cl)
+        self.fast_trunks = nn.ModuleDict({t: fold_batchnorm(m) for t, m in self.trunks.items()}).to(memory_format=cl)
+        heads = {}
+        for t, idx in self._heads.items():
+            h = nn.Linear(self.subs[idx[0]].fc.in_features, len(idx))
+            with torch.no_grad():
+                h.weight.copy_(torch.cat([self.subs[i].fc.weight for i in idx]))
+                h.bias.copy_(torch.cat([self.subs[i].fc.bias for i in idx]))
+            heads[t] = h.requires_grad_(False)
+        self.fast_heads = nn.ModuleDict(heads)
 
     @property
     def names(self) -> List[str]:
@@ -340,14 +363,27 @@ class Detector(nn.Module):
         specs = self.spec.subdetectors
         cols: List[Optional[torch.Tensor]] = [None] * len(specs)
         for t, idx in self._heads.items():
-            feats = (self.fast_trunks if self._fast else self.trunks)[t](views[self.spec.trunks[t].transform])
-            w = torch.cat([self.subs[i].fc.weight for i in idx])  # the heads fused: one (B*N, F) x (F, k) product
-            b = torch.cat([self.subs[i].fc.bias for i in idx])
-            logits = self._image_scores(F.linear(feats, w, b), batch)
+            if self._fast:
+                feats = self.fast_trunks[t](views[self.spec.trunks[t].transform])
+                w, b = self.fast_heads[t].weight, self.fast_heads[t].bias
+            else:
+                feats = self.trunks[t](views[self.spec.trunks[t].transform])
+                w = torch.cat([self.subs[i].fc.weight for i in idx])
+                b = torch.cat([self.subs[i].fc.bias for i in idx])
+            logits = self._image_scores(F.linear(feats, w, b), batch)  # the heads fused: one (B*N, F) x (F, k) product
             for j, i in enumerate(idx):
                 cols[i] = logits[:, j]
-        for i in self._alone:
-            cols[i] = self._image_scores((self.fast_subs if self._fast else self.subs)[i](views[specs[i].transform]), batch)
+        if self._fast:
+            for idx, net in zip(self._fused_idx, self.fused):
+                logits = self._image_scores(net(views[specs[idx[0]].transform] / 127.5 - 1.0), batch)
+                for j, i in enumerate(idx):
+                    cols[i] = logits[:, j]
+            for key, net in self.fast_subs.items():
+                i = int(key)
+                cols[i] = self._image_scores(net(views[specs[i].transform]), batch)
+        else:
+            for i in self._alone:
+                cols[i] = self._image_scores(self.subs[i](views[specs[i].transform]), batch)
         return torch.stack(cols, 1)
 
     @torch.inference_mode()

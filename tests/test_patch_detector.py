@@ -13,6 +13,7 @@ import yaml
 from guardian_plugin.detector import (DEFAULT_224, DETECTOR_YAML, Detector, DetectorSpec, load_detector, patch_lattice,
                                       patch_positions, read_spec, save_detector, untrained_detector)
 from guardian_plugin.errors import ArtifactError, ConfigError
+from guardian_plugin.nets import FusedSmallResNets, SmallResNet
 from guardian_plugin.training import pipeline
 from guardian_plugin.training.config import PatchTrain, RealConfig, RealEntry, load_train_config
 from guardian_plugin.training.data import photo_crops, save_image_folder, to_float
@@ -101,18 +102,54 @@ def test_patch_and_trunk_artifact_round_trip(tmp_path):
 @pytest.mark.parametrize("name,channels,size", [("mnist/artifacts/detector", 1, 28),
                                                 ("cifar10/artifacts/detector", 3, 32),
                                                 ("cifar10/artifacts/detector-raw", 3, 32)])
-def test_version_1_artifacts_score_exactly_as_before(tmp_path, name, channels, size):
-    """Scores recorded with the code before patches and trunks existed (tests/data/old_artifact_scores.pt),
-    and a rewrite of the artifact keeps exactly the version-1 keys."""
+def test_version_1_artifacts_score_as_before(tmp_path, name, channels, size):
+    """Scores recorded with the code before patches and trunks existed (tests/data/old_artifact_scores.pt):
+    exactly, with the saved modules run as they are (``fast=False``); to rounding, with the same flags, on
+    the default path (folded, fused, channels-last copies); and a rewrite of the artifact keeps exactly the
+    version-1 keys."""
     expected = torch.load("tests/data/old_artifact_scores.pt", weights_only=True)[name]
+    x = expected["x"].float() / 255
     det = load_detector(os.path.join(EXAMPLES, name))
     assert det.spec.format_version == 1 and det.spec.patches is None and not det.spec.trunks
-    assert torch.equal(det.scores(expected["x"].float() / 255), expected["scores"])
+    plain = Detector(det.spec, dict(det.transforms), list(det.subs), fast=False)
+    assert torch.equal(plain.scores(x), expected["scores"])
+    assert torch.allclose(det.scores(x), expected["scores"], rtol=0, atol=1e-4)
     with torch.inference_mode():  # as TorchServe calls it (the MNIST artifact's transform is a gradient)
-        assert torch.equal(det.flag(expected["x"].float() / 255)[1], expected["scores"])
+        assert torch.equal(plain.flag(x)[1], expected["scores"])
+        flagged, scores = det.flag(x)
+    assert torch.allclose(scores, expected["scores"], rtol=0, atol=1e-4)
+    assert torch.equal(flagged, (expected["scores"] >= det.thresholds).any(1))
+    assert len(det.fused) == 1 and not det.fast_subs  # the three sub-detectors run as one network
     save_detector(str(tmp_path), det.spec, det.subs)
     before = yaml.safe_load(open(os.path.join(EXAMPLES, name, DETECTOR_YAML)))
     assert yaml.safe_load((tmp_path / DETECTOR_YAML).read_text()) == before
+
+
+def test_fused_small_resnets_score_like_the_separate_networks():
+    """Three SmallResNets with non-trivial batch-norm statistics as one grouped network: the same outputs
+    up to rounding, the networks themselves untouched; other shapes are not fused."""
+    torch.manual_seed(3)
+    nets = [SmallResNet(2, 1, width=4, blocks=2).eval() for _ in range(3)]
+    for n in nets:
+        for m in n.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.normal_()
+                m.bias.data.normal_()
+    before = [{k: v.clone() for k, v in n.state_dict().items()} for n in nets]
+    fused = FusedSmallResNets(nets)
+    x = torch.randn(5, 2, 20, 20)
+    with torch.no_grad():
+        want = torch.cat([n(x) for n in nets], 1)
+        assert torch.allclose(fused(x), want, atol=1e-4)
+        assert torch.allclose(fused.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last)), want, atol=1e-4)
+    assert all(torch.equal(v, n.state_dict()[k]) for n, b in zip(nets, before) for k, v in b.items())
+    assert not FusedSmallResNets.fusable(nets[:1])
+    assert not FusedSmallResNets.fusable(nets[:2] + [SmallResNet(2, 1, width=8, blocks=2)])
+    assert not FusedSmallResNets.fusable([SmallResNet(2, 3, width=4), SmallResNet(2, 3, width=4)])
+    with pytest.raises(ValueError, match="single-output SmallResNets of one shape"):
+        FusedSmallResNets(nets[:1])
 
 
 @pytest.fixture(scope="module")
