@@ -44,7 +44,7 @@ HEAD_ARCH = "linear"        # the `arch` of a sub-detector that is a head on a s
 # linear head per source. Chosen by cost (benchmarks/guard_cost.py measures it beside a ResNet-50);
 # docs/detector.md ("Patches and a shared trunk") says what it costs and what it sees.
 DEFAULT_224 = {"transform": "npr", "patch": {"size": 32, "grid": 3}, "shared_trunk": True,
-               "arch": "small_resnet", "arch_params": {"width": 16, "blocks": 2}}
+               "arch": "small_resnet", "arch_params": {"width": 8, "blocks": 1}}
 
 
 # ------------------------------------------------------------------------------- artifact schema
