@@ -271,7 +271,8 @@ class Detector(nn.Module):
         self.fast_trunks = nn.ModuleDict({t: fold_batchnorm(m) for t, m in self.trunks.items()}).to(memory_format=cl)
         heads = {}
         for t, idx in self._heads.items():
-            h = nn.Linear(self.subs[idx[0]].fc.in_features, len(idx))
+            fc = self.subs[idx[0]].fc
+            h = nn.Linear(fc.in_features, len(idx), device=fc.weight.device, dtype=fc.weight.dtype)
             with torch.no_grad():
                 h.weight.copy_(torch.cat([self.subs[i].fc.weight for i in idx]))
                 h.bias.copy_(torch.cat([self.subs[i].fc.bias for i in idx]))

@@ -239,11 +239,12 @@ def _grouped_conv(convs, shared_input: bool) -> nn.Conv2d:
     """K convolutions of one shape as one: side by side on a shared input, else grouped (K groups) on
     the K inputs stacked along the channels."""
     c0, k = convs[0], len(convs)
+    w = c0.weight
     out = nn.Conv2d(c0.in_channels * (1 if shared_input else k), c0.out_channels * k, c0.kernel_size, c0.stride,
-                    c0.padding, groups=1 if shared_input else k, bias=True)
+                    c0.padding, groups=1 if shared_input else k, bias=True, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         out.weight.copy_(torch.cat([c.weight for c in convs]))
-        out.bias.copy_(torch.cat([c.bias if c.bias is not None else torch.zeros(c.out_channels) for c in convs]))
+        out.bias.copy_(torch.cat([c.bias if c.bias is not None else w.new_zeros(c.out_channels) for c in convs]))
     return out.requires_grad_(False)
 
 
