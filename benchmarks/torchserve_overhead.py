@@ -46,6 +46,11 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 OUT = os.path.join(RESULTS, "torchserve_overhead.json")
 
 
+def shown(path: str) -> str:
+    """A path as the results show it: relative to the repository when inside it."""
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path
+
+
 def mnist_setup(work: str, store: str, args) -> dict:
     """The MNIST example's archives (unprotected ``mnist``, protected ``mnist_g``) and request bodies."""
     for p in (ex.VICTIM_TS, os.path.join(ex.DETECTOR, "detector.yaml")):
@@ -75,7 +80,7 @@ def imagenet_setup(work: str, store: str, args) -> dict:
     protect(mar, detector, os.path.join(store, "imagenet_g.mar"), config=guard, input_fit=args.input_fit)
     bodies, _, _ = ix.foolbox_samples()
     return {"models": ("imagenet", "imagenet_g"), "bodies": bodies,
-            "detector": os.path.relpath(detector, ROOT) if detector.startswith(ROOT) else detector,
+            "detector": shown(detector),
             "input_fit": args.input_fit,
             "model": "ImageNet example: pretrained EfficientNet-Lite0 (224 px) via the built-in image_classifier "
                      "handler; bodies: the 20 foolbox ImageNet samples (JPEG, 512 px)"}
@@ -99,7 +104,7 @@ def cifar10_setup(work: str, store: str, args) -> dict:
     guard = ex.guard_yaml(os.path.join(work, "guard.yaml"), f"sqlite:///{work}/ledger.db", tau=1_000_000)
     protect(mar, detector, os.path.join(store, "cifar10_g.mar"), config=guard, input_fit=args.input_fit or "area")
     return {"models": ("cifar10", "cifar10_g"), "bodies": cx.png_bodies(x),
-            "detector": os.path.relpath(detector, ROOT) if detector.startswith(ROOT) else detector,
+            "detector": shown(detector),
             "input_fit": args.input_fit or "area",
             "model": "CIFAR-10 example: ResNet-56 (32 px) behind the built-in image_classifier handler (224 px "
                      "tensor -> 32 px wrapper); bodies: 200 CIFAR-10 test images (PNG, 32 px)"}

@@ -198,8 +198,13 @@ class SubDetector(nn.Module):
         super().__init__()
         self.net = build_classifier(arch, in_channels=channels, num_classes=1, image_size=image_size, **arch_params)
 
+    @staticmethod
+    def scale(rep: torch.Tensor) -> torch.Tensor:
+        """Representations in [0, 255] -> the networks' input range [-1, 1]."""
+        return rep / 127.5 - 1.0
+
     def forward(self, rep: torch.Tensor) -> torch.Tensor:
-        return self.net(rep / 127.5 - 1.0).squeeze(1)
+        return self.net(self.scale(rep)).squeeze(1)
 
 
 class Trunk(nn.Module):
@@ -211,7 +216,7 @@ class Trunk(nn.Module):
         self.out_features = self.net.out_features
 
     def forward(self, rep: torch.Tensor) -> torch.Tensor:
-        return self.net(rep / 127.5 - 1.0)
+        return self.net(SubDetector.scale(rep))
 
 
 class Head(nn.Module):
@@ -376,7 +381,7 @@ class Detector(nn.Module):
                 cols[i] = logits[:, j]
         if self._fast:
             for idx, net in zip(self._fused_idx, self.fused):
-                logits = self._image_scores(net(views[specs[idx[0]].transform] / 127.5 - 1.0), batch)
+                logits = self._image_scores(net(SubDetector.scale(views[specs[idx[0]].transform])), batch)
                 for j, i in enumerate(idx):
                     cols[i] = logits[:, j]
             for key, net in self.fast_subs.items():
