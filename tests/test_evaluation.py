@@ -221,3 +221,36 @@ def test_config_errors_name_the_field():
     raw["attacks"][0]["configurations"] = ["raw_detector"]
     with pytest.raises(ConfigError, match="raw_detector"):
         parse_eval_config(raw, "quick.yaml")
+
+
+def test_a_second_resume_on_the_same_out_keeps_the_other_processes_runs(quick_results, tmp_path):
+    """Two `evaluate --resume` on one OUT: runs the other process appends while this one works are kept
+    in runs.jsonl and in the report, even when this one rewrites the file (new Table II window scores).
+    The other process is played by the log hook, which appends a finished run when this one reports."""
+    import shutil
+
+    cfg, res, out = quick_results
+    new = str(tmp_path / "two")
+    shutil.copytree(out, new)
+    runs_path = os.path.join(new, "runs.jsonl")
+    runs = [json.loads(l) for l in open(runs_path) if l.strip()]
+    nd = next(r for r in runs if r["attack_id"] == "dfme" and r["configuration"] == "no_defense")
+    del nd["detection"]  # this process re-scores the windows, so it rewrites runs.jsonl at the end
+    with open(runs_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in runs)
+    foreign = {**nd, "seed": 7, "cacc": 0.123}
+
+    def log(msg):
+        if msg.startswith("["):  # this process finished a run: the other one finishes one too
+            with open(runs_path, "a") as f:
+                f.write(json.dumps(foreign) + "\n")
+
+    again = run_evaluation(cfg, new, attacks=["maze"], configurations=["no_defense"], seeds=[1], resume=True,
+                           progress=False, command="pytest", log=log)
+    on_disk = [json.loads(l) for l in open(runs_path) if l.strip()]
+    keys = [(r["attack_id"], r["configuration"], r["seed"]) for r in on_disk]
+    assert ("dfme", "no_defense", 7) in keys and ("maze", "no_defense", 1) in keys
+    assert len(keys) == len(set(keys)) == len(runs) + 2
+    assert next(r for r in on_disk if r["attack_id"] == "dfme" and r["seed"] == 0
+                and r["configuration"] == "no_defense")["detection"]  # re-scored and written back
+    assert any(r["seed"] == 7 and r["cacc"] == 0.123 for r in again["runs"])

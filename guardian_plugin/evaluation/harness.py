@@ -20,7 +20,8 @@ offline (so refusal does not cut the stream short): DAcc@B = share flagged among
 attack queries, averaged over ``detection_samples`` windows spread along the run.
 
 Each run is appended to ``OUT/runs.jsonl`` when it finishes (``resume`` skips finished runs);
-``OUT/results.json``, ``OUT/tables.md`` and ``OUT/clone_accuracy.png`` are rebuilt from it.
+``OUT/results.json``, ``OUT/tables.md`` and ``OUT/clone_accuracy.png`` are rebuilt from it. Writers of
+OUT take ``OUT/.runs.lock`` (:func:`out_lock`), so several ``--resume`` processes may share one OUT.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -362,6 +364,33 @@ def _worker_run(attack_id: str, conf: str, seed: int, out_dir: str) -> dict:
     return run_one(w["cfg"], spec, conf, seed, w["defenses"], *w["x_y"], w["device"], out_dir, False)
 
 
+@contextmanager
+def out_lock(out_dir: str):
+    """Serialises the writers of OUT/runs.jsonl and OUT/benign.json across processes: two ``evaluate
+    --resume`` runs on one OUT (say, other attacks from another shell) append and rewrite in turn, and
+    each rewrite starts from what is on disk then, so neither drops the other's runs."""
+    import fcntl
+
+    with open(os.path.join(out_dir, ".runs.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_runs(runs_path: str) -> dict:
+    """Finished runs in OUT/runs.jsonl by (attack id, configuration, seed); {} when there is none."""
+    done = {}
+    if os.path.exists(runs_path):
+        with open(runs_path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    done[run_key(r)] = r
+    return done
+
+
 def _run_parallel(cfg: EvalConfig, todo, jobs: int, out_dir: str, device, finished, log) -> None:
     """Runs ``todo`` in ``jobs`` spawned worker processes; ``finished`` records each as it ends (in the
     parent, so runs.jsonl has one writer)."""
@@ -398,12 +427,8 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
     specs = [a for a in cfg.attacks if attacks is None or a.id in attacks]
     runs_path = os.path.join(out_dir, "runs.jsonl")
     done = {}
-    if resume and os.path.exists(runs_path):
-        with open(runs_path) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    done[run_key(r)] = r
+    if resume:
+        done = read_runs(runs_path)
     elif os.path.exists(runs_path):
         os.remove(runs_path)
     victim = load_victim(cfg, device)
@@ -436,8 +461,14 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
                                                      f"{v['stopped']}, probation {v['probation_answers']} (last "
                                                      f"{v['last_probation_query']}), DPreds {v['dpreds_answers']}, "
                                                      f"top-1 equal {v['top1_equal_all']}" for k, v in replays[c].items()))
-    with open(benign_path, "w") as f:
-        json.dump({**benign, "_replay": replays}, f)
+    with out_lock(out_dir):  # another `evaluate --resume` on OUT may have written other configurations
+        if resume and os.path.exists(benign_path):
+            with open(benign_path) as f:
+                disk = json.load(f)
+            replays = {**disk.pop("_replay", {}), **replays}
+            benign = {**disk, **benign}
+        with open(benign_path, "w") as f:
+            json.dump({**benign, "_replay": replays}, f)
     # --seeds replaces every seed list of the config (top-level and per attack)
     plan = [(s, c, seed) for s in specs for c in cfg.configurations_for(s)
             if configurations is None or c in configurations
@@ -447,7 +478,7 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
 
     def finished(i, spec, conf, seed, r):
         done[(spec.id, conf, int(seed))] = r
-        with open(runs_path, "a") as f:
+        with out_lock(out_dir), open(runs_path, "a") as f:
             f.write(json.dumps(r) + "\n")
         ans = f", answered {r['answered_before_refusal']}" + (" (refused)" if r["refused"] else "")
         dacc = f", DAcc {r['dacc']:.3f}" if "dacc" in r else ""
@@ -459,15 +490,21 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
     else:
         for i, spec, conf, seed in todo:
             finished(i, spec, conf, seed, run_one(cfg, spec, conf, seed, defenses, x_test, y_test, device, out_dir, progress))
-    changed = False
-    for r in done.values():
-        before = json.dumps(r.get("detection"), sort_keys=True)
-        score_windows(r, cfg, defenses, out_dir, device)
-        changed |= json.dumps(r.get("detection"), sort_keys=True) != before
-    if changed:  # keep runs.jsonl the single source of every finished run
-        with open(runs_path, "w") as f:
-            for r in done.values():
-                f.write(json.dumps(r) + "\n")
+    with out_lock(out_dir):
+        # runs another process appended to OUT meanwhile are kept, in the file and in the report
+        for k, r in read_runs(runs_path).items():
+            done.setdefault(k, r)
+        changed = False
+        for r in done.values():
+            before = json.dumps(r.get("detection"), sort_keys=True)
+            score_windows(r, cfg, defenses, out_dir, device)
+            changed |= json.dumps(r.get("detection"), sort_keys=True) != before
+        if changed:  # keep runs.jsonl the single source of every finished run
+            tmp = runs_path + ".tmp"
+            with open(tmp, "w") as f:
+                for r in done.values():
+                    f.write(json.dumps(r) + "\n")
+            os.replace(tmp, runs_path)
     runs = sorted((r for r in done.values() if r["attack_id"] in {a.id for a in cfg.attacks}),
                   key=lambda r: (r["attack_id"], r["configuration"], r["seed"]))
     results = {
