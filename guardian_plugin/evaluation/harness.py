@@ -438,21 +438,15 @@ def run_evaluation(cfg: EvalConfig, out_dir: str, *, attacks: Optional[List[str]
     all_confs = [c for c in cfg.configurations] + [c for a in cfg.attacks for c in (a.configurations or [])]
     all_confs = list(dict.fromkeys(all_confs))
     benign_path = os.path.join(out_dir, "benign.json")
-    benign = {}
-    if resume and os.path.exists(benign_path):
-        with open(benign_path) as f:
-            benign = json.load(f)
-    for c in all_confs:
-        if configurations is not None and c not in configurations:
-            continue
+    benign = {}  # what this process measures; the rest of benign.json is merged in under the lock below
+    measured = [c for c in all_confs if configurations is None or c in configurations]
+    for c in measured:
         benign[c] = benign_metrics(defenses, c, x_test, y_test, cfg.benign_batch)
         log(f"benign {c}: BAcc {benign[c]['bacc']:.4f}" + (f", FPR {benign[c]['fpr']:.4f}" if "fpr" in benign[c] else ""))
-    replays = benign.pop("_replay", {})
+    replays = {}
     if cfg.benign_replay:
         photos = replay_photos(cfg) if cfg.photo_replay else None
-        for c in all_confs:
-            if configurations is not None and c not in configurations:
-                continue
+        for c in measured:
             replays[c] = {"digits": benign_replay(defenses, c, x_test, cfg.benign_replay, cfg.benign_batch)}
             if photos is not None:
                 replays[c]["photos"] = benign_replay(defenses, c, photos, cfg.photo_replay, cfg.benign_batch,
