@@ -201,3 +201,17 @@ def test_relative_ledger_is_never_the_worker_cwd(monkeypatch, tmp_path):
     assert resolve_ledger("memory://") == "memory://"
     monkeypatch.setenv("GUARDIAN_LEDGER", "sqlite:///srv/l.db")
     assert sqlite_path(resolve_ledger("sqlite://x.db")) == "/srv/l.db"
+
+
+def test_free_ports_are_distinct_and_bindable():
+    """The launcher's five TorchServe ports come from one call that holds every socket until all are
+    chosen, so no two coincide (two equal ones made TorchServe exit at start-up once)."""
+    import socket
+
+    from guardian_plugin.devserver.netutil import free_ports
+
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))

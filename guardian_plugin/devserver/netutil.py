@@ -7,11 +7,23 @@ import subprocess
 import time
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on the loopback interface: every socket stays bound until all are
+    chosen (one at a time, the kernel can hand a just-released port out again: TorchServe once got the
+    same port for metrics and gRPC management and exited)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> str | None:

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import requests
 
-from guardian_plugin.devserver.netutil import free_port, wait_until_ready
+from guardian_plugin.devserver.netutil import free_ports, wait_until_ready
 
 
 def torchserve_bin() -> str:
@@ -69,7 +69,7 @@ class TorchServe:
         os.makedirs(self.workdir, exist_ok=True)
         tmp = os.path.join(self.workdir, "tmp")
         os.makedirs(tmp, exist_ok=True)
-        self.inference_port, self.management_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.inference_port, self.management_port, self.metrics_port, grpc_inf, grpc_mgmt = free_ports(5)
         conf = {
             "inference_address": f"http://127.0.0.1:{self.inference_port}",
             "management_address": f"http://127.0.0.1:{self.management_port}",
@@ -77,8 +77,8 @@ class TorchServe:
             # gRPC listens on 7070/7071 by default: two servers on one host would collide
             "grpc_inference_address": "127.0.0.1",
             "grpc_management_address": "127.0.0.1",
-            "grpc_inference_port": str(free_port()),
-            "grpc_management_port": str(free_port()),
+            "grpc_inference_port": str(grpc_inf),
+            "grpc_management_port": str(grpc_mgmt),
             "model_store": self.model_store,
             "metrics_mode": "prometheus",
             "model_metrics_auto_detect": "true",
