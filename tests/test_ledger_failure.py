@@ -224,3 +224,31 @@ def test_config_field_and_guardian_wiring():
         parse_config({"detector": "d", "ledger_failure": "sometimes"})
     with pytest.raises(ValueError):
         ResilientLedger(open_ledger("memory://"), "maybe")
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_distribution_bins_held_while_down_reach_the_store(tmp_path, mode):
+    """The distribution test's bin counts of updates held while the store is down are written with their
+    counts when it returns (they used to be dropped: the histogram missed every query served meanwhile)."""
+    path = tmp_path / "l.db"
+    rule = RefusalRule(dist_bins=3, dist_block=4)
+    inner = open_ledger(f"sqlite:///{path}", rule, "m", timeout_s=0.1)
+    led = ResilientLedger(inner, mode, retry_interval_s=0.05, background=False)
+    led.record_many([("c", 2, 0, (1, 1, 0))])  # current block [1, 1, 0]: not complete
+    blocker = sqlite3.connect(str(path), isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    for update in [("c", 3, 1, (0, 2, 1)), ("c", 1, 0, (0, 0, 1))]:
+        if mode == "closed":
+            with pytest.raises(LedgerUnavailable):
+                led.record_many([update])
+        else:
+            assert led.record_many([update])[0].extra.get("unconfirmed")
+    assert led.pending_counts() == (4, 1)
+    blocker.execute("COMMIT")
+    blocker.close()
+    time.sleep(0.06)
+    assert led.flush()
+    s = inner.get("c")
+    assert (s.queries, s.flagged) == (6, 1)
+    assert s.dist_counts == [1, 3, 2]  # the held bins completed the block
+    led.close()

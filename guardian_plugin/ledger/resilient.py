@@ -24,9 +24,11 @@ Quotas (:meth:`Ledger.reserve_many`): while the store is up reservations go to i
 closed mode raises LedgerUnavailable (nothing is granted) and open mode grants every query asked for,
 unchecked against the quotas, except to clients it knows are refused or blocked (counted in
 ``stats["granted_unchecked"]`` and logged at ERROR level); those queries do not count against the
-period's quota later. The distribution-test bin counts of an update held here as counts are dropped
-(only queries and flagged are added when the store returns), so the histograms of queries served while
-the store was down are not kept; an update held as a replay is resent whole, bins included.
+period's quota later. The distribution-test bin counts of updates held here are summed per client with
+their queries and flagged counts and written with them when the store returns (one update per client,
+so the queries served while the store was down land in the client's current block together, and a
+block they complete may hold more than ``dist_block`` queries); an update held as a replay is resent
+whole, bins included.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class ResilientLedger(Ledger):
         self.background = background
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()
-        self._pending: "OrderedDict[str, List[int]]" = OrderedDict()  # counts surely not in the store
+        # counts surely not in the store: client -> [queries, flagged, summed bins or None]
+        self._pending: "OrderedDict[str, list]" = OrderedDict()
         self._replays: List[_Replay] = []  # updates that may or may not be in the store
         self._known: "OrderedDict[str, ClientState]" = OrderedDict()  # open mode: last state per client
         self._known_cap = known_clients
@@ -128,11 +131,23 @@ class ResilientLedger(Ledger):
 
     def _keep(self, updates: Iterable[tuple]) -> None:
         with self._lock:
-            for c, q, f, *_bins in updates:  # the bins are not kept (see the module's docstring)
-                v = self._pending.setdefault(c, [0, 0])
-                v[0] += q
-                v[1] += f
+            self._merge_pending(updates)
         self._ensure_flusher()
+
+    def _merge_pending(self, updates: Iterable[tuple]) -> None:
+        """Add (client, queries, flagged[, bins]) updates to the held counts (caller holds the lock)."""
+        for c, q, f, *bins in updates:
+            v = self._pending.setdefault(c, [0, 0, None])
+            v[0] += q
+            v[1] += f
+            if bins and bins[0] is not None:
+                b, held = list(bins[0]), v[2] or []
+                n = max(len(b), len(held))
+                v[2] = [(held[i] if i < len(held) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+
+    @staticmethod
+    def _as_updates(pending: "OrderedDict[str, list]") -> List[tuple]:
+        return [(c, q, f) if bins is None else (c, q, f, tuple(bins)) for c, (q, f, bins) in pending.items()]
 
     def _keep_replay(self, err: LedgerUnavailable, updates: List[tuple]) -> None:
         with self._lock:
@@ -162,7 +177,7 @@ class ResilientLedger(Ledger):
                     replays.pop(0)
                     done += 1
                 if pending:
-                    batch = [(c, q, f) for c, (q, f) in pending.items()]
+                    batch = self._as_updates(pending)
                     try:
                         self._remember(self.inner.record_many(batch))
                     except LedgerUnavailable as e:
@@ -174,10 +189,7 @@ class ResilientLedger(Ledger):
             except LedgerUnavailable as e:
                 with self._lock:
                     self._replays[:0] = replays  # a failed replay keeps its token: retry it as it was
-                    for c, (q, f) in pending.items():
-                        v = self._pending.setdefault(c, [0, 0])
-                        v[0] += q
-                        v[1] += f
+                    self._merge_pending(self._as_updates(pending))
                 self.stats["flushed_updates"] += done
                 self._mark_down(e)
                 return False
@@ -230,7 +242,7 @@ class ResilientLedger(Ledger):
         with self._lock:
             base = self._known.get(client_id)
             s = replace(base, extra=dict(base.extra)) if base else ClientState(client_id)
-            q, f = self._pending.get(client_id, (0, 0))
+            q, f, _ = self._pending.get(client_id, (0, 0, None))
             for r in self._replays:
                 for c, rq, rf in r.updates:
                     if c == client_id:
