@@ -215,3 +215,26 @@ def test_free_ports_are_distinct_and_bindable():
     for p in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
+
+
+def test_guardian_protect_warns_about_a_label_only_archive(tmp_path, stub_detector, mnist_mar, capsys):
+    """`guardian protect` says at packaging time what each worker logs at load: DPreds changes nothing a
+    label-only archive's clients see (and a response.k above the class count fails here, not in every
+    worker)."""
+    from examples.mnist import serving as ex
+    from guardian_plugin.cli import main
+    from guardian_plugin.devserver.torchserve import build_archive
+
+    labels_mar = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_LABEL_HANDLER, str(tmp_path / "labels"))
+    assert main(["protect", labels_mar, "--detector", stub_detector, "-o", str(tmp_path / "l.mar")]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: the guarded handler's postprocess answers labels only" in err
+    assert "flagged queries get the model's own label (response.label_only: top1)" in err
+    cfg = tmp_path / "topk.yaml"
+    cfg.write_text("response: {policy: dpreds, d: 0.5, label_only: topk, k: 11}\n")
+    assert main(["protect", labels_mar, "--detector", stub_detector, "-o", str(tmp_path / "k.mar"),
+                 "--config", str(cfg)]) == 2
+    assert "response.k is 11 but the model has 10 classes" in capsys.readouterr().err
+    assert not (tmp_path / "k.mar").exists()
+    assert main(["protect", mnist_mar, "--detector", stub_detector, "-o", str(tmp_path / "s.mar")]) == 0
+    assert "labels only" not in capsys.readouterr().err  # an archive answering scores: no warning

@@ -130,9 +130,12 @@ def load_archive_handler(manifest: dict, files: Dict[str, bytes], model_dir: str
     return handler
 
 
-def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64):
-    """guardian_plugin.fit.probe_handler on the archive's own handler, in a temporary directory; the
-    archive's modules are forgotten afterwards (another archive may have a module of the same name)."""
+def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64, num_classes: Optional[int] = None):
+    """(model, label answers): guardian_plugin.fit.probe_handler on the archive's own handler, and what
+    its postprocess answers a probe of two score rows (guard.probe_label_answers: the two labels when it
+    answers labels only, else None; ``num_classes`` wide, default the probed model's), both in a temporary
+    directory; the archive's modules are forgotten afterwards (another archive may have a module of the
+    same name)."""
     import shutil
     import sys
     import tempfile
@@ -141,7 +144,11 @@ def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64):
 
     tmp = os.path.realpath(tempfile.mkdtemp(prefix="guardian-probe-"))
     try:
-        return probe_handler(load_archive_handler(manifest, files, tmp), size=size)
+        from guardian_plugin.handlers.guard import probe_label_answers
+
+        handler = load_archive_handler(manifest, files, tmp)
+        model = probe_handler(handler, size=size)
+        return model, probe_label_answers(handler, num_classes or model.num_classes or 10)
     except GuardianError:
         raise
     except Exception as e:  # the archive's own code failed to load: same override as a mismatch
@@ -160,17 +167,18 @@ def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64):
 
 
 def _check_fit(manifest: dict, files: Dict[str, bytes], spec, allow_mismatch: bool):
-    """(ModelSpec or None, problems): the archive's model probed and checked against the detector's spec
-    (guardian_plugin.fit); ModelMismatch unless ``allow_mismatch``."""
+    """(ModelSpec or None, problems, label answers or None): the archive's model probed and checked
+    against the detector's spec (guardian_plugin.fit; ModelMismatch unless ``allow_mismatch``), and its
+    postprocess probed for label-only answers (probe_archive)."""
     from guardian_plugin.fit import check_fit
 
     try:
-        model = probe_archive(manifest, files, size=spec.image.size)
+        model, labels = probe_archive(manifest, files, size=spec.image.size, num_classes=spec.num_classes)
     except GuardianError as e:
         if not allow_mismatch:
             raise
-        return None, [str(e)]
-    return model, check_fit(spec, model, allow_mismatch)
+        return None, [str(e)], None
+    return model, check_fit(spec, model, allow_mismatch), labels
 
 
 def _detector_files(detector_dir: str) -> Dict[str, bytes]:
@@ -246,7 +254,13 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
             spec, detector_files = _with_input_fit(spec, detector_files, input_fit)
         except ValueError as e:  # pydantic's ValidationError names the allowed values
             raise ConfigError(f"input fit {input_fit!r}: {e}") from None
-    model, problems = _check_fit(manifest, files, spec, cfg.allow_mismatch)
+    model, problems, labels = _check_fit(manifest, files, spec, cfg.allow_mismatch)
+    label_only = None
+    if labels is not None:  # what each worker will also log at load (guard.label_only_response)
+        from guardian_plugin.handlers.guard import label_only_message, label_response
+
+        k = spec.num_classes or (model.num_classes if model is not None else None) or 10
+        label_only = label_only_message(labels, label_response(cfg, k))
     settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
     settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive
     if max_image_pixels:
@@ -254,4 +268,4 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
     new = rewrite_archive(in_mar, out_mar, GUARDED_HANDLER, {"guardian": settings}, detector_files)
     return {"archive": out_mar, "model": new["model"].get("modelName"), "handler": GUARDED_HANDLER,
             "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace, "input_fit": spec.input.fit,
-            "fit": model.describe() if model else "not probed", "mismatch": problems}
+            "fit": model.describe() if model else "not probed", "mismatch": problems, "label_only": label_only}

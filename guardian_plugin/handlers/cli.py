@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def _protect(args) -> int:
     from guardian_plugin.handlers.archive import protect
@@ -13,6 +15,8 @@ def _protect(args) -> int:
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
           f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
           f"{s['fit']}; detector input fit {s['input_fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
+    if s["label_only"]:
+        print(f"WARNING: {s['label_only']}", file=sys.stderr)
     return 0
 
 

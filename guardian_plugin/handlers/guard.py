@@ -412,12 +412,23 @@ def label_only_response(inner, guardian: Guardian, cfg, model=None) -> Optional[
             log.info("guardian: response.label_only applies to handlers that answer labels only; this one "
                      "answers scores, so flagged rows get %s", cfg.response.policy)
         return None
-    if cfg.response.k > k:
+    response = label_response(cfg, k)
+    log.warning("guardian: %s", label_only_message(answers, response))
+    return response
+
+
+def label_response(cfg, num_classes: int) -> LabelOnlyResponse:
+    """The guard config's response for a label-only archive's flagged rows; ConfigError when
+    ``response.k`` is above the model's class count."""
+    if cfg.response.k > num_classes:
         from guardian_plugin.errors import ConfigError
 
-        raise ConfigError(f"response.k is {cfg.response.k} but the model has {k} classes")
-    response = LabelOnlyResponse(cfg.response.label_only, cfg.response.k)
-    log.warning("guardian: the guarded handler's postprocess answers labels only (a probe of two score rows "
-                "gave %r), so Deceptive Predictions change nothing its clients see; %s. Identity, refusal, "
-                "quotas and probation apply as usual.", answers, response.describe())
-    return response
+        raise ConfigError(f"response.k is {cfg.response.k} but the model has {num_classes} classes")
+    return LabelOnlyResponse(cfg.response.label_only, cfg.response.k)
+
+
+def label_only_message(answers, response: LabelOnlyResponse) -> str:
+    """What the worker logs at load (and `guardian protect` prints) for a label-only archive."""
+    return (f"the guarded handler's postprocess answers labels only (a probe of two score rows gave {answers!r}), "
+            f"so Deceptive Predictions change nothing its clients see; {response.describe()}. Identity, "
+            "refusal, quotas and probation apply as usual.")
