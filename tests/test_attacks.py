@@ -296,3 +296,20 @@ def test_proxy_gan_cache_never_changes_the_callers_random_stream(tmp_path):
     after_hit = torch.rand(3)
     assert torch.equal(after_miss, after_hit)
     assert all(torch.equal(a, b) for a, b in zip(g1.state_dict().values(), g2.state_dict().values()))
+
+
+def test_dfme_replay_steps_train_the_clone_without_queries(victim, tmp_path):
+    """DFME's replay_steps (default 0, as published) add clone steps on answered queries: the same queries
+    are sent (same seed, same count), the clone ends elsewhere."""
+    runs = []
+    for replay in (0, 3):
+        target = RecordingTarget(victim)
+        a = _attack("dfme", target, "soft", 200, tmp_path, replay_steps=replay)
+        res = a.run()
+        assert res.queries == target.queries == a.queries
+        runs.append((torch.cat([x.flatten() for x in target.sent]),
+                     torch.cat([p.flatten() for p in a.clone.state_dict().values() if p.is_floating_point()])))
+    assert runs[0][0].shape == runs[1][0].shape
+    assert not torch.equal(runs[0][1], runs[1][1])
+    with pytest.raises(Exception, match="replay_steps"):
+        _attack("dfme", RecordingTarget(victim), "soft", 200, tmp_path, replay_steps=-1)

@@ -10,7 +10,9 @@ budget. Queries per iteration: batch * ((m + 1) + clone_steps).
 Knobs beyond the published settings: ``lr_milestones`` (fractions of the budget where the clone lr
 is multiplied by 0.3; default [0.1, 0.3, 0.5] as published; ``[]`` keeps it constant, which the MNIST
 benchmark uses because at 1e5 queries the published schedule decays after 40 clone steps) and
-``clone_optimizer`` (``sgd`` as published, or ``adam`` with ``lr_s`` default 1e-3).
+``clone_optimizer`` (``sgd`` as published, or ``adam`` with ``lr_s`` default 1e-3) and ``replay_steps``
+(default 0, as published: extra clone steps per iteration on batches drawn from :attr:`Attack.memory`,
+the answered queries, at no query cost; the experience replay of MAZE and DisGUIDE given to DFME).
 
 ``output``: ``normalised`` (default, as published: tanh output used as the victim's normalised input)
 or ``pixels`` (tanh output mapped to [0, 1] pixels, then normalised with the victim's ``mean``/``std``;
@@ -47,6 +49,8 @@ class DFME(TanhGeneratorAttack):
         lr_milestones: List[float] = Field([0.1, 0.3, 0.5], description="fractions of the budget where the clone "
                                                                         "lr is multiplied by 0.3 (`[]`: constant)")
         checkpoint_every: int = Field(0, description="keep a generator state every this many queries (0: none)")
+        replay_steps: int = Field(0, ge=0, description="extra clone steps per iteration on replayed answers "
+                                                       "(no query; 0 as published)")
 
     def setup(self):
         super().setup()
@@ -100,8 +104,10 @@ class DFME(TanhGeneratorAttack):
         self.clone.train()
         with torch.no_grad():
             x = self.generate()
-        v = recover_logits(self.query(x))
-        loss = F.l1_loss(self.clone(x), v)
+        self._fit(x, self.query(x))
+
+    def _fit(self, x, probs):
+        loss = F.l1_loss(self.clone(x), recover_logits(probs))
         self.opt_s.zero_grad()
         loss.backward()
         self.opt_s.step()
@@ -111,6 +117,9 @@ class DFME(TanhGeneratorAttack):
         self.generator_step()
         for _ in range(self.clone_steps):
             self.clone_step()
+        self.clone.train()
+        for _ in range(self.cfg.replay_steps):  # experience replay: no new queries
+            self._fit(*self.memory.sample(self.batch, self.device))
         if self.checkpoint_every and self.queries >= self._next_ckpt:
             self.checkpoints.append(copy.deepcopy(self.generator.state_dict()))
             self._next_ckpt += self.checkpoint_every
