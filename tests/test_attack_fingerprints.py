@@ -5,9 +5,16 @@ generator-base refactoring (tests/data/attack_fingerprints.json).
 
 A fingerprint is the number of queries, the sum and absolute sum of every query sent (float64), the
 clone-accuracy history on a fixed probe set, and the sum / absolute sum of the final clone's
-parameters. Sums are compared with a relative tolerance of 1e-5 so the test survives another CPU's
-rounding; a changed random stream, a reordered construction or a changed default moves them by far
-more. To record anew (only when a change of behaviour is intended):
+parameters. Query counts and the history's query points must be equal. The sums are compared as
+deviations scaled by the recorded absolute sum, with tolerances that survive another CPU's rounding,
+which a few training steps amplify: measured on an AMD EPYC against fingerprints recorded on another
+CPU, the query sums moved by up to 6e-4 of their scale (Dual Students; 5.5e-5 for DFME) and the clone
+sums by up to 1.5e-4 (bit-for-bit equality, or 1e-5 of the plain sum, failed for seven of eleven cases
+there). Another seed moves the query sums by 1e-2 (QUDA) to 1.2 of their scale:
+test_a_changed_random_stream_is_caught checks that every case's query check tells seed 1 from seed 0.
+The clone sums hardly depend on the seed (the clone's initialisation is fixed; a few steps move it
+~2e-4), so their tolerance catches only large changes of training. To record anew (only when a
+change of behaviour is intended):
 
     GUARDIAN_RECORD_FINGERPRINTS=1 python -m pytest tests/test_attack_fingerprints.py
 """
@@ -78,7 +85,7 @@ class _Recording(InProcessTarget):
         return super().query(x)
 
 
-def fingerprint(case: str, victim, x_probe, y_probe, cache_dir: str) -> dict:
+def fingerprint(case: str, victim, x_probe, y_probe, cache_dir: str, seed: int = 0) -> dict:
     attack, mode, budget, params, aware = CASES[case]
     target = _Recording(victim)
     torch.manual_seed(0)
@@ -88,7 +95,7 @@ def fingerprint(case: str, victim, x_probe, y_probe, cache_dir: str) -> dict:
         with torch.no_grad():
             return float((m(x_probe).argmax(1) == y_probe).float().mean())
 
-    kw = dict(budget=budget, image_shape=(1, 28, 28), label_mode=mode, seed=0, evaluate=evaluate,
+    kw = dict(budget=budget, image_shape=(1, 28, 28), label_mode=mode, seed=seed, evaluate=evaluate,
               eval_every=max(budget // 3, 1), progress=False, mean=MEAN, std=STD, num_classes=10,
               cache_dir=cache_dir, **params)
     a = build_aware_attack(attack, aware, target, clone, **kw) if aware else build_attack(attack, target, clone, **kw)
@@ -100,18 +107,28 @@ def fingerprint(case: str, victim, x_probe, y_probe, cache_dir: str) -> dict:
             "clone_sum": float(ps.sum()), "clone_abs_sum": float(ps.abs().sum())}
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1.0)
+QUERY_TOL = 3e-3  # of the recorded absolute sum of the queries
+CLONE_TOL = 1e-3  # of the recorded absolute sum of the clone's parameters
+
+
+def _deviations(got: dict, want: dict) -> tuple:
+    """(queries, clone): the largest deviation of the sum and the absolute sum, scaled by the recorded
+    absolute sum (a plain sum can be near zero, so its own size is no scale)."""
+    q = max(abs(got[k] - want[k]) / want["query_abs_sum"] for k in ("query_sum", "query_abs_sum"))
+    c = max(abs(got[k] - want[k]) / want["clone_abs_sum"] for k in ("clone_sum", "clone_abs_sum"))
+    return q, c
+
+
+def _stored() -> dict:
+    with open(FILE) as f:
+        return json.load(f)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_attack_behaviour_is_unchanged(case, victim_and_probe, tmp_path_factory):
     cache = str(tmp_path_factory.getbasetemp() / "fingerprint-cache")
     got = fingerprint(case, *victim_and_probe, cache)
-    stored = {}
-    if os.path.exists(FILE):
-        with open(FILE) as f:
-            stored = json.load(f)
+    stored = _stored() if os.path.exists(FILE) else {}
     if RECORD:
         stored[case] = got
         os.makedirs(os.path.dirname(FILE), exist_ok=True)
@@ -123,5 +140,16 @@ def test_attack_behaviour_is_unchanged(case, victim_and_probe, tmp_path_factory)
     assert [h[0] for h in got["history"]] == [h[0] for h in want["history"]]
     # accuracies on 64 probe images: a rounding difference could at most move one image
     assert all(abs(g[1] - w[1]) <= 1 / 64 + 1e-9 for g, w in zip(got["history"], want["history"]))
-    for k in ("query_sum", "query_abs_sum", "clone_sum", "clone_abs_sum"):
-        assert _close(got[k], want[k]), (k, got[k], want[k])
+    q, c = _deviations(got, want)
+    assert q <= QUERY_TOL, (case, "queries", q, got, want)
+    assert c <= CLONE_TOL, (case, "clone", c, got, want)
+
+
+@pytest.mark.skipif(RECORD, reason="recording")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_changed_random_stream_is_caught(case, victim_and_probe, tmp_path):
+    """The control of the tolerance above: seed 1 must fail the query check against seed 0's record.
+    With a cache of its own: DFMS and QUDA reuse a cached proxy GAN across seeds (by design, see
+    attacks.common.pretrain_proxy_gan), and their queries then hardly depend on the attack's seed."""
+    q, _ = _deviations(fingerprint(case, *victim_and_probe, str(tmp_path), seed=1), _stored()[case])
+    assert q > QUERY_TOL, (case, q)

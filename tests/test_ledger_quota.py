@@ -334,8 +334,8 @@ def test_open_mode_grants_unchecked_except_known_denied_and_replays_counts(tmp_p
     assert (ok.queries, ok.flagged, new.queries) == (8, 1, 2)  # queries and flagged replayed exactly
     assert ok.period_queries == 3  # the unchecked grants did not go through the store
     assert ok.period_flagged == 1  # the held record's flagged query counts in the period when written
-    # the held update's bins were dropped (documented): the current block is still (3, 0)
-    assert inner.record_many([("ok", 97, 0, (0, 97))])[0].dist_counts == [3, 97]
+    # the held update's bins were written with its counts: the current block is (3, 0) + (4, 1)
+    assert inner.record_many([("ok", 97, 0, (0, 97))])[0].dist_counts == [7, 98]
 
 
 def test_redis_replay_of_updates_with_bins_counts_once(durable_redis):

@@ -104,18 +104,19 @@ def test_patch_and_trunk_artifact_round_trip(tmp_path):
                                                 ("cifar10/artifacts/detector-raw", 3, 32)])
 def test_version_1_artifacts_score_as_before(tmp_path, name, channels, size):
     """Scores recorded with the code before patches and trunks existed (tests/data/old_artifact_scores.pt):
-    exactly, with the saved modules run as they are (``fast=False``); to rounding, with the same flags, on
-    the default path (folded, fused, channels-last copies); and a rewrite of the artifact keeps exactly the
-    version-1 keys."""
+    to float32 rounding with the saved modules run as they are (``fast=False``: bit for bit on the CPU that
+    recorded them; another CPU's kernels sum in another order, measured up to 1.5e-5 on scores of ~130);
+    to 1e-4, with the same flags, on the default path (folded, fused, channels-last copies); and a rewrite
+    of the artifact keeps exactly the version-1 keys."""
     expected = torch.load("tests/data/old_artifact_scores.pt", weights_only=True)[name]
     x = expected["x"].float() / 255
     det = load_detector(os.path.join(EXAMPLES, name))
     assert det.spec.format_version == 1 and det.spec.patches is None and not det.spec.trunks
     plain = Detector(det.spec, dict(det.transforms), list(det.subs), fast=False)
-    assert torch.equal(plain.scores(x), expected["scores"])
+    assert torch.allclose(plain.scores(x), expected["scores"], rtol=1e-6, atol=1e-5)
     assert torch.allclose(det.scores(x), expected["scores"], rtol=0, atol=1e-4)
     with torch.inference_mode():  # as TorchServe calls it (the MNIST artifact's transform is a gradient)
-        assert torch.equal(plain.flag(x)[1], expected["scores"])
+        assert torch.allclose(plain.flag(x)[1], expected["scores"], rtol=1e-6, atol=1e-5)
         flagged, scores = det.flag(x)
     assert torch.allclose(scores, expected["scores"], rtol=0, atol=1e-4)
     assert torch.equal(flagged, (expected["scores"] >= det.thresholds).any(1))
