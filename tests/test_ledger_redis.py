@@ -251,6 +251,46 @@ def test_lost_reply_counts_exactly_once(redis_uri):
         proxy.close()
 
 
+def test_lost_reservation_reply_grants_once_and_is_taken_back(redis_uri):
+    """A reservation whose reply is lost counts once, and the error's release takes the grant back from
+    the period's count, once; through ResilientLedger (closed mode: the client was answered 503) the
+    release runs when the store answers again. Before, the period kept the grant until it ended."""
+    from guardian_plugin.ledger.resilient import ResilientLedger
+
+    port = int(redis_uri.rsplit(":", 1)[1].split("/")[0])
+    proxy = ReplyDroppingProxy(port)
+    ns = fresh_namespace("lostres")
+    rule = RefusalRule(quota=10, quota_period_s=3600)
+    try:
+        led = open_ledger(f"redis://127.0.0.1:{proxy.port}/0?socket_timeout=0.3", rule, ns)
+        direct = open_ledger(redis_uri, rule, ns)
+        assert led.reserve_many([("c", 4)])[0].granted == 4
+        proxy.drop = True
+        with pytest.raises(LedgerUnavailable) as e:
+            led.reserve_many([("c", 3), ("d", 2)])
+        assert direct.get("c").period_queries == 7 and direct.get("d").period_queries == 2  # ran once
+        with pytest.raises(LedgerUnavailable):
+            e.value.release()  # no reply: kept for later
+        proxy.drop = False
+        e.value.release()
+        assert direct.get("c").period_queries == 4 and direct.get("d").period_queries == 0
+        e.value.release()  # again: nothing more is taken back
+        assert direct.get("c").period_queries == 4 and direct.get("d").period_queries == 0
+        assert led.reserve_many([("c", 9)])[0].granted == 6  # the thread's new writer id reserves as usual
+
+        resilient = ResilientLedger(led, "closed", retry_interval_s=0.05, background=False)
+        proxy.drop = True
+        with pytest.raises(LedgerUnavailable):
+            resilient.reserve_many([("e", 5)])
+        assert direct.get("e").period_queries == 5
+        proxy.drop = False
+        time.sleep(0.06)
+        assert resilient.flush() and direct.get("e").period_queries == 0
+        assert resilient.reserve_many([("e", 12)])[0].granted == 10
+    finally:
+        proxy.close()
+
+
 def _hammer(url, ns, n, flagged):
     led = open_ledger(url, RefusalRule(tau=100, rho=0.5), ns)
     for _ in range(n):

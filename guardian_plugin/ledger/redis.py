@@ -31,9 +31,15 @@ the script applies it only if that writer's last applied number is lower. After 
 thread retires its writer id, and the raised :class:`LedgerUnavailable` carries ``replay``: a callable
 that resends the same update under the same (writer, sequence), applied at most once however often it
 runs. :class:`guardian_plugin.ledger.resilient.ResilientLedger` keeps these and replays them when the
-store is back. Writer keys expire after ``writer_ttl`` seconds (default 7 days) without use. A
-reservation is not replayable: one whose reply is lost raises LedgerUnavailable and grants nothing
-(what the server may have added counts against the quota until the period ends).
+store is back. Writer keys expire after ``writer_ttl`` seconds (default 7 days) without use.
+
+Reservations carry (writer id, sequence number) too: the script leaves a receipt (the writer's last
+reservation: its sequence number, period and grants), so a resend of the same reservation (a retry
+after a connection error) grants nothing more and answers the recorded grants. One whose reply is lost
+raises LedgerUnavailable and grants nothing; the error carries ``release``: a callable that takes back
+what the server may have added to the period's counts (only while that period lasts; once, however
+often it runs), which the resilient wrapper runs when the store is back. Before, such a reservation
+counted against the client's quota until the period ended.
 
 redis-py is imported when a RedisLedger is made, so the package works without it.
 """
@@ -177,40 +183,85 @@ end
 return out
 """
 
-# KEYS: client hashes; ARGV: quota, flagged_quota, period_s, retention_s, then the queries asked per client.
-# Per client: its state, then granted and retry_after (0: none) -- RefusalRule.grant and .retry_after.
-_LUA_RESERVE = _LUA_COMMON + r"""
+# shared by the reservation scripts: a receipt is "seq|period|g1,g2,..." (the grants per client key)
+_LUA_RECEIPT = r"""
+local function receipt(text)
+  if not text then return nil end
+  local seq, per, gs = string.match(text, '^(%d+)|(%d+)|(.*)$')
+  local g = {}
+  for x in string.gmatch(gs, '[^,]+') do g[#g + 1] = tonumber(x) end
+  return tonumber(seq), tonumber(per), g
+end
+"""
+
+# KEYS[1]: the writer's receipt key; KEYS[2..]: client hashes. ARGV: quota, flagged_quota, period_s,
+# retention_s, seq, writer_ttl, then the queries asked per client. Per client: its state, then granted
+# and retry_after (0: none) -- RefusalRule.grant and .retry_after. A resend of the receipt's sequence
+# number grants nothing more and answers the recorded grants.
+_LUA_RESERVE = _LUA_COMMON + _LUA_RECEIPT + r"""
 local quota, fquota, per, ret = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local seq = tonumber(ARGV[5])
 local now, sec = clock()
 local cur = math.floor(sec / per)
+local rseq, rper, rg = receipt(redis.call('GET', KEYS[1]))
+local again = rseq == seq
+local grants = {}
 local out = {}
-for i = 1, #KEYS do
+for i = 2, #KEYS do
   local k = KEYS[i]
-  local n = tonumber(ARGV[4 + i])
+  local n = tonumber(ARGV[5 + i])
   local granted, retry = 0, 0
-  local d = redis.call('HMGET', k, 'r', 'b')
-  if d[1] ~= '1' and d[2] ~= '1' then
-    local pq, pf = period_counts(k, cur)
-    if fquota > 0 and pf >= fquota then
-      granted = 0
-    elseif quota > 0 then
-      granted = math.max(0, math.min(n, quota - pq))
-    else
-      granted = n
+  if again then
+    granted = rg[i - 1] or 0
+  else
+    local d = redis.call('HMGET', k, 'r', 'b')
+    if d[1] ~= '1' and d[2] ~= '1' then
+      local pq, pf = period_counts(k, cur)
+      if fquota > 0 and pf >= fquota then
+        granted = 0
+      elseif quota > 0 then
+        granted = math.max(0, math.min(n, quota - pq))
+      else
+        granted = n
+      end
+      if granted > 0 then
+        ensure(k, now)
+        redis.call('HSET', k, 'p', cur, 'pq', pq + granted, 'pf', pf)
+        if ret > 0 then redis.call('EXPIRE', k, ret) end
+      end
     end
-    if granted > 0 then
-      ensure(k, now)
-      redis.call('HSET', k, 'p', cur, 'pq', pq + granted, 'pf', pf)
-      if ret > 0 then redis.call('EXPIRE', k, ret) end
-    end
-    if granted < n then retry = (cur + 1) * per - sec end
   end
+  if granted < n and redis.call('HGET', k, 'r') ~= '1' and redis.call('HGET', k, 'b') ~= '1' then
+    retry = (cur + 1) * per - sec
+  end
+  grants[#grants + 1] = granted
   local v = state(k)
   v[#v + 1] = granted
   v[#v + 1] = retry
   out[#out + 1] = v
 end
+if not again then
+  redis.call('SET', KEYS[1], ARGV[5] .. '|' .. cur .. '|' .. table.concat(grants, ',') .. ',', 'EX', ARGV[6])
+end
 return out
+"""
+
+# KEYS[1]: the writer's receipt key; KEYS[2..]: the reservation's client hashes; ARGV[1]: its seq.
+# Takes the receipt's grants back from the period counts while that period lasts, once. Returns 1 if
+# the reservation had run, else 0.
+_LUA_RELEASE = _LUA_RECEIPT + r"""
+local rseq, rper, rg = receipt(redis.call('GET', KEYS[1]))
+if rseq ~= tonumber(ARGV[1]) then return 0 end
+for i = 2, #KEYS do
+  local k = KEYS[i]
+  local g = rg[i - 1] or 0
+  local v = redis.call('HMGET', k, 'p', 'pq')
+  if g > 0 and tonumber(v[1]) == rper then
+    redis.call('HSET', k, 'pq', math.max(0, (tonumber(v[2]) or 0) - g))
+  end
+end
+redis.call('DEL', KEYS[1])
+return 1
 """
 
 # KEYS[1]: client hash; ARGV: blocked (0/1), retention_s. Unblocking an unknown client creates nothing.
@@ -290,6 +341,7 @@ class RedisLedger(Ledger):
         self._client_prefix = self._base + "c:"
         self._record = self.r.register_script(_LUA_RECORD)
         self._reserve = self.r.register_script(_LUA_RESERVE)
+        self._release = self.r.register_script(_LUA_RELEASE)
         self._block = self.r.register_script(_LUA_BLOCK)
         self._local = threading.local()
 
@@ -366,8 +418,15 @@ class RedisLedger(Ledger):
 
     def _reserve_many(self, requests) -> List[Reservation]:
         r = self.rule
-        args = [r.quota, r.flagged_quota, r.quota_period_s, self.retention_s] + [n for _, n in requests]
-        out = self._reserve(keys=[self.key(c) for c, _ in requests], args=args)
+        writer, seq = self._writer()
+        keys = [writer + ":r"] + [self.key(c) for c, _ in requests]
+        args = [r.quota, r.flagged_quota, r.quota_period_s, self.retention_s, seq, self.writer_ttl_s]
+        try:
+            out = self._call(self._reserve, keys, args + [n for _, n in requests])
+        except LedgerUnavailable as err:
+            self._retire_writer()  # never send a newer sequence number under a writer with one in doubt
+            err.release = functools.partial(self._call, self._release, keys, [seq])
+            raise
         return [Reservation(self._state(c, v), int(v[13]), int(v[14]) or None) for (c, _), v in zip(requests, out)]
 
     def _get(self, client_id: str) -> ClientState:

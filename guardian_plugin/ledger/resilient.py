@@ -24,7 +24,9 @@ Quotas (:meth:`Ledger.reserve_many`): while the store is up reservations go to i
 closed mode raises LedgerUnavailable (nothing is granted) and open mode grants every query asked for,
 unchecked against the quotas, except to clients it knows are refused or blocked (counted in
 ``stats["granted_unchecked"]`` and logged at ERROR level); those queries do not count against the
-period's quota later. The distribution-test bin counts of updates held here are summed per client with
+period's quota later. A reservation whose fate is unknown (its reply lost) is taken back when the
+store returns, where the backend says how (the ``release`` of Redis's exception): its client was
+answered 503, or served unchecked, so it does not count against the quota either. The distribution-test bin counts of updates held here are summed per client with
 their queries and flagged counts and written with them when the store returns (one update per client,
 so the queries served while the store was down land in the client's current block together, and a
 block they complete may hold more than ``dist_block`` queries); an update held as a replay is resent
@@ -71,6 +73,7 @@ class ResilientLedger(Ledger):
         # counts surely not in the store: client -> [queries, flagged, summed bins or None]
         self._pending: "OrderedDict[str, list]" = OrderedDict()
         self._replays: List[_Replay] = []  # updates that may or may not be in the store
+        self._releases: List[Callable[[], object]] = []  # reservations to take back (fate unknown)
         self._known: "OrderedDict[str, ClientState]" = OrderedDict()  # open mode: last state per client
         self._known_cap = known_clients
         self._local_refused: Dict[str, int] = {}  # open mode: refused here while the store was down
@@ -96,7 +99,7 @@ class ResilientLedger(Ledger):
             return q, f
 
     def _has_pending(self) -> bool:
-        return bool(self._pending) or bool(self._replays)
+        return bool(self._pending) or bool(self._replays) or bool(self._releases)
 
     # ------------------------------------------------------------------- failure handling
     def _mark_down(self, err: BaseException) -> None:
@@ -154,6 +157,12 @@ class ResilientLedger(Ledger):
             self._replays.append(_Replay(err.replay, list(getattr(err, "updates", updates))))
         self._ensure_flusher()
 
+    def _keep_release(self, err: LedgerUnavailable) -> None:
+        if getattr(err, "release", None) is not None:
+            with self._lock:
+                self._releases.append(err.release)
+            self._ensure_flusher()
+
     def _absorb_failure(self, err: LedgerUnavailable, updates: List[tuple]) -> None:
         """Keep the counts of a failed update: as a replay if its fate is unknown, else as counts."""
         if getattr(err, "replay", None) is not None:
@@ -169,8 +178,13 @@ class ResilientLedger(Ledger):
             with self._lock:
                 replays, self._replays = self._replays, []
                 pending, self._pending = self._pending, OrderedDict()
+                releases, self._releases = self._releases, []
             done = 0
             try:
+                while releases:
+                    releases[0]()
+                    releases.pop(0)
+                    done += 1
                 while replays:
                     states = replays[0].fn()
                     self._remember(states)
@@ -188,6 +202,7 @@ class ResilientLedger(Ledger):
                     pending = OrderedDict()
             except LedgerUnavailable as e:
                 with self._lock:
+                    self._releases[:0] = releases
                     self._replays[:0] = replays  # a failed replay keeps its token: retry it as it was
                     self._merge_pending(self._as_updates(pending))
                 self.stats["flushed_updates"] += done
@@ -291,7 +306,7 @@ class ResilientLedger(Ledger):
         return [self._local_state(u[0]) for u in updates]
 
     def _reserve_many(self, requests: List[Tuple[str, int]]) -> List[Reservation]:
-        out, err = self._attempt(lambda: self.inner.reserve_many(requests))
+        out, err = self._attempt(lambda: self.inner.reserve_many(requests), self._keep_release)
         if err is None:
             self._remember(r.state for r in out)
             return out
