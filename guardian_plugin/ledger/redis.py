@@ -211,11 +211,12 @@ for i = 2, #KEYS do
   local k = KEYS[i]
   local n = tonumber(ARGV[5 + i])
   local granted, retry = 0, 0
+  local d = redis.call('HMGET', k, 'r', 'b')
+  local denied = d[1] == '1' or d[2] == '1'
   if again then
     granted = rg[i - 1] or 0
   else
-    local d = redis.call('HMGET', k, 'r', 'b')
-    if d[1] ~= '1' and d[2] ~= '1' then
+    if not denied then
       local pq, pf = period_counts(k, cur)
       if fquota > 0 and pf >= fquota then
         granted = 0
@@ -231,7 +232,7 @@ for i = 2, #KEYS do
       end
     end
   end
-  if granted < n and redis.call('HGET', k, 'r') ~= '1' and redis.call('HGET', k, 'b') ~= '1' then
+  if granted < n and not denied then
     retry = (cur + 1) * per - sec
   end
   grants[#grants + 1] = granted

@@ -26,8 +26,8 @@ unchecked against the quotas, except to clients it knows are refused or blocked 
 ``stats["granted_unchecked"]`` and logged at ERROR level); those queries do not count against the
 period's quota later. A reservation whose fate is unknown (its reply lost) is taken back when the
 store returns, where the backend says how (the ``release`` of Redis's exception): its client was
-answered 503, or served unchecked, so it does not count against the quota either. The distribution-test bin counts of updates held here are summed per client with
-their queries and flagged counts and written with them when the store returns (one update per client,
+answered 503, or served unchecked, so it does not count against the quota either. The
+distribution-test bin counts of updates held here are summed per client with their queries and flagged counts and written with them when the store returns (one update per client,
 so the queries served while the store was down land in the client's current block together, and a
 block they complete may hold more than ``dist_block`` queries); an update held as a replay is resent
 whole, bins included.
@@ -39,6 +39,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from itertools import zip_longest
 from dataclasses import replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -144,9 +145,7 @@ class ResilientLedger(Ledger):
             v[0] += q
             v[1] += f
             if bins and bins[0] is not None:
-                b, held = list(bins[0]), v[2] or []
-                n = max(len(b), len(held))
-                v[2] = [(held[i] if i < len(held) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+                v[2] = [a + b for a, b in zip_longest(v[2] or [], bins[0], fillvalue=0)]
 
     @staticmethod
     def _as_updates(pending: "OrderedDict[str, list]") -> List[tuple]:
