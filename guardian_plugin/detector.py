@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -403,6 +404,31 @@ class Detector(nn.Module):
         s = self.scores(pix)
         thr = self.thresholds if self.thresholds.device == s.device else self.thresholds.to(s.device)
         return (s >= thr).any(1), s
+
+
+def calibrate(cal_scores: Dict[str, np.ndarray], target_fpr: float) -> Tuple[np.ndarray, float, Dict[str, float]]:
+    """Per-sub-detector thresholds at one common quantile level ``a`` (each threshold is the
+    (1 - a)-quantile of that sub-detector's pooled calibration scores), with ``a`` the largest level at
+    which the ensemble's FPR is <= target on EVERY calibration group. Returns (thresholds, a, fpr per group)."""
+    pooled = np.concatenate(list(cal_scores.values()))
+
+    def thresholds(a: float) -> np.ndarray:
+        return np.quantile(pooled, 1.0 - a, axis=0, method="higher").astype(np.float32)  # as served
+
+    def fprs(thr) -> Dict[str, float]:
+        return {g: float((s >= thr).any(1).mean()) for g, s in cal_scores.items()}
+
+    lo, hi = 0.0, target_fpr
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if max(fprs(thresholds(mid)).values()) <= target_fpr:
+            lo = mid
+        else:
+            hi = mid
+    thr = thresholds(lo)
+    if lo == 0.0:  # even the maxima flag too much: put each threshold just above its maximum
+        thr = np.nextafter(pooled.max(0).astype(np.float32), np.float32(np.inf))
+    return thr, lo, fprs(thr)
 
 
 # ------------------------------------------------------------------------------- load / save

@@ -238,3 +238,58 @@ def test_guardian_protect_warns_about_a_label_only_archive(tmp_path, stub_detect
     assert not (tmp_path / "k.mar").exists()
     assert main(["protect", mnist_mar, "--detector", stub_detector, "-o", str(tmp_path / "s.mar")]) == 0
     assert "labels only" not in capsys.readouterr().err  # an archive answering scores: no warning
+
+
+def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, capsys):
+    """`guardian protect --calibrate DIR`: the benign images go through the archive's own preprocess and
+    the embedded detector, the embedded thresholds are re-set at the artifact's target FPR on every other
+    image, and a worker that loads the protected archive's detector flags at most that share of them;
+    the artifact on disk is untouched. Too few images, a file the handler cannot decode and a missing
+    folder are errors that name the problem, and no archive is written."""
+    from examples.mnist import serving as ex
+    from guardian_plugin.cli import main
+    from guardian_plugin.detector import load_detector, read_spec
+    from guardian_plugin.handlers.archive import CALIBRATION_FILE, DETECTOR_DIR, archive_handler
+
+    bodies, _ = ex.real_digits(300)
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for i, b in enumerate(bodies):
+        (cal / f"{i:04d}.png").write_bytes(b)
+    (cal / ".hidden").write_text("skipped")
+    out = tmp_path / "c.mar"
+    assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(out), "--calibrate", str(cal)]) == 0
+    printed = capsys.readouterr().out
+    assert "served calibration on 300 images" in printed and "held out" in printed
+    manifest, files = read_archive(str(out))
+    report = json.loads(files[f"{DETECTOR_DIR}/{CALIBRATION_FILE}"])
+    assert (report["images"], report["calibrated_on"], report["held_out"]) == (300, 150, 150)
+    assert report["flagged_share_calibration_after"] <= report["target_fpr"]
+    artifact = read_spec(ex.DETECTOR)
+    assert report["thresholds_before"] == {s.name: s.threshold for s in artifact.subdetectors}
+    extracted = tmp_path / "x"
+    for name, data in files.items():
+        p = extracted / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    det = load_detector(str(extracted / DETECTOR_DIR)).eval()
+    assert dict(zip(det.names, det.thresholds.tolist())) == pytest.approx(report["thresholds_after"])
+    with archive_handler(*read_archive(mnist_mar)) as handler:  # the guarded handler's inner preprocess
+        x = torch.cat([handler.preprocess([{"body": b}]) for b in bodies[0::2]])
+    flagged, _ = det.flag(det.to_pixels(x))
+    assert float(flagged.float().mean()) == pytest.approx(report["flagged_share_calibration_after"])
+    assert read_spec(ex.DETECTOR) == artifact
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for i, b in enumerate(bodies[:150]):
+        (few / f"{i}.png").write_bytes(b)
+    assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "f.mar"), "--calibrate", str(few)]) == 2
+    assert "150 files, but a target false-positive rate of 0.01 needs at least 200" in capsys.readouterr().err
+    (cal / "notes.txt").write_text("not an image")
+    assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "n.mar"), "--calibrate", str(cal)]) == 2
+    assert "calibration image notes.txt: the archive's handler cannot preprocess it" in capsys.readouterr().err
+    assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "m.mar"),
+                 "--calibrate", str(tmp_path / "missing")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in ("f.mar", "n.mar", "m.mar"))

@@ -2,15 +2,19 @@
 BUILT-IN `image_classifier` handler, protected by `guardian protect`, answering a benign client and a
 DFME attacker over HTTP.
 
-    python -m examples.cifar10.demo [--images 1000] [--attack-budget 4000] [--detector DIR] [--device auto] [--keep]
+    python -m examples.cifar10.demo [--images 1000] [--calibration-images 1000] [--attack-budget 4000]
+                                    [--detector DIR] [--device auto] [--keep]
 
 1. Archives the committed victim (examples/cifar10/artifacts) with torch-model-archiver and
    `--handler image_classifier`: the model is a TorchScript wrapper that brings the handler's 224 px
    tensor back to the victim's 32 px (examples/cifar10/serving.py), then runs
-   `guardian protect --input-fit area` on it (the detector reads the same 224 -> 32 px mapping).
+   `guardian protect --input-fit area --calibrate DIR` on it: the detector reads the same 224 -> 32 px
+   mapping, and its thresholds are re-set on 1,000 calibration-split images (PNG, not the test images)
+   sent through the handler's own preprocess, so that the served path keeps the artifact's 1% target.
 2. Starts TorchServe on loopback ports (2 workers per model, batching on) with both archives.
 3. In process (--device): the victim's accuracy and the detector's flagged share on the same test
-   images as they are (32 px), and as the handler's Resize(256) / CenterCrop(224) leaves them.
+   images as they are (32 px, the artifact's thresholds), and as the handler's Resize(256) /
+   CenterCrop(224) leaves them (the thresholds the protected archive embeds).
 4. A benign client sends those test images (PNG) to both endpoints; an attacker runs DFME (a
    CIFAR ResNet-20 clone, generator-synthesised queries) against the protected one until refused.
 5. Prints the MNIST demo's summary plus the in-process figures next to the served ones, and stops
@@ -35,9 +39,11 @@ from examples.cifar10 import serving as cx
 NAME = "cifar10"
 
 
-def in_process(bodies, x_uint8, labels, detector_dir: str, device: torch.device, batch: int = 100) -> dict:
+def in_process(bodies, x_uint8, labels, detector_dir: str, device: torch.device, served_thresholds=None,
+               batch: int = 100) -> dict:
     """Accuracy and flagged share of the same images in process: as they are (the victim's and the
-    detector's own 32 px input) and through the handler's preprocessing (served geometry, no HTTP)."""
+    detector's own 32 px input, the artifact's thresholds) and through the handler's preprocessing
+    (served geometry, no HTTP; ``served_thresholds``: those the protected archive embeds, if calibrated)."""
     from tqdm import tqdm
 
     from guardian_plugin.detector import InputMapping, load_detector
@@ -48,6 +54,8 @@ def in_process(bodies, x_uint8, labels, detector_dir: str, device: torch.device,
     det = load_detector(detector_dir, device=device).eval()
     det_served = load_detector(detector_dir, device=device).eval()
     det_served.spec = det_served.spec.model_copy(update={"input": InputMapping(mean=cx.MEAN, std=cx.STD, fit="area")})
+    if served_thresholds is not None:
+        det_served.thresholds.copy_(torch.tensor(served_thresholds, dtype=torch.float32))
     y = torch.tensor(labels)
     ok_raw = ok_srv = fl_raw = fl_srv = 0
     for i in tqdm(range(0, len(labels), batch), desc="in-process", unit="batch", leave=False):
@@ -71,6 +79,10 @@ def main(argv=None) -> int:
     ap.add_argument("--detector", default=cx.DETECTOR, help="detector artifact (default: examples/cifar10/artifacts/detector)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto, for the in-process parts (TorchServe "
                     "puts its workers on a GPU by itself when one is present)")
+    ap.add_argument("--calibration-images", type=int, default=1000,
+                    help="benign images of the detector's calibration split (not the test images) for `guardian "
+                    "protect --calibrate`: the thresholds re-set through the handler's resize + crop (default "
+                    "1,000; 0: the artifact's thresholds, calibrated at 32 px)")
     demo.add_common_args(ap)
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -82,7 +94,6 @@ def main(argv=None) -> int:
         sys.exit(f"{cx.VICTIM_TS} is missing (a committed artifact): `python -m examples.cifar10.train_victim`")
 
     from guardian_plugin.attacks.dfme import DFME
-    from guardian_plugin.devserver.torchserve import build_archive
     from guardian_plugin.nets import build_classifier
     from guardian_plugin.attacks.target import TorchServeTarget
     from guardian_plugin.training.common import resolve_device
@@ -98,15 +109,17 @@ def main(argv=None) -> int:
 
     print(f"[1/5] torch-model-archiver --handler image_classifier: the ResNet-56 behind a 224 -> 28 -> 32 px "
           f"wrapper ({work})", flush=True)
-    model_pt = cx.served_victim(os.path.join(work, "victim224.torchscript.pt"))
-    names = cx.index_to_name(os.path.join(work, "index_to_name.json"))
-    mar = build_archive(NAME, model_pt, "image_classifier", store, extra_files=[names])
-    demo.protect_archive(mar, detector, guard_yaml, os.path.join(store, f"{NAME}_protected.mar"),
-                         extra=["--input-fit", "area"])
+    mar = cx.build_served_archive(work, store, NAME)
+    extra = ["--input-fit", "area"]
+    if args.calibration_images:
+        extra += ["--calibrate", cx.calibration_folder(os.path.join(work, "calibration"), args.calibration_images)]
+    protected = demo.protect_archive(mar, detector, guard_yaml, os.path.join(store, f"{NAME}_protected.mar"), extra)
+    calibration = cx.embedded_calibration(protected)
 
     print(f"[2/5] in process ({device}): victim and detector on the {args.images} test images, 32 px and "
           "through the handler's Resize(256) + CenterCrop(224)", flush=True)
-    inproc = in_process(bodies, x, labels, detector, device)
+    inproc = in_process(bodies, x, labels, detector, device,
+                        list(calibration["thresholds_after"].values()) if calibration else None)
 
     print(f"[3/5] TorchServe: {NAME} and {NAME}_protected, 2 workers each, batching on", flush=True)
     ts = demo.serve(store, work, (NAME, f"{NAME}_protected"))
@@ -144,6 +157,7 @@ def main(argv=None) -> int:
             **{f"in_process_{k}": v for k, v in inproc.items()},
             **demo.ledger_summary(guard_yaml, ledger_uri, NAME, target, result),
             "benign_images": args.images,
+            "served_calibration": calibration,
             "detector": detector,
             "device": str(device),
             "benign_seconds": round(benign_s, 1),
@@ -162,6 +176,10 @@ def main(argv=None) -> int:
             ("benign flagged share, in process", f"{s['in_process_flagged_share_32px']:.1%} at 32 px vs "
              f"{s['benign_flagged_share']:.1%} served ({s['in_process_flagged_share_handler_geometry']:.1%} "
              "in process through the handler's resize + crop)"),
+            ("thresholds", "calibrated on the served path: " + (
+                f"{calibration['calibrated_on']} calibration-split images through the handler, benign flagged "
+                f"{calibration['flagged_share_held_out_before']:.1%} -> {calibration['flagged_share_held_out_after']:.1%} "
+                f"on {calibration['held_out']} held out" if calibration else "no (the artifact's, set at 32 px)")),
         ])
     demo.finish(work, args.keep or args.workdir is not None, summary)
     return 0

@@ -72,6 +72,38 @@ def index_to_name(path: str) -> str:
     return path
 
 
+def build_served_archive(work: str, store: str, name: str = "cifar10") -> str:
+    """The victim archived with torch-model-archiver and TorchServe's built-in ``image_classifier``
+    handler (the wrapper above, index_to_name.json for class names); returns the .mar path in ``store``."""
+    from guardian_plugin.devserver.torchserve import build_archive
+
+    model_pt = served_victim(os.path.join(work, "victim224.torchscript.pt"))
+    names = index_to_name(os.path.join(work, "index_to_name.json"))
+    return build_archive(name, model_pt, "image_classifier", store, extra_files=[names])
+
+
+def calibration_folder(path: str, n: int) -> str:
+    """The first ``n`` images of the detector's calibration split (training images no detector step
+    trained on, disjoint from the test split) as PNG files in ``path``: benign request bodies for
+    ``guardian protect --calibrate``."""
+    from guardian_plugin.training.data import cifar10_split
+
+    x, _ = cifar10_split("calibrate", n)
+    os.makedirs(path, exist_ok=True)
+    for i, body in enumerate(png_bodies(x)):
+        with open(os.path.join(path, f"calibrate-{i:05d}.png"), "wb") as f:
+            f.write(body)
+    return path
+
+
+def embedded_calibration(mar: str):
+    """The served-calibration report a protected archive embeds (None: not calibrated)."""
+    from guardian_plugin.handlers.archive import CALIBRATION_FILE, DETECTOR_DIR, read_archive
+
+    data = read_archive(mar)[1].get(f"{DETECTOR_DIR}/{CALIBRATION_FILE}")
+    return json.loads(data) if data is not None else None
+
+
 def benign_images(n: int) -> Tuple[np.ndarray, List[int]]:
     """The first ``n`` images of the stratified test split: uint8 (n, 3, 32, 32) and labels."""
     from guardian_plugin.training.data import cifar10_split

@@ -13,10 +13,12 @@ archive and writes the guard settings beside it. No code of the original archive
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import zipfile
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -130,25 +132,38 @@ def load_archive_handler(manifest: dict, files: Dict[str, bytes], model_dir: str
     return handler
 
 
-def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64, num_classes: Optional[int] = None):
-    """(model, label answers): guardian_plugin.fit.probe_handler on the archive's own handler, and what
-    its postprocess answers a probe of two score rows (guard.probe_label_answers: the two labels when it
-    answers labels only, else None; ``num_classes`` wide, default the probed model's), both in a temporary
+@contextlib.contextmanager
+def archive_handler(manifest: dict, files: Dict[str, bytes]):
+    """The archive's own handler (load_archive_handler) for the ``with`` block, extracted into a temporary
     directory; the archive's modules are forgotten afterwards (another archive may have a module of the
     same name)."""
     import shutil
     import sys
     import tempfile
 
-    from guardian_plugin.fit import probe_handler
-
     tmp = os.path.realpath(tempfile.mkdtemp(prefix="guardian-probe-"))
     try:
-        from guardian_plugin.handlers.guard import probe_label_answers
+        yield load_archive_handler(manifest, files, tmp)
+    finally:
+        for name, mod in list(sys.modules.items()):
+            if (getattr(mod, "__file__", None) or "").startswith(tmp + os.sep):
+                del sys.modules[name]
+        if tmp in sys.path:
+            sys.path.remove(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
-        handler = load_archive_handler(manifest, files, tmp)
-        model = probe_handler(handler, size=size)
-        return model, probe_label_answers(handler, num_classes or model.num_classes or 10)
+
+def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64, num_classes: Optional[int] = None):
+    """(model, label answers): guardian_plugin.fit.probe_handler on the archive's own handler, and what
+    its postprocess answers a probe of two score rows (guard.probe_label_answers: the two labels when it
+    answers labels only, else None; ``num_classes`` wide, default the probed model's)."""
+    from guardian_plugin.fit import probe_handler
+    from guardian_plugin.handlers.guard import probe_label_answers
+
+    try:
+        with archive_handler(manifest, files) as handler:
+            model = probe_handler(handler, size=size)
+            return model, probe_label_answers(handler, num_classes or model.num_classes or 10)
     except GuardianError:
         raise
     except Exception as e:  # the archive's own code failed to load: same override as a mismatch
@@ -157,13 +172,6 @@ def probe_archive(manifest: dict, files: Dict[str, bytes], size: int = 64, num_c
 
         raise ModelMismatch(f"cannot load the archive's handler to probe its model ({type(e).__name__}: {e}); "
                             f"{OVERRIDE_HINT}") from e
-    finally:
-        for name, mod in list(sys.modules.items()):
-            if (getattr(mod, "__file__", None) or "").startswith(tmp + os.sep):
-                del sys.modules[name]
-        if tmp in sys.path:
-            sys.path.remove(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_fit(manifest: dict, files: Dict[str, bytes], spec, allow_mismatch: bool):
@@ -195,27 +203,136 @@ def _detector_files(detector_dir: str) -> Dict[str, bytes]:
     return out
 
 
+def _edit_detector_yaml(detector_files: Dict[str, bytes], edit) -> Dict[str, bytes]:
+    """A copy of the embedded detector files whose detector.yaml went through ``edit(raw dict)``."""
+    from guardian_plugin.detector import DETECTOR_YAML
+
+    name = f"{DETECTOR_DIR}/{DETECTOR_YAML}"
+    raw = yaml.safe_load(detector_files[name])
+    edit(raw)
+    return {**detector_files, name: yaml.safe_dump(raw, sort_keys=False).encode()}
+
+
 def _with_input_fit(spec, detector_files: Dict[str, bytes], input_fit: str):
     """(spec, files) with the embedded copy's ``input.fit`` set to ``input_fit``; the artifact on disk
     is not touched."""
-    from guardian_plugin.detector import DETECTOR_YAML, InputMapping
+    from guardian_plugin.detector import InputMapping
 
     spec = spec.model_copy(update={"input": InputMapping(**{**spec.input.model_dump(), "fit": input_fit})})
-    name = f"{DETECTOR_DIR}/{DETECTOR_YAML}"
-    raw = yaml.safe_load(detector_files[name])
-    raw["input"] = spec.input.model_dump()
-    return spec, {**detector_files, name: yaml.safe_dump(raw, sort_keys=False).encode()}
+    return spec, _edit_detector_yaml(detector_files, lambda raw: raw.__setitem__("input", spec.input.model_dump()))
+
+
+CALIBRATION_FILE = "served_calibration.json"  # beside the embedded detector.yaml: what --calibrate measured
+
+
+def calibration_images(path: str) -> List[Tuple[str, bytes]]:
+    """(name, bytes) of every file in ``path`` (hidden ones skipped), sorted by name: request bodies."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"calibration images {path}: not a directory")
+    names = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+    out = []
+    for n in names:
+        with open(os.path.join(path, n), "rb") as f:
+            out.append((n, f.read()))
+    return out
+
+
+def _served_scores(handler, detector, images: List[Tuple[str, bytes]], batch: int = 64):
+    """(N, K) detector scores of the images as the guard sees them: the archive's own preprocess, then
+    the detector's input mapping (its fit included), in batches of consecutive same-shaped inputs."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    out, pending = [], []
+
+    def flush():
+        if pending:
+            out.append(detector.scores(detector.to_pixels(torch.cat(pending))).float().numpy())
+            pending.clear()
+
+    for name, body in tqdm(images, desc="served calibration", unit="image", disable=None, leave=False):
+        try:
+            x = handler.preprocess([{"body": body}])
+        except Exception as e:  # noqa: BLE001 - the handler's own decoding: name the file
+            raise ConfigError(f"calibration image {name}: the archive's handler cannot preprocess it "
+                              f"({type(e).__name__}: {e})") from None
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
+            raise ConfigError(f"calibration image {name}: the archive's preprocess gave "
+                              f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}, not one image tensor")
+        if pending and x.shape != pending[0].shape or len(pending) == batch:
+            flush()
+        pending.append(x.float())
+    flush()
+    return np.concatenate(out)
+
+
+def served_calibration(manifest: dict, files: Dict[str, bytes], spec, detector_files: Dict[str, bytes],
+                       image_dir: str) -> Tuple[Dict[str, bytes], dict]:
+    """(detector files with new thresholds, report): the detector's thresholds calibrated on the served
+    path. The benign images in ``image_dir`` (files as clients send them) go through the archive's own
+    preprocess and the embedded detector copy (its input fit included), exactly what the guard scores;
+    detector.calibrate sets the thresholds at the artifact's target FPR on every other image (by name),
+    and the other half, held out, measures the benign flagged share before and after. Needed where the
+    handler's geometry differs from the detector's training images (docs/cifar10.md: a 32 px detector
+    behind a 224 px resize + crop flags 7.6% of benign images instead of 1%). The thresholds may move
+    either way; the report says by how much, and a higher threshold flags fewer attack queries too."""
+    import tempfile
+
+    import numpy as np
+
+    from guardian_plugin.detector import calibrate, load_detector
+
+    images = calibration_images(image_dir)
+    target = float(spec.target_fpr)
+    need = 2 * math.ceil(1.0 / target)
+    if len(images) < need:
+        raise ConfigError(f"calibration images {image_dir}: {len(images)} files, but a target false-positive rate "
+                          f"of {target:g} needs at least {need} (half calibrate, half check)")
+    with tempfile.TemporaryDirectory(prefix="guardian-calibrate-") as ddir:
+        prefix = DETECTOR_DIR + "/"
+        for name, data in detector_files.items():
+            path = os.path.join(ddir, name[len(prefix):])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        detector = load_detector(ddir).eval()
+        with archive_handler(manifest, files) as handler:
+            scores = _served_scores(handler, detector, images)
+    cal, held = scores[0::2], scores[1::2]
+    before = detector.thresholds.numpy().astype(np.float32)
+    after, level, _ = calibrate({"served": cal}, target)
+    share = lambda s, thr: float((s >= thr).any(1).mean())  # noqa: E731
+    names = detector.names
+    report = {"image_dir": os.path.abspath(image_dir), "images": len(images), "calibrated_on": len(cal),
+              "held_out": len(held), "target_fpr": target, "input_fit": spec.input.fit, "quantile_level": level,
+              "thresholds_before": dict(zip(names, map(float, before))),
+              "thresholds_after": dict(zip(names, map(float, after))),
+              "flagged_share_calibration_before": share(cal, before),
+              "flagged_share_calibration_after": share(cal, after),
+              "flagged_share_held_out_before": share(held, before),
+              "flagged_share_held_out_after": share(held, after)}
+
+    def set_thresholds(raw):
+        for sub, v in zip(raw["subdetectors"], after):
+            sub["threshold"] = float(v)
+
+    out = _edit_detector_yaml(detector_files, set_thresholds)
+    out[f"{DETECTOR_DIR}/{CALIBRATION_FILE}"] = (json.dumps(report, indent=1) + "\n").encode()
+    return out, report
 
 
 def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] = None, ledger: Optional[str] = None,
             namespace: Optional[str] = None, output: str = "auto", max_image_pixels: Optional[int] = None,
-            allow_mismatch: bool = False, input_fit: Optional[str] = None) -> dict:
+            allow_mismatch: bool = False, input_fit: Optional[str] = None, calibrate: Optional[str] = None) -> dict:
     """Rewrite ``in_mar`` into a guarded ``out_mar`` (see the module docstring). Returns a summary.
     The archive's model is probed first (guardian_plugin.fit): a detector trained for other inputs or
     another class count raises ModelMismatch unless ``allow_mismatch`` (then written into the guard
     settings, so that the workers load too). ``input_fit`` (center_crop | resize | area) replaces the
     artifact's ``input.fit`` in the embedded copy: how the model's larger preprocessed input is brought
-    to the detector's size (e.g. ``area`` for a 224 px handler in front of a 32 px detector)."""
+    to the detector's size (e.g. ``area`` for a 224 px handler in front of a 32 px detector). ``calibrate``:
+    a folder of benign images (request bodies) on which the embedded copy's thresholds are re-set through
+    the archive's own preprocess (served_calibration; the summary's ``calibration`` is its report)."""
     manifest, files = read_archive(in_mar)
     original = manifest["model"]["handler"]
     if original.startswith("guardian_plugin.handlers."):
@@ -261,6 +378,9 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
 
         k = spec.num_classes or (model.num_classes if model is not None else None) or 10
         label_only = label_only_message(labels, label_response(cfg, k))
+    calibration = None
+    if calibrate:
+        detector_files, calibration = served_calibration(manifest, files, spec, detector_files, calibrate)
     settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
     settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive
     if max_image_pixels:
@@ -268,4 +388,5 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
     new = rewrite_archive(in_mar, out_mar, GUARDED_HANDLER, {"guardian": settings}, detector_files)
     return {"archive": out_mar, "model": new["model"].get("modelName"), "handler": GUARDED_HANDLER,
             "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace, "input_fit": spec.input.fit,
-            "fit": model.describe() if model else "not probed", "mismatch": problems, "label_only": label_only}
+            "fit": model.describe() if model else "not probed", "mismatch": problems, "label_only": label_only,
+            "calibration": calibration}

@@ -11,10 +11,16 @@ def _protect(args) -> int:
 
     s = protect(args.archive, args.detector, args.output, config=args.config, ledger=args.ledger,
                 namespace=args.namespace, output=args.model_output, max_image_pixels=args.max_image_pixels,
-                allow_mismatch=args.allow_mismatch, input_fit=args.input_fit)
+                allow_mismatch=args.allow_mismatch, input_fit=args.input_fit, calibrate=args.calibrate)
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
           f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
           f"{s['fit']}; detector input fit {s['input_fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
+    c = s["calibration"]
+    if c:
+        print(f"served calibration on {c['images']} images through the archive's own preprocess (input fit "
+              f"{c['input_fit']}, target FPR {c['target_fpr']:.2%}): benign flagged share on the {c['held_out']} "
+              f"held out {c['flagged_share_held_out_before']:.2%} -> {c['flagged_share_held_out_after']:.2%}; thresholds "
+              + ", ".join(f"{k} {v:.3f} -> {c['thresholds_after'][k]:.3f}" for k, v in c["thresholds_before"].items()))
     if s["label_only"]:
         print(f"WARNING: {s['label_only']}", file=sys.stderr)
     return 0
@@ -54,6 +60,12 @@ def register(subparsers) -> None:
                    help="how the model's preprocessed input is brought to the detector's size, replacing the "
                         "artifact's `input.fit` in the embedded copy (e.g. area: TorchServe's image_classifier "
                         "handler gives 224 px tensors, a CIFAR-10 detector reads 32 px; default: the artifact's)")
+    p.add_argument("--calibrate", metavar="DIR",
+                   help="re-set the embedded detector's thresholds on the served path: the benign images in DIR "
+                        "(files as clients send them; at least 2/target FPR, e.g. 200 at 1%%) through the "
+                        "archive's own preprocess and the input fit, at the artifact's target FPR, every other "
+                        "image held out to report the benign flagged share before and after; for a handler whose "
+                        "resizing differs from the detector's training images (docs/torchserve.md)")
     p.set_defaults(func=_protect)
 
     from guardian_plugin.handlers.files import FILES

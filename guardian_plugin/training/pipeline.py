@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from guardian_plugin.detector import (HEAD_ARCH, Detector, DetectorSpec, Head, ImageSpec, InputMapping, PatchSpec,
-                                      SubDetector, SubDetectorSpec, Trunk, TrunkSpec, format_version_for, save_detector)
+                                      SubDetector, SubDetectorSpec, Trunk, TrunkSpec, calibrate, format_version_for,
+                                      save_detector)
 from guardian_plugin.training.augment import augment, jpeg_roundtrip, random_crops
 from guardian_plugin.training.common import resolve_device, seed_everything
 from guardian_plugin.training.config import RealEntry, TrainConfig
@@ -314,31 +315,6 @@ def _precomputed_views(transform: TransformModel, x: np.ndarray, d, gen: torch.G
             out.append(transform(xb).detach().cpu().half())
         views.append(torch.cat(out))
     return views
-
-
-def calibrate(cal_scores: Dict[str, np.ndarray], target_fpr: float) -> Tuple[np.ndarray, float, Dict[str, float]]:
-    """Per-sub-detector thresholds at one common quantile level ``a`` (each threshold is the
-    (1 - a)-quantile of that sub-detector's pooled calibration scores), with ``a`` the largest level at
-    which the ensemble's FPR is <= target on EVERY calibration group. Returns (thresholds, a, fpr per group)."""
-    pooled = np.concatenate(list(cal_scores.values()))
-
-    def thresholds(a: float) -> np.ndarray:
-        return np.quantile(pooled, 1.0 - a, axis=0, method="higher").astype(np.float32)  # as served
-
-    def fprs(thr) -> Dict[str, float]:
-        return {g: float((s >= thr).any(1).mean()) for g, s in cal_scores.items()}
-
-    lo, hi = 0.0, target_fpr
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if max(fprs(thresholds(mid)).values()) <= target_fpr:
-            lo = mid
-        else:
-            hi = mid
-    thr = thresholds(lo)
-    if lo == 0.0:  # even the maxima flag too much: put each threshold just above its maximum
-        thr = np.nextafter(pooled.max(0).astype(np.float32), np.float32(np.inf))
-    return thr, lo, fprs(thr)
 
 
 def _roc(real: np.ndarray, fake: np.ndarray):
