@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 import tempfile
@@ -115,11 +114,9 @@ def main(argv=None) -> int:
               "windows": {k: {"file": os.path.relpath(os.path.join(args.windows, k + ".pt"), ROOT),
                               "raw_32px_artifact": v["raw_32px_artifact"]} for k, v in windows.items()},
               "rows": rows, "seconds": round(time.time() - t0, 1), "torch": torch.__version__}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
-    return 0
+    from benchmarks.fuzz_requests import write_report
+
+    return write_report(os.path.abspath(args.out), result, [], f"{result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -260,7 +260,7 @@ def _served_scores(handler, detector, images: List[Tuple[str, bytes]], batch: in
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
             raise ConfigError(f"calibration image {name}: the archive's preprocess gave "
                               f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}, not one image tensor")
-        if pending and x.shape != pending[0].shape or len(pending) == batch:
+        if pending and (x.shape != pending[0].shape or len(pending) == batch):
             flush()
         pending.append(x.float())
     flush()
