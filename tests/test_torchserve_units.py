@@ -240,7 +240,7 @@ def test_guardian_protect_warns_about_a_label_only_archive(tmp_path, stub_detect
     assert "labels only" not in capsys.readouterr().err  # an archive answering scores: no warning
 
 
-def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, capsys):
+def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, capsys, monkeypatch):
     """`guardian protect --calibrate DIR`: the benign images go through the archive's own preprocess and
     the embedded detector, the embedded thresholds are re-set at the artifact's target FPR on every other
     image, and a worker that loads the protected archive's detector flags at most that share of them;
@@ -267,6 +267,7 @@ def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, c
     assert report["flagged_share_calibration_after"] <= report["target_fpr"]
     artifact = read_spec(ex.DETECTOR)
     assert report["thresholds_before"] == {s.name: s.threshold for s in artifact.subdetectors}
+    assert report["thresholds_after"] != report["thresholds_before"]  # so the checks below tell them apart
     extracted = tmp_path / "x"
     for name, data in files.items():
         p = extracted / name
@@ -274,6 +275,10 @@ def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, c
         p.write_bytes(data)
     det = load_detector(str(extracted / DETECTOR_DIR)).eval()
     assert dict(zip(det.names, det.thresholds.tolist())) == pytest.approx(report["thresholds_after"])
+    monkeypatch.setenv("GUARDIAN_STATE_DIR", str(tmp_path / "state"))
+    with archive_handler(manifest, files) as worker:  # the protected archive loaded as a worker loads it
+        served = worker.guard.guardian.detector
+        assert dict(zip(served.names, served.thresholds.tolist())) == pytest.approx(report["thresholds_after"])
     with archive_handler(*read_archive(mnist_mar)) as handler:  # the guarded handler's inner preprocess
         x = torch.cat([handler.preprocess([{"body": b}]) for b in bodies[0::2]])
     flagged, _ = det.flag(det.to_pixels(x))
