@@ -16,6 +16,7 @@ FEATURES = [
     "guardian_plugin.handlers.cli",  # protect (TorchServe archives)
     "guardian_plugin.ledger.cli",  # clients list|show|reset|reset-quota|block|unblock
     "guardian_plugin.training.cli",  # train-detector
+    "guardian_plugin.recalibrate",  # calibrate (thresholds re-set on a deployment's preprocess)
     "guardian_plugin.evaluation.cli",  # evaluate (attack suite, paper tables)
 ]
 

@@ -249,7 +249,8 @@ def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, c
     from examples.mnist import serving as ex
     from guardian_plugin.cli import main
     from guardian_plugin.detector import load_detector, read_spec
-    from guardian_plugin.handlers.archive import CALIBRATION_FILE, DETECTOR_DIR, archive_handler
+    from guardian_plugin.handlers.archive import DETECTOR_DIR, archive_handler
+    from guardian_plugin.recalibrate import CALIBRATION_FILE
 
     bodies, _ = ex.real_digits(300)
     cal = tmp_path / "cal"
@@ -293,7 +294,7 @@ def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, c
     assert "150 files, but a target false-positive rate of 0.01 needs at least 200" in capsys.readouterr().err
     (cal / "notes.txt").write_text("not an image")
     assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "n.mar"), "--calibrate", str(cal)]) == 2
-    assert "calibration image notes.txt: the archive's handler cannot preprocess it" in capsys.readouterr().err
+    assert "calibration image notes.txt: the preprocess cannot take it" in capsys.readouterr().err
     assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "m.mar"),
                  "--calibrate", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err

@@ -98,7 +98,8 @@ def calibration_folder(path: str, n: int) -> str:
 
 def embedded_calibration(mar: str):
     """The served-calibration report a protected archive embeds (None: not calibrated)."""
-    from guardian_plugin.handlers.archive import CALIBRATION_FILE, DETECTOR_DIR, read_archive
+    from guardian_plugin.handlers.archive import DETECTOR_DIR, read_archive
+    from guardian_plugin.recalibrate import CALIBRATION_FILE
 
     data = read_archive(mar)[1].get(f"{DETECTOR_DIR}/{CALIBRATION_FILE}")
     return json.loads(data) if data is not None else None

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import zipfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import yaml
 
@@ -222,73 +221,20 @@ def _with_input_fit(spec, detector_files: Dict[str, bytes], input_fit: str):
     return spec, _edit_detector_yaml(detector_files, lambda raw: raw.__setitem__("input", spec.input.model_dump()))
 
 
-CALIBRATION_FILE = "served_calibration.json"  # beside the embedded detector.yaml: what --calibrate measured
-
-
-def calibration_images(path: str) -> List[Tuple[str, bytes]]:
-    """(name, bytes) of every file in ``path`` (hidden ones skipped), sorted by name: request bodies."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"calibration images {path}: not a directory")
-    names = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
-    out = []
-    for n in names:
-        with open(os.path.join(path, n), "rb") as f:
-            out.append((n, f.read()))
-    return out
-
-
-def _served_scores(handler, detector, images: List[Tuple[str, bytes]], batch: int = 64):
-    """(N, K) detector scores of the images as the guard sees them: the archive's own preprocess, then
-    the detector's input mapping (its fit included), in batches of consecutive same-shaped inputs."""
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    out, pending = [], []
-
-    def flush():
-        if pending:
-            out.append(detector.scores(detector.to_pixels(torch.cat(pending))).float().numpy())
-            pending.clear()
-
-    for name, body in tqdm(images, desc="served calibration", unit="image", disable=None, leave=False):
-        try:
-            x = handler.preprocess([{"body": body}])
-        except Exception as e:  # noqa: BLE001 - the handler's own decoding: name the file
-            raise ConfigError(f"calibration image {name}: the archive's handler cannot preprocess it "
-                              f"({type(e).__name__}: {e})") from None
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
-            raise ConfigError(f"calibration image {name}: the archive's preprocess gave "
-                              f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}, not one image tensor")
-        if pending and (x.shape != pending[0].shape or len(pending) == batch):
-            flush()
-        pending.append(x.float())
-    flush()
-    return np.concatenate(out)
-
-
 def served_calibration(manifest: dict, files: Dict[str, bytes], spec, detector_files: Dict[str, bytes],
                        image_dir: str) -> Tuple[Dict[str, bytes], dict]:
-    """(detector files with new thresholds, report): the detector's thresholds calibrated on the served
-    path. The benign images in ``image_dir`` (files as clients send them) go through the archive's own
-    preprocess and the embedded detector copy (its input fit included), exactly what the guard scores;
-    detector.calibrate sets the thresholds at the artifact's target FPR on every other image (by name),
-    and the other half, held out, measures the benign flagged share before and after. Needed where the
-    handler's geometry differs from the detector's training images (docs/cifar10.md: a 32 px detector
-    behind a 224 px resize + crop flags 7.6% of benign images instead of 1%). The thresholds may move
-    either way; the report says by how much, and a higher threshold flags fewer attack queries too."""
+    """(detector files with new thresholds, report): guardian_plugin.recalibrate on the archive's own
+    preprocess (``preprocess([{"body": bytes}])``, as a worker calls it) and the embedded detector copy
+    (its input fit included), exactly what the guard scores; the report is embedded beside
+    detector.yaml. The thresholds may move either way, and higher ones flag fewer attack queries too."""
     import tempfile
 
-    import numpy as np
+    from guardian_plugin.detector import load_detector
+    from guardian_plugin.recalibrate import (CALIBRATION_FILE, check_count, image_files, recalibrate, served_scores,
+                                             set_thresholds)
 
-    from guardian_plugin.detector import calibrate, load_detector
-
-    images = calibration_images(image_dir)
-    target = float(spec.target_fpr)
-    need = 2 * math.ceil(1.0 / target)
-    if len(images) < need:
-        raise ConfigError(f"calibration images {image_dir}: {len(images)} files, but a target false-positive rate "
-                          f"of {target:g} needs at least {need} (half calibrate, half check)")
+    images = image_files(image_dir)
+    check_count(images, float(spec.target_fpr), image_dir)
     with tempfile.TemporaryDirectory(prefix="guardian-calibrate-") as ddir:
         prefix = DETECTOR_DIR + "/"
         for name, data in detector_files.items():
@@ -298,26 +244,9 @@ def served_calibration(manifest: dict, files: Dict[str, bytes], spec, detector_f
                 f.write(data)
         detector = load_detector(ddir).eval()
         with archive_handler(manifest, files) as handler:
-            scores = _served_scores(handler, detector, images)
-    cal, held = scores[0::2], scores[1::2]
-    before = detector.thresholds.numpy().astype(np.float32)
-    after, level, _ = calibrate({"served": cal}, target)
-    share = lambda s, thr: float((s >= thr).any(1).mean())  # noqa: E731
-    names = detector.names
-    report = {"image_dir": os.path.abspath(image_dir), "images": len(images), "calibrated_on": len(cal),
-              "held_out": len(held), "target_fpr": target, "input_fit": spec.input.fit, "quantile_level": level,
-              "thresholds_before": dict(zip(names, map(float, before))),
-              "thresholds_after": dict(zip(names, map(float, after))),
-              "flagged_share_calibration_before": share(cal, before),
-              "flagged_share_calibration_after": share(cal, after),
-              "flagged_share_held_out_before": share(held, before),
-              "flagged_share_held_out_after": share(held, after)}
-
-    def set_thresholds(raw):
-        for sub, v in zip(raw["subdetectors"], after):
-            sub["threshold"] = float(v)
-
-    out = _edit_detector_yaml(detector_files, set_thresholds)
+            scores = served_scores(detector, lambda body: handler.preprocess([{"body": body}]), images)
+    thresholds, report = recalibrate(detector, scores, float(spec.target_fpr), image_dir=os.path.abspath(image_dir))
+    out = _edit_detector_yaml(detector_files, lambda raw: set_thresholds(raw, thresholds))
     out[f"{DETECTOR_DIR}/{CALIBRATION_FILE}"] = (json.dumps(report, indent=1) + "\n").encode()
     return out, report
 

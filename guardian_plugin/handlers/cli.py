@@ -15,12 +15,10 @@ def _protect(args) -> int:
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
           f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
           f"{s['fit']}; detector input fit {s['input_fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
-    c = s["calibration"]
-    if c:
-        print(f"served calibration on {c['images']} images through the archive's own preprocess (input fit "
-              f"{c['input_fit']}, target FPR {c['target_fpr']:.2%}): benign flagged share on the {c['held_out']} "
-              f"held out {c['flagged_share_held_out_before']:.2%} -> {c['flagged_share_held_out_after']:.2%}; thresholds "
-              + ", ".join(f"{k} {v:.3f} -> {c['thresholds_after'][k]:.3f}" for k, v in c["thresholds_before"].items()))
+    if s["calibration"]:
+        from guardian_plugin.recalibrate import summary
+
+        print(summary(s["calibration"], "the archive's own preprocess"))
     if s["label_only"]:
         print(f"WARNING: {s['label_only']}", file=sys.stderr)
     return 0

@@ -1,0 +1,205 @@
+"""A detector's thresholds re-set on the path a deployment serves: `guardian protect --calibrate DIR`
+(a TorchServe archive's own preprocess) and `guardian calibrate` (any preprocess function, e.g. a
+BentoML service's; writes a new artifact).
+
+A detector's thresholds come from its training pipeline's calibration images at the detector's own
+size and geometry. What a deployment's guard scores can differ: a handler that resizes (TorchServe's
+``image_classifier``: Resize 256 + CenterCrop 224 in front of a 32 px detector moved the CIFAR-10
+detector's benign flag rate from 1.0% to 7.6%, docs/cifar10.md), or clients whose images differ from
+the defender's training split. Here the benign images (files, as clients send them) go through the
+deployment's preprocess and the detector's input mapping, exactly what the guard scores;
+detector.calibrate (the training pipeline's rule) sets the thresholds at the artifact's target FPR on
+every other image (sorted by name), and the other half, held out, measures the benign flagged share
+before and after. The report goes beside detector.yaml as ``served_calibration.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import sys
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from guardian_plugin.errors import ConfigError
+
+CALIBRATION_FILE = "served_calibration.json"  # beside detector.yaml: what the calibration measured
+
+
+def image_files(path: str) -> List[Tuple[str, bytes]]:
+    """(name, bytes) of every file in ``path`` (hidden ones skipped), sorted by name: request bodies."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"calibration images {path}: not a directory")
+    names = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+    out = []
+    for n in names:
+        with open(os.path.join(path, n), "rb") as f:
+            out.append((n, f.read()))
+    return out
+
+
+def check_count(images: list, target_fpr: float, where: str) -> None:
+    """At least 2 / target FPR images (half calibrate, half check), else a ConfigError."""
+    need = 2 * math.ceil(1.0 / target_fpr)
+    if len(images) < need:
+        raise ConfigError(f"calibration images {where}: {len(images)} files, but a target false-positive rate "
+                          f"of {target_fpr:g} needs at least {need} (half calibrate, half check)")
+
+
+def served_scores(detector, preprocess: Callable[[bytes], torch.Tensor], images: List[Tuple[str, bytes]],
+                  batch: int = 64) -> np.ndarray:
+    """(N, K) detector scores of the images as a guard sees them: ``preprocess(body)`` -> the model's
+    (1, C, H, W) input, then the detector's input mapping (its fit included), in batches of consecutive
+    same-shaped inputs. A file the preprocess fails on is a ConfigError naming it."""
+    from tqdm import tqdm
+
+    out, pending = [], []
+
+    def flush():
+        if pending:
+            out.append(detector.scores(detector.to_pixels(torch.cat(pending))).float().cpu().numpy())
+            pending.clear()
+
+    for name, body in tqdm(images, desc="served calibration", unit="image", disable=None, leave=False):
+        try:
+            x = preprocess(body)
+        except Exception as e:  # noqa: BLE001 - the deployment's own decoding: name the file
+            raise ConfigError(f"calibration image {name}: the preprocess cannot take it ({type(e).__name__}: {e})") from None
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            x = x.unsqueeze(0)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
+            raise ConfigError(f"calibration image {name}: the preprocess gave {type(x).__name__} "
+                              f"{tuple(getattr(x, 'shape', ()))}, not one image tensor")
+        if pending and (x.shape != pending[0].shape or len(pending) == batch):
+            flush()
+        pending.append(x.detach().float().to(detector.thresholds.device))
+    flush()
+    return np.concatenate(out)
+
+
+def recalibrate(detector, scores: np.ndarray, target_fpr: float, **about) -> Tuple[np.ndarray, dict]:
+    """(new thresholds, report) from served scores: every other row calibrates (detector.calibrate),
+    the rest are held out; ``about`` goes into the report as it is (where the images came from...)."""
+    from guardian_plugin.detector import calibrate
+
+    cal, held = scores[0::2], scores[1::2]
+    before = detector.thresholds.cpu().numpy().astype(np.float32)
+    after, level, _ = calibrate({"served": cal}, target_fpr)
+    share = lambda s, thr: float((s >= thr).any(1).mean())  # noqa: E731
+    report = {**about, "images": len(scores), "calibrated_on": len(cal), "held_out": len(held),
+              "target_fpr": target_fpr, "input_fit": detector.spec.input.fit, "quantile_level": level,
+              "thresholds_before": dict(zip(detector.names, map(float, before))),
+              "thresholds_after": dict(zip(detector.names, map(float, after))),
+              "flagged_share_calibration_before": share(cal, before),
+              "flagged_share_calibration_after": share(cal, after),
+              "flagged_share_held_out_before": share(held, before),
+              "flagged_share_held_out_after": share(held, after)}
+    return after, report
+
+
+def set_thresholds(raw: dict, thresholds) -> None:
+    """Write ``thresholds`` into a detector.yaml document (its sub-detectors, in order)."""
+    for sub, v in zip(raw["subdetectors"], thresholds):
+        sub["threshold"] = float(v)
+
+
+def summary(report: dict, how: str) -> str:
+    """One line: what the calibration changed (the commands print it)."""
+    r = report
+    return (f"served calibration on {r['images']} images through {how} (input fit {r['input_fit']}, target FPR "
+            f"{r['target_fpr']:.2%}): benign flagged share on the {r['held_out']} held out "
+            f"{r['flagged_share_held_out_before']:.2%} -> {r['flagged_share_held_out_after']:.2%}; thresholds "
+            + ", ".join(f"{k} {v:.3f} -> {r['thresholds_after'][k]:.3f}" for k, v in r["thresholds_before"].items()))
+
+
+# ------------------------------------------------------------------------------ guardian calibrate
+def load_function(spec: str) -> Callable:
+    """``module:function`` (the current directory importable, as for `python -m`)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"--preprocess {spec!r}: expected MODULE:FUNCTION")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--preprocess {spec}: {type(e).__name__}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"--preprocess {spec}: not callable")
+    return fn
+
+
+def calibrate_artifact(detector_dir: str, image_dir: str, preprocess: Callable, out_dir: str,
+                       input_fit: str | None = None, about: Dict | None = None) -> dict:
+    """Copy the artifact ``detector_dir`` to ``out_dir`` (which must not exist or be empty) with its
+    thresholds re-set on ``preprocess(PIL image)`` of the images in ``image_dir`` (and ``input.fit``
+    replaced by ``input_fit``, if given). Returns the report, also written to out_dir."""
+    import yaml
+    from PIL import Image
+
+    from guardian_plugin.detector import DETECTOR_YAML, InputMapping, load_detector
+
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ConfigError(f"{out_dir} exists and is not empty: pass a new directory for the calibrated artifact")
+    detector = load_detector(detector_dir).eval()
+    if input_fit:
+        try:
+            detector.spec = detector.spec.model_copy(
+                update={"input": InputMapping(**{**detector.spec.input.model_dump(), "fit": input_fit})})
+        except ValueError as e:
+            raise ConfigError(f"input fit {input_fit!r}: {e}") from None
+    images = image_files(image_dir)
+    check_count(images, detector.spec.target_fpr, image_dir)
+    scores = served_scores(detector, lambda body: preprocess(Image.open(io.BytesIO(body))), images)
+    thresholds, report = recalibrate(detector, scores, float(detector.spec.target_fpr),
+                                     image_dir=os.path.abspath(image_dir), **(about or {}))
+    shutil.copytree(detector_dir, out_dir, dirs_exist_ok=True)
+    path = os.path.join(out_dir, DETECTOR_YAML)
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    set_thresholds(raw, thresholds)
+    raw["input"] = detector.spec.input.model_dump()
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f, sort_keys=False)
+    with open(os.path.join(out_dir, CALIBRATION_FILE), "w") as f:
+        json.dump(report, f, indent=1)
+    load_detector(out_dir)  # the written artifact loads
+    return report
+
+
+def _calibrate(args) -> int:
+    fn = load_function(args.preprocess)
+    report = calibrate_artifact(args.detector, args.images, fn, args.output, args.input_fit,
+                                about={"preprocess": args.preprocess, "source_artifact": os.path.abspath(args.detector)})
+    print(f"wrote {args.output}: " + summary(report, args.preprocess))
+    return 0
+
+
+def register(subparsers) -> None:
+    from guardian_plugin.detector import INPUT_FITS
+
+    p = subparsers.add_parser(
+        "calibrate", help="re-set a detector artifact's thresholds on your own preprocess (a new artifact)",
+        description="Write a copy of a detector artifact whose thresholds are re-set on the path your service "
+                    "serves: the benign images in --images (files as clients send them; at least 2 / target "
+                    "FPR) are opened with PIL, passed to --preprocess (the function that gives your model its "
+                    "input tensor, e.g. what a BentoML service's preprocess does) and scored by the detector "
+                    "through its input mapping; the thresholds are set at the artifact's target FPR on every "
+                    "other image and the rest are held out to report the benign flagged share before and "
+                    "after. For TorchServe archives, `guardian protect --calibrate DIR` does this with the "
+                    "archive's own preprocess.")
+    p.add_argument("--detector", required=True, help="the detector artifact directory to start from (not changed)")
+    p.add_argument("--images", required=True, help="folder of benign images, as your clients send them")
+    p.add_argument("--preprocess", required=True, metavar="MODULE:FUNCTION",
+                   help="function(PIL.Image) -> the model's input tensor, (C, H, W) or (1, C, H, W), normalised "
+                        "as the detector's input mapping expects")
+    p.add_argument("--input-fit", choices=INPUT_FITS, help="replace the artifact's input.fit (as protect --input-fit)")
+    p.add_argument("-o", "--output", required=True, help="directory for the calibrated artifact (new or empty)")
+    p.set_defaults(func=_calibrate)
