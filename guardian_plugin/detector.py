@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from guardian_plugin.errors import ArtifactError
+from guardian_plugin.errors import ArtifactError, ConfigError
 from guardian_plugin.nets import FusedSmallResNets, build_classifier, build_trunk, fold_batchnorm
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform
 from guardian_plugin.weights import load_into
@@ -404,6 +404,14 @@ class Detector(nn.Module):
         s = self.scores(pix)
         thr = self.thresholds if self.thresholds.device == s.device else self.thresholds.to(s.device)
         return (s >= thr).any(1), s
+
+
+def with_input_fit(spec: "DetectorSpec", fit: str) -> "DetectorSpec":
+    """A copy of ``spec`` whose ``input.fit`` is ``fit`` (a ConfigError naming the allowed values)."""
+    try:
+        return spec.model_copy(update={"input": InputMapping(**{**spec.input.model_dump(), "fit": fit})})
+    except ValueError as e:  # pydantic's ValidationError names the allowed values
+        raise ConfigError(f"input fit {fit!r}: {e}") from None
 
 
 def calibrate(cal_scores: Dict[str, np.ndarray], target_fpr: float) -> Tuple[np.ndarray, float, Dict[str, float]]:

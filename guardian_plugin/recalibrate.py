@@ -117,6 +117,16 @@ def summary(report: dict, how: str) -> str:
             + ", ".join(f"{k} {v:.3f} -> {r['thresholds_after'][k]:.3f}" for k, v in r["thresholds_before"].items()))
 
 
+def load_fitted(detector_dir: str, input_fit: str | None = None):
+    """The artifact's detector (eval mode), its ``input.fit`` replaced by ``input_fit`` if given."""
+    from guardian_plugin.detector import load_detector, with_input_fit
+
+    detector = load_detector(detector_dir).eval()
+    if input_fit:
+        detector.spec = with_input_fit(detector.spec, input_fit)
+    return detector
+
+
 # ------------------------------------------------------------------------------ guardian calibrate
 def load_function(spec: str) -> Callable:
     """``module:function`` (the current directory importable, as for `python -m`)."""
@@ -144,17 +154,11 @@ def calibrate_artifact(detector_dir: str, image_dir: str, preprocess: Callable, 
     import yaml
     from PIL import Image
 
-    from guardian_plugin.detector import DETECTOR_YAML, InputMapping, load_detector
+    from guardian_plugin.detector import DETECTOR_YAML, load_detector
 
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"{out_dir} exists and is not empty: pass a new directory for the calibrated artifact")
-    detector = load_detector(detector_dir).eval()
-    if input_fit:
-        try:
-            detector.spec = detector.spec.model_copy(
-                update={"input": InputMapping(**{**detector.spec.input.model_dump(), "fit": input_fit})})
-        except ValueError as e:
-            raise ConfigError(f"input fit {input_fit!r}: {e}") from None
+    detector = load_fitted(detector_dir, input_fit)
     images = image_files(image_dir)
     check_count(images, detector.spec.target_fpr, image_dir)
     scores = served_scores(detector, lambda body: preprocess(Image.open(io.BytesIO(body))), images)

@@ -215,36 +215,26 @@ def _edit_detector_yaml(detector_files: Dict[str, bytes], edit) -> Dict[str, byt
 def _with_input_fit(spec, detector_files: Dict[str, bytes], input_fit: str):
     """(spec, files) with the embedded copy's ``input.fit`` set to ``input_fit``; the artifact on disk
     is not touched."""
-    from guardian_plugin.detector import InputMapping
+    from guardian_plugin.detector import with_input_fit
 
-    spec = spec.model_copy(update={"input": InputMapping(**{**spec.input.model_dump(), "fit": input_fit})})
+    spec = with_input_fit(spec, input_fit)
     return spec, _edit_detector_yaml(detector_files, lambda raw: raw.__setitem__("input", spec.input.model_dump()))
 
 
-def served_calibration(manifest: dict, files: Dict[str, bytes], spec, detector_files: Dict[str, bytes],
-                       image_dir: str) -> Tuple[Dict[str, bytes], dict]:
+def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: str, spec,
+                       detector_files: Dict[str, bytes], image_dir: str) -> Tuple[Dict[str, bytes], dict]:
     """(detector files with new thresholds, report): guardian_plugin.recalibrate on the archive's own
-    preprocess (``preprocess([{"body": bytes}])``, as a worker calls it) and the embedded detector copy
-    (its input fit included), exactly what the guard scores; the report is embedded beside
-    detector.yaml. The thresholds may move either way, and higher ones flag fewer attack queries too."""
-    import tempfile
-
-    from guardian_plugin.detector import load_detector
-    from guardian_plugin.recalibrate import (CALIBRATION_FILE, check_count, image_files, recalibrate, served_scores,
-                                             set_thresholds)
+    preprocess (``preprocess([{"body": bytes}])``, as a worker calls it) and the artifact as embedded
+    (``spec``'s input fit), exactly what the guard scores; the report is embedded beside detector.yaml.
+    The thresholds may move either way, and higher ones flag fewer attack queries too."""
+    from guardian_plugin.recalibrate import (CALIBRATION_FILE, check_count, image_files, load_fitted, recalibrate,
+                                             served_scores, set_thresholds)
 
     images = image_files(image_dir)
     check_count(images, float(spec.target_fpr), image_dir)
-    with tempfile.TemporaryDirectory(prefix="guardian-calibrate-") as ddir:
-        prefix = DETECTOR_DIR + "/"
-        for name, data in detector_files.items():
-            path = os.path.join(ddir, name[len(prefix):])
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-        detector = load_detector(ddir).eval()
-        with archive_handler(manifest, files) as handler:
-            scores = served_scores(detector, lambda body: handler.preprocess([{"body": body}]), images)
+    detector = load_fitted(detector_dir, spec.input.fit)
+    with archive_handler(manifest, files) as handler:
+        scores = served_scores(detector, lambda body: handler.preprocess([{"body": body}]), images)
     thresholds, report = recalibrate(detector, scores, float(spec.target_fpr), image_dir=os.path.abspath(image_dir))
     out = _edit_detector_yaml(detector_files, lambda raw: set_thresholds(raw, thresholds))
     out[f"{DETECTOR_DIR}/{CALIBRATION_FILE}"] = (json.dumps(report, indent=1) + "\n").encode()
@@ -296,10 +286,7 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
     detector_files = _detector_files(detector_dir)
     spec = read_spec(detector_dir)
     if input_fit:
-        try:
-            spec, detector_files = _with_input_fit(spec, detector_files, input_fit)
-        except ValueError as e:  # pydantic's ValidationError names the allowed values
-            raise ConfigError(f"input fit {input_fit!r}: {e}") from None
+        spec, detector_files = _with_input_fit(spec, detector_files, input_fit)
     model, problems, labels = _check_fit(manifest, files, spec, cfg.allow_mismatch)
     label_only = None
     if labels is not None:  # what each worker will also log at load (guard.label_only_response)
@@ -309,7 +296,8 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
         label_only = label_only_message(labels, label_response(cfg, k))
     calibration = None
     if calibrate:
-        detector_files, calibration = served_calibration(manifest, files, spec, detector_files, calibrate)
+        detector_files, calibration = served_calibration(manifest, files, detector_dir, spec, detector_files,
+                                                          calibrate)
     settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
     settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive
     if max_image_pixels:

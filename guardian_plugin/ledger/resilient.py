@@ -27,10 +27,10 @@ unchecked against the quotas, except to clients it knows are refused or blocked 
 period's quota later. A reservation whose fate is unknown (its reply lost) is taken back when the
 store returns, where the backend says how (the ``release`` of Redis's exception): its client was
 answered 503, or served unchecked, so it does not count against the quota either. The
-distribution-test bin counts of updates held here are summed per client with their queries and flagged counts and written with them when the store returns (one update per client,
-so the queries served while the store was down land in the client's current block together, and a
-block they complete may hold more than ``dist_block`` queries); an update held as a replay is resent
-whole, bins included.
+distribution-test bin counts of updates held here are summed per client with their queries and flagged
+counts and written with them when the store returns (one update per client, so the queries served while
+the store was down land in the client's current block together, and a block they complete may hold more
+than ``dist_block`` queries); an update held as a replay is resent whole, bins included.
 """
 
 from __future__ import annotations
