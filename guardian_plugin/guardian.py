@@ -66,6 +66,9 @@ class InspectResult:
     deceived: List[bool] = field(default_factory=list)  # rows whose answer differs from the model's
     detected: List[bool] = field(default_factory=list)  # rows the detector flagged (per-sample)
     probation: List[bool] = field(default_factory=list)  # rows answered with the probation response
+    # rows admitted but not answered: the client crossed the rule (or its flagged quota) earlier in this
+    # batch, or inside the same request; the Denial to answer them with (None for the other rows)
+    cut: List[Optional[Denial]] = field(default_factory=list)
 
     @property
     def flagged(self) -> List[bool]:
@@ -195,7 +198,7 @@ class Guardian:
             return Admission(client=st.client_id, denial=REFUSED)
         probation = self.probation is not None and st.queries - st.flagged < self.probation.queries
         suspect = self.distribution is not None and self.distribution.fails(st.dist_counts)
-        return Admission(client=st.client_id, probation=probation, suspect=suspect)
+        return Admission(client=st.client_id, probation=probation, suspect=suspect, state=st)
 
     def refused(self, client_ids: Sequence[str]) -> List[bool]:
         """Whether each row's client is refused now (Python use; adapters call ``admit``)."""
@@ -218,6 +221,13 @@ class Guardian:
         ``clients``: one Admission (from ``admit``) or plain client id per row. Rows of denied admissions
         (or, for plain ids, of clients refused before this batch) are neither scored nor counted. Plain
         ids carry no probation or distribution-test standing (use ``admit_clients`` for that).
+
+        The rule is applied row by row within the batch (:meth:`_record`): once a client crosses the
+        refusal rule (or uses up its flagged quota) at a row, its later rows are not answered (verdict
+        REFUSED, ``result.cut`` holds their denial) and not counted, as if each row had been its own
+        request. Rows that share one Admission object are one request (a BentoML list request, an
+        evaluation batch): a request that the client crosses the rule inside (before its last row) is cut
+        whole, so no request size buys more answers than the same images sent one per request.
         Raises LedgerUnavailable when the store is down and ``ledger_failure`` is closed."""
         t0 = time.perf_counter()
         b = probs.shape[0]
@@ -239,9 +249,13 @@ class Guardian:
                 for i, v in zip(live, self.distribution.reference.bin_of(probs[live], s, self.detector.thresholds)):
                     bins[i] = int(v)
         suspect = torch.tensor([adm[i].suspect and not denied[i] for i in range(b)], dtype=torch.bool)
-        counted = flagged | suspect  # what the refusal rule sees
-        states = self._record([(adm[i].client, bool(counted[i]), bins[i]) for i in live])
-        deceive = counted | torch.tensor([adm[i].anonymous and not denied[i] for i in range(b)], dtype=torch.bool)
+        states, cut = self._record(adm, live, flagged, suspect, bins)
+        for i in cut:
+            denied[i] = True
+        suspect &= ~torch.tensor(denied, dtype=torch.bool)
+        counted = (flagged | suspect) & ~torch.tensor(denied, dtype=torch.bool)  # what the refusal rule saw
+        anonymous = torch.tensor([adm[i].anonymous and not denied[i] for i in range(b)], dtype=torch.bool)
+        deceive = counted | anonymous
         out = self.policy(probs, deceive.to(probs.device))
         # every answer of a client on probation, flagged or not: DPreds can be inverted by an attacker who
         # estimates d (guardian_plugin.attacks.aware), a label cannot, so a fresh id buys only labels
@@ -251,13 +265,15 @@ class Guardian:
             out = out.clone()
             out[rows] = label_only(probs[rows]) if self.probation.response == "label" else dpreds(probs[rows], getattr(self.policy, "d", 0.5))
         verdicts = [Verdict.REFUSED if denied[i] else Verdict.FLAGGED if counted[i] else Verdict.BENIGN for i in range(b)]
-        self.counters["queries"] += len(live)
-        self.counters["flagged"] += int(flagged.sum())
+        answered = b - sum(denied)
+        self.counters["queries"] += answered
+        self.counters["flagged"] += int((flagged & ~torch.tensor(denied, dtype=torch.bool)).sum())
         self.counters["suspect"] += int(suspect.sum())
         self.counters["probation"] += int(on_probation.sum())
-        self.counters["refused"] += b - len(live)
+        self.counters["refused"] += b - answered
         return InspectResult(out, verdicts, scores, (time.perf_counter() - t0) * 1000.0, states,
-                             (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist())
+                             (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist(),
+                             [cut.get(i) for i in range(b)])
 
     def _distribution_applies(self, inputs: torch.Tensor) -> bool:
         """Whether the distribution test's reference describes these inputs (see DistributionTest)."""
@@ -274,28 +290,128 @@ class Guardian:
                         size)
         return False
 
-    def _record(self, rows: Sequence[tuple]) -> dict:
-        """One atomic ledger update per identified client of the answered rows: (client, counted as
-        flagged, distribution-test bin or None) per row."""
-        per_client: "OrderedDict[str, list]" = OrderedDict()
+    def _record(self, adm: Sequence[Admission], live: Sequence[int], flagged: torch.Tensor, suspect: torch.Tensor,
+                bins: Sequence[Optional[int]]):
+        """The ledger updates of the answered rows, applied so that the rule acts row by row.
+
+        Each identified client's rows are recorded in order, in segments: :func:`first_crossing`
+        predicts, from the client's state, the row at which the rule (or the flagged quota) would act,
+        and a segment ends there (or after ``distribution.block`` rows, so that a block that completes
+        and fails the distribution test makes the client's later rows suspect, as it would between
+        requests). The store decides: when its state after a segment denies the client, the client's
+        remaining rows are cut; when it does not (the prediction is conservative: it assumes the rows
+        leaving a full sliding window were unflagged), recording goes on. One ``record_many`` call per
+        round for every client at once; a client that sends one row per request costs one round, as
+        before. Returns (states after the batch by client id, {row: Denial} of the rows cut)."""
+        rule = self.ledger.rule
+        per_client: "OrderedDict[str, List[int]]" = OrderedDict()
+        for i in live:
+            if adm[i].client is not None:  # anonymous: no client to count (guardian_plugin.identity)
+                per_client.setdefault(adm[i].client, []).append(i)
+        if not per_client:
+            return {}, {}
         nbins = self.distribution.reference.bins if self.distribution is not None else 0
-        for cid, is_flagged, b in rows:
-            if cid is None:  # anonymous: no client to count (guardian_plugin.identity)
-                continue
-            q = per_client.setdefault(cid, [0, 0, [0] * nbins])
-            q[0] += 1
-            q[1] += int(is_flagged)
-            if b is not None:
-                q[2][b] += 1
-        states = {}
-        if per_client:
-            updates = [(c, q, f, tuple(h)) if nbins else (c, q, f) for c, (q, f, h) in per_client.items()]
+        seg_cap = self.distribution.block if self.distribution is not None else None
+        counted = (flagged | suspect).tolist()
+        known = {}
+        for c, rows in per_client.items():  # the latest state admission saw (rows may come from several admissions)
+            seen = [adm[i].state for i in rows if adm[i].state is not None]
+            known[c] = max(seen, key=lambda st: st.queries) if seen else self.ledger.get(c)  # plain ids: read it
+        pending = {c: list(rows) for c, rows in per_client.items()}
+        states: Dict[str, object] = {}
+        cut: Dict[int, Denial] = {}
+        start_q = {c: known[c].queries for c in per_client}
+        while pending:
+            plan = {}
+            for c, rows in pending.items():
+                k = first_crossing(rule, known[c], [counted[i] for i in rows])
+                n = len(rows) if k is None else k + 1
+                if seg_cap:
+                    n = min(n, seg_cap)
+                plan[c] = rows[:n]
+            updates = []
+            for c, rows in plan.items():
+                q, f = len(rows), sum(counted[i] for i in rows)
+                if nbins:
+                    h = [0] * nbins
+                    for i in rows:
+                        if bins[i] is not None:
+                            h[bins[i]] += 1
+                    updates.append((c, q, f, tuple(h)))
+                else:
+                    updates.append((c, q, f))
             for st in self.ledger.record_many(updates):
-                states[st.client_id] = st
-                if crossed(st, per_client[st.client_id][0]):
-                    log.warning("guardian: client %r refused at query %d (flagged %d)", st.client_id,
-                                st.refused_at_query, st.flagged)
-        return states
+                c = st.client_id
+                done, rest = plan[c], pending[c][len(plan[c]):]
+                states[c] = st
+                stop = self._stop(st)
+                if stop is None and rest and self.distribution is not None and not adm[rest[0]].suspect \
+                        and st.dist_counts != known[c].dist_counts and self.distribution.fails(st.dist_counts):
+                    for i in rest:  # a block completed in this batch and failed: the later rows are suspect
+                        suspect[i] = True
+                        counted[i] = True
+                known[c] = st
+                if stop is not None:
+                    for i in rest:
+                        cut[i] = stop
+                    rest = []
+                if rest:
+                    pending[c] = rest
+                else:
+                    del pending[c]
+                    if crossed(st, st.queries - start_q[c]):
+                        log.warning("guardian: client %r refused at query %d (flagged %d)", c, st.refused_at_query,
+                                    st.flagged)
+        # a request the client crossed the rule inside is not answered at all
+        for c, rows in per_client.items():
+            cut_rows = [i for i in rows if i in cut]
+            if not cut_rows:
+                continue
+            denial = cut[cut_rows[0]]
+            for i in rows:
+                if i not in cut and any(adm[i] is adm[j] for j in cut_rows):
+                    cut[i] = denial
+        return states, cut
+
+    def _stop(self, st) -> Optional[Denial]:
+        """Why a client's further rows in a batch are not answered after the store returned ``st``."""
+        if st.blocked:
+            return BLOCKED
+        if st.refused:
+            return REFUSED
+        rule = self.ledger.rule
+        if rule.flagged_quota:
+            t = time.time()
+            if st.period_counts(rule, t)[1] >= rule.flagged_quota:
+                return quota_exceeded(rule.retry_after(t))
+        return None
+
+
+def first_crossing(rule, state, counted: Sequence[bool]) -> Optional[int]:
+    """The index of the first of ``counted`` (one bool per row, in order: counted as flagged) after which
+    ``rule`` would deny a client that starts in ``state``: the refusal rule, the sliding window, or the
+    flagged quota; None when it would not within these rows. The sliding window is predicted
+    conservatively (rows leaving a full window are taken to have been unflagged), so the prediction is
+    never later than the store's own decision."""
+    q, f = state.queries, state.flagged
+    wl = int(state.extra.get("window", 0)) if rule.window else 0
+    wf = int(state.extra.get("window_flagged", 0)) if rule.window else 0
+    pf = state.period_counts(rule, time.time())[1] if rule.flagged_quota else 0
+    for k, c in enumerate(counted):
+        q += 1
+        f += int(c)
+        if rule.window:
+            wl = min(wl + 1, rule.window)
+            wf = min(wf + int(c), wl)
+            if rule.window_triggered("1" * wf + "0" * (wl - wf)):
+                return k
+        if rule.triggered(q, f):
+            return k
+        if rule.flagged_quota:
+            pf += int(c)
+            if pf >= rule.flagged_quota:
+                return k
+    return None
 
 
 def distribution_test(cfg: GuardConfig) -> Optional[DistributionTest]:

@@ -11,7 +11,7 @@ Also what a request gets when it is not served: a :class:`Denial` (HTTP status +
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
@@ -170,6 +170,9 @@ class Admission:
     denial: Optional[Denial] = None
     probation: bool = False
     suspect: bool = False
+    # the client's ledger state at admission (a guardian_plugin.ledger.ClientState): where
+    # Guardian.inspect starts applying the rule row by row
+    state: Optional[object] = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def ok(self) -> bool:

@@ -199,7 +199,11 @@ def test_artifact_roundtrip_and_guardian(tmp_path, digits):
     assert torch.equal(r.probs.argmax(1), p.argmax(1))
     assert g.refused(["a", "b"]) == [True, False]
     r = g.inspect(x, p, ["a", "b", "b"])
-    assert r.verdicts[0] == Verdict.REFUSED and r.verdicts[1:] == [Verdict.FLAGGED] * 2
+    # b crosses the rule (tau 2) at its second query, row 1: answered; its next row, in the same batch,
+    # is not, exactly as if each row had been its own request
+    assert r.verdicts == [Verdict.REFUSED, Verdict.FLAGGED, Verdict.REFUSED]
+    assert r.cut[0] is None and r.cut[1] is None and r.cut[2].status == 403
+    assert g.ledger.get("b").queries == 2  # the cut row is not counted
 
 
 @pytest.mark.parametrize("damage,match", [

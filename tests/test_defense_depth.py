@@ -139,6 +139,10 @@ def test_benign_digits_pass_and_a_bn_eval_generator_fails(victim, digits):
             refused_at = i
             break
         detected += sum(res.detected)
+        if any(d is not None for d in res.cut):  # crossed the rule inside this request: none of it answered
+            assert all(v == Verdict.REFUSED for v in res.verdicts)
+            refused_at = i
+            break
         if i >= 200:  # the first block (200 queries) is complete: suspect from then on
             assert adm[0].suspect and all(v == Verdict.FLAGGED for v in res.verdicts)
     assert detected == 0, "the per-sample detector flags these: the test would not show the distribution test"

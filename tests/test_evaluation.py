@@ -88,9 +88,10 @@ def test_flag_everything_detector_refuses_after_the_first_batch(quick_results):
             if conf not in cfg.configurations_for(a):
                 continue
             r = _run(res, a.id, conf)
-            assert r["refused"] and r["dacc"] == 1.0
-            # refusal starts with the request after the one that crossed tau
-            assert tau <= r["answered_before_refusal"] < r["budget"]
+            assert r["refused"] and (r["dacc"] == 1.0 or r["queries_attack"] == 0)
+            # the rule acts at the row that crosses tau: a request (batch) the client crosses it inside is
+            # not answered at all, so no batch size buys more answers than single-image requests (tau)
+            assert r["answered_before_refusal"] <= tau
     b = res["benign"]["model_guardian"]
     assert b["fpr"] == 1.0 and b["refused"] > 0 and b["bacc"] < 0.5  # refused benign answers count as wrong
 
@@ -107,9 +108,11 @@ def test_defense_aware_attackers(quick_results):
     _, res, _ = quick_results
     rot = _run(res, "dfme-rotate-ids", "model_guardian")
     assert rot["identities"] > 1 and rot["extra"]["identity_refusals"] == rot["identities"] - 1
-    assert rot["queries_attack"] > rot["answered_before_refusal"]  # it kept getting answers under new ids
+    # each new id is refused where the rule acts: at most tau answers per identity
+    assert rot["queries_attack"] <= res["meta"]["tau"] * rot["identities"]
     mix = _run(res, "dfme-mix-real", "model_guardian")
-    assert mix["extra"]["real_queries"] > 0
+    # its real images are flagged too by this stand-in detector: mixing buys nothing past the rule
+    assert mix["refused"] and mix["queries_attack"] <= res["meta"]["tau"]
     inv = _run(res, "dfme-dpreds-inverter", "dpreds_only")
     assert inv["extra"]["answers_with_dpreds_signature"] == inv["queries_attack"]
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from guardian_plugin.responses import Admission
+
 
 class QueryRefused(Exception):
     """The target refused this client; no answer was given for the batch. ``status``: the HTTP status
@@ -82,11 +84,18 @@ class InProcessTarget(QueryTarget):
             if self.refused_at is None:
                 self.refused_at = self.queries
             raise QueryRefused(self.client_id)
-        self.queries += b
         probs = torch.softmax(self.victim(x), 1)
         if self.guardian is None:
+            self.queries += b
             return probs
-        r = self.guardian.inspect(x, probs, [self.client_id] * b, refused=[False] * b)
+        # one request: the batch's rows share one admission, so a batch the client crosses the rule
+        # inside is not answered (Guardian.inspect)
+        r = self.guardian.inspect(x, probs, [Admission(client=self.client_id)] * b, refused=[False] * b)
+        cut = next((d for d in r.cut if d is not None), None)
+        if cut is not None:
+            self.refused_at = self.queries
+            raise QueryRefused(self.client_id, status=cut.status, retry_after=cut.retry_after)
+        self.queries += b
         self.flagged += sum(r.flagged)
         return r.probs
 
@@ -144,15 +153,23 @@ class EvalTarget(InProcessTarget):
                 if self.refused_at is None:
                     self.refused_at, self.stop_status = self.queries, denied.status
                 raise QueryRefused(self.client_id, status=denied.status, retry_after=denied.retry_after)
-        self._record(x, self.queries)
-        self.queries += b
         probs = self.model_probs = torch.softmax(self.victim(x), 1)  # the unprotected answer, kept for checks
         if self.always is not None:
             probs = self.always(probs, torch.ones(b, dtype=torch.bool, device=probs.device))
+        if self.guardian is not None:
+            r = self.guardian.inspect(x, probs, admitted)
+            # the batch is one request (its rows share one admission): crossing the rule inside it denies it
+            cut = next((d for d in r.cut if d is not None), None)
+            if cut is not None:
+                if self.refused_at is None:
+                    self.refused_at, self.stop_status = self.queries, cut.status
+                raise QueryRefused(self.client_id, status=cut.status, retry_after=cut.retry_after)
+        self._record(x, self.queries)
+        self.queries += b
+        if self.always is not None:
             self.dpreds_answers += b
         if self.guardian is None:
             return probs
-        r = self.guardian.inspect(x, probs, admitted)
         self.flagged += sum(r.detected)
         self.flags.extend(bytes(int(v) for v in r.detected))
         self.probation_answers += sum(r.probation)

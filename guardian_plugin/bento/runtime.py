@@ -9,12 +9,14 @@ import threading
 import time
 import typing as t
 
+import torch
+
 from guardian_plugin.bento.conversion import _as_input_tensor, _as_prob_tensor
 from guardian_plugin.bento.metrics import _Metrics
 from guardian_plugin.inputs import DEFAULT_MAX_PIXELS
 from guardian_plugin.bento.middleware import STATE_ADMISSION, denial_exception
 from guardian_plugin.errors import LedgerUnavailable
-from guardian_plugin.responses import UNAVAILABLE, Admission
+from guardian_plugin.responses import UNAVAILABLE, Admission, label_only
 
 if t.TYPE_CHECKING:
     from guardian_plugin.bento.decorator import GuardSettings
@@ -104,9 +106,19 @@ class _Runtime:
                 res = self.guardian.inspect(x, p, list(admissions))
             except LedgerUnavailable:  # ledger_failure: closed -> 503 for the requests of this call
                 raise denial_exception(UNAVAILABLE) from None
-        n_flag = sum(res.flagged)
-        self.metrics.inspected(api, p.shape[0], n_flag, res.newly_refused([a.client for a in admissions]),
+        cut = [d is not None for d in res.cut]
+        n_flag = sum(f and not c for f, c in zip(res.flagged, cut))
+        self.metrics.inspected(api, p.shape[0] - sum(cut), n_flag, res.newly_refused([a.client for a in admissions]),
                                time.perf_counter() - t0)
+        if any(cut):
+            if all(cut):  # the call holds only requests the client crossed the rule in: answered 403 / 429
+                raise denial_exception(next(d for d in res.cut if d is not None))
+            # adaptive batching joined them to other clients' requests, which must not fail with them, and
+            # BentoML answers a joined batch as a whole: their rows get the top-1 label only
+            out = res.probs.clone()
+            rows = torch.tensor(cut, dtype=torch.bool)
+            out[rows] = label_only(p[rows])
+            return restore(out)
         if not any(res.deceived):
             return probs  # the very object the method returned: benign answers are untouched
         return restore(res.probs)

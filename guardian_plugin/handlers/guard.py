@@ -338,9 +338,12 @@ class HandlerGuard:
                     post = self.inner.postprocess(rewrite_flagged(out, probs, new_probs, deceived, kind, free))
                     if not isinstance(post, list) or len(post) != len(gidx):
                         raise TypeError("the guarded handler's postprocess must return one entry per request")
-                    for i, p in zip(gidx, post):
-                        responses[i] = p
-                    queries += len(gidx)
+                    for i, p, d in zip(gidx, post, res.cut):
+                        if d is None:
+                            responses[i] = p
+                            queries += 1
+                        else:  # the client crossed the rule at an earlier row of this batch: not answered
+                            errors[i] = d
                     flagged_n += sum(res.flagged)
                     guard_ms += res.guard_ms
 
