@@ -298,6 +298,15 @@ class Detector(nn.Module):
         pix = (x * std).add_(mean).clamp_(0.0, 1.0)  # (x * std + mean) clamped, two fewer allocations
         return self.fit_size(pix)
 
+    def pixel_range(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The lowest and highest pixel value per row of a served model's preprocessed batch under the
+        input mapping (``x * std + mean``, before :meth:`to_pixels` clamps to [0, 1]), without a copy of
+        the batch: per-channel extremes of ``x`` mapped."""
+        mean, std = self._mean_std(x.dtype, x.device)
+        lo = x.amin(dim=(2, 3), keepdim=True) * std + mean
+        hi = x.amax(dim=(2, 3), keepdim=True) * std + mean
+        return lo.flatten(1).amin(1), hi.flatten(1).amax(1)
+
     def _mean_std(self, dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """The input mapping's mean and std as (1, C, 1, 1) tensors, made once per dtype and device."""
         cache = self._mean_std_cache

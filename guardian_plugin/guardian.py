@@ -49,6 +49,10 @@ from guardian_plugin.responses import (BLOCKED, REFUSED, UNAVAILABLE, Admission,
 
 log = logging.getLogger("guardian_plugin")
 
+# how far outside [0, 1] a preprocessed input's pixels may lie (float rounding of 8-bit images normalised
+# and mapped back is ~1e-7): a quarter of an 8-bit grey level
+PIXEL_TOLERANCE = 1e-3
+
 
 class Verdict(str, enum.Enum):
     BENIGN = "benign"
@@ -209,6 +213,25 @@ class Guardian:
         return [cache[c] for c in client_ids]
 
     # ------------------------------------------------------------------------ inspection
+    def check_inputs(self, inputs: torch.Tensor) -> List[Optional[Denial]]:
+        """One entry per row of a served model's preprocessed batch, before the model runs: a 400 for a
+        row that is no image the detector can score (its pixels, under the detector's input mapping, lie
+        outside [0, 1] by more than PIXEL_TOLERANCE: a float or 16-bit image with values out of range,
+        constant 1e3 or 1e30 TIFFs), else None. The detector clamps to [0, 1] what it scores, so without
+        this check the model would answer an input the detector never saw. Both adapters call it on every
+        row before inference. (The evaluation harness's in-process targets send tensors, not images, and
+        do not: see guardian_plugin.attacks.target.)"""
+        lo, hi = (v.float().cpu() for v in self.detector.pixel_range(inputs.to(self.device)))
+        out: List[Optional[Denial]] = []
+        for a, b in zip(lo.tolist(), hi.tolist()):
+            if a >= -PIXEL_TOLERANCE and b <= 1.0 + PIXEL_TOLERANCE:
+                out.append(None)
+            else:
+                out.append(Denial.bad_input(
+                    "InputOutOfRange", f"the input's pixel values run from {a:.4g} to {b:.4g} where an image's lie in "
+                    "[0, 1]: send an 8-bit image (PNG, JPEG), or a float image with values in [0, 1]"))
+        return out
+
     def detect(self, inputs: torch.Tensor):
         """(flagged (B,), scores (B, K)) for a served model's preprocessed batch."""
         pix = self.detector.to_pixels(inputs.to(self.device))

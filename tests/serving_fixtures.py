@@ -49,3 +49,35 @@ def start_torchserve(store: str, workdir: str, models: dict, batch_size: int, ma
         ts.stop()
         raise
     return ts
+
+
+def odd_image_bodies(size: int = 28) -> dict:
+    """Image files of every kind a client can send, ``name -> (bytes, out_of_range)``: float TIFFs in
+    and out of [0, 1] (``out_of_range`` True: a preprocess that keeps float values gives pixels outside
+    [0, 1]), constant float TIFFs at 1e3, 1e10, 1e30 and -1e30, a 16-bit PNG, a palette PNG, a CMYK TIFF
+    and an RGBA PNG (``out_of_range`` None: depends on the service's preprocess)."""
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+
+    def save(im, fmt):
+        buf = io.BytesIO()
+        im.save(buf, fmt)
+        return buf.getvalue()
+
+    def ftiff(a):
+        return save(PIL.Image.fromarray(a.astype(np.float32), mode="F"), "TIFF")
+
+    u = rng.random((size, size))
+    out = {
+        "float tiff in [0, 1]": (ftiff(u), False),
+        "float tiff just above 1": (ftiff(1.0 + 0.05 * u), True),
+        "float tiff in [-0.05, 1.05] with noise": (ftiff(-0.05 + 1.1 * u), True),
+    }
+    for v in (1e3, 1e10, 1e30, -1e30):
+        out[f"constant float tiff {v:g}"] = (ftiff(np.full((size, size), v)), True)
+    out["16-bit png"] = (save(PIL.Image.fromarray((u * 65535).astype(np.uint16)), "PNG"), None)
+    out["palette png"] = (save(PIL.Image.fromarray((u * 255).astype(np.uint8)).convert("P"), "PNG"), None)
+    out["cmyk tiff"] = (save(PIL.Image.fromarray((u * 255).astype(np.uint8)).convert("CMYK"), "TIFF"), None)
+    out["rgba png"] = (save(PIL.Image.fromarray((u * 255).astype(np.uint8)).convert("RGBA"), "PNG"), None)
+    return out

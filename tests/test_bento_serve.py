@@ -222,6 +222,39 @@ def test_malformed_uploads_get_400_with_the_guards_body(server, env, path, field
     assert _classify(server.url, a, "after-malformed").status_code == 200
 
 
+def test_no_answer_from_an_input_the_detector_did_not_score(server, env):
+    """Float, 16-bit, palette, CMYK and out-of-range TIFF/PNG bodies on both APIs: a 400, or the
+    unprotected service's answer (or DPreds of it) computed from the very tensor the detector scores,
+    whose pixels lie in [0, 1] (this service's preprocess converts every image to 8-bit grey). The
+    ledger counts exactly the answers."""
+    import PIL.Image
+
+    from bento.service import MNISTUnprotected
+    from guardian_plugin.guardian import Guardian
+    from serving_fixtures import odd_image_bodies
+
+    unprotected = MNISTUnprotected.inner()
+    guardian = Guardian.from_artifact(DETECTOR)
+    for what, (body, _) in odd_image_bodies().items():
+        for path, field in (("/classify", "image"), ("/classify_batch", "images")):
+            cid = f"odd-{path[1:]}-{what.replace(' ', '-')}"
+            r = requests.post(server.url + path, files=[(field, ("x.tiff", body, "application/octet-stream"))],
+                              headers={"X-Client-Id": cid}, timeout=60)
+            assert r.status_code in (200, 400), (what, path, r.status_code, r.text)
+            queries = (_ledger(env["ledger"], cid) or (0,))[0]
+            if r.status_code == 400:
+                assert queries == 0, (what, path)
+                continue
+            im = PIL.Image.open(io.BytesIO(body))
+            x = unprotected.preprocess(im)
+            assert guardian.check_inputs(x) == [None], what  # in range: the detector scores it as it is
+            got = np.asarray(r.json() if path == "/classify" else r.json()[0], dtype=np.float64)
+            want = np.asarray(unprotected.classify(im), dtype=np.float64)
+            flagged = bool(guardian.detect(x)[0][0])
+            _check_rows([got], [want], [flagged], exact=False)
+            assert queries == 1, (what, path)
+
+
 def test_a_bad_image_never_fails_its_batch_neighbours(server, oracle, env):
     """A truncated PNG sent to classify_batch together with benign requests (adaptive batching joins
     them): every benign request gets its correct 200, the bad one its 400, the ledger counts answers."""

@@ -254,3 +254,20 @@ def test_photo_groups_are_disjoint_and_real():
     assert len(names) == len(set(names))
     x = photo_crops("evaluate", 20, seed=3)
     assert x.shape == (20, 1, 28, 28) and x.dtype == np.uint8 and x.std() > 5
+
+
+def test_check_inputs_rejects_pixels_outside_the_image_range(tmp_path, digits):
+    """What the detector scores is clamped to [0, 1]: an input whose pixels lie further out is a 400
+    before the model runs (issue #25 item 2), 8-bit images normalised and mapped back pass."""
+    g = Guardian.from_artifact(str(_tiny_artifact(tmp_path / "art")))
+    x = normalise(digits[:2], MNIST_MEAN, MNIST_STD)
+    assert g.check_inputs(x) == [None, None]
+    m, s = MNIST_MEAN[0], MNIST_STD[0]
+    for v in (1.01, -0.01, 1e3, 1e30, -1e30):
+        bad = x.clone()
+        bad[1, 0, 3, 3] = (v - m) / s
+        out = g.check_inputs(bad)
+        assert out[0] is None and out[1].status == 400 and out[1].kind == "InputOutOfRange", v
+    edge = x.clone()
+    edge[0] = (1.0005 - m) / s  # within a quarter grey level of the range: float rounding, accepted
+    assert g.check_inputs(edge)[0] is None

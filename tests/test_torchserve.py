@@ -281,6 +281,39 @@ def test_malformed_inputs_get_400_with_a_reason(served):
         assert _ledger(served, "mnist").get(f"malformed-{what}").queries == 0, what
 
 
+def test_no_answer_from_an_input_the_detector_did_not_score(served):
+    """Float, 16-bit, palette, CMYK and out-of-range TIFF/PNG bodies: the archive's handler keeps float
+    values (ToTensor), the detector scores pixels clamped to [0, 1]; an input outside that range is a 400
+    InputOutOfRange (the unprotected archive answers it), and every 200 was answered from an input the
+    detector scores as it is. The ledger counts exactly the 200s."""
+    import io
+
+    from PIL import Image
+    from torchvision import transforms
+
+    from serving_fixtures import odd_image_bodies
+
+    ts = served["ts"]
+    pre = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])  # the handler's
+    led = _ledger(served, "mnist")
+    answered = 0
+    for what, (body, out_of_range) in odd_image_bodies().items():
+        cid = f"odd-{what.replace(' ', '-')}"
+        r = post(ts, "mnist_g", body, client=cid)
+        assert r.status_code in (200, 400), (what, r.status_code, r.text)
+        if out_of_range:
+            assert r.status_code == 400 and json.loads(r.text)["type"] == "InputOutOfRange", (what, r.text)
+        if what.startswith("float tiff"):
+            assert post(ts, "mnist", body).status_code == 200, what  # the unprotected archive answers these
+        if r.status_code == 200:
+            answered += 1
+            pix = pre(Image.open(io.BytesIO(body))) * 0.3081 + 0.1307
+            assert -1e-3 <= float(pix.min()) and float(pix.max()) <= 1 + 1e-3, what  # scored as it is
+            relation(post(ts, "mnist", body), r)  # the unprotected answer, or DPreds of it
+        assert led.get(cid).queries == int(r.status_code == 200), what
+    assert answered >= 2  # the float TIFF in [0, 1] and the palette PNG are images this archive takes
+
+
 def test_a_bad_image_never_fails_its_batch_neighbours(served):
     """A 1x1 PNG batched with 7 benign requests, 20 rounds: every benign request gets its own correct
     200 (the unprotected archive's answer or DPreds of it) and the ledger counts exactly the answers."""

@@ -309,13 +309,16 @@ async def _to_thread(fn, *args):
 
 def _preprocessed(settings, instance, api, value) -> torch.Tensor:
     """The guard's view of the input, taken before the method runs: a ValueError of ``preprocess``
-    (input it cannot use) or NaN/infinite values are a 400; a result that is no (B, C, H, W) tensor is a
-    bug of the service (500)."""
+    (input it cannot use), NaN/infinite values or pixels outside [0, 1] (Guardian.check_inputs) are a
+    400; a result that is no (B, C, H, W) tensor is a bug of the service (500)."""
     from bentoml.exceptions import BadInput
 
     x = _as_input_tensor(_run_preprocess(settings, instance, api, value))
     if not bool(torch.isfinite(x).all()):
         raise BadInput("[NonFiniteInput] the input contains NaN or infinite values")
+    bad = next((d for d in settings.runtime().guardian.check_inputs(x) if d is not None), None)
+    if bad is not None:  # the model answers only what the detector scores
+        raise BadInput(f"[{bad.kind}] {bad.message}")
     return x
 
 

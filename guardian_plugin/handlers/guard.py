@@ -229,7 +229,8 @@ class HandlerGuard:
         # boolean copy of the input; the exact test only when the sum is not finite
         if x.is_floating_point() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             return RequestError(400, "NonFiniteInput", "the input contains NaN or infinite values")
-        return None
+        d = self.guardian.check_inputs(x[None])[0]  # the model answers only what the detector scores
+        return RequestError(d.status, d.kind, d.message) if d is not None else None
 
     def _preprocess(self, rows: List[int], data) -> Tuple[List[Tuple[List[int], torch.Tensor]], Dict[int, RequestError]]:
         """Groups (row indices, preprocessed batch) of same-shaped valid rows, and per-row errors."""
