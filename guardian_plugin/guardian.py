@@ -10,8 +10,9 @@
     result = guardian.inspect(inputs, probs, admissions)      # after inference, answered rows only
         1. transform + detector: flagged rows                  (guardian_plugin.detector)
            rows of suspect clients count as flagged too        (guardian_plugin.distribution)
-        2. ledger: one atomic (queries, flagged, bins) update per client; the rules refuse from the next
-           request
+        2. ledger: atomic (queries, flagged, bins) updates per client, applied so that the rules act at
+           the row where the client crosses them: its later rows are not answered (result.cut), and a
+           request it crosses them inside is not answered at all
         3. response policy: DPreds on flagged and anonymous rows, the rest unchanged; every row of a
            client on probation gets the probation response (default: the top-1 label only)
     result.probs      what to return
@@ -20,8 +21,9 @@
 Adapters (TorchServe handler, BentoML decorator) only translate between their framework and these two
 calls; a :class:`~guardian_plugin.responses.Denial` carries the HTTP status and the JSON body, so the
 same situation gets the same answer in both. ``inputs`` is the served model's preprocessed batch; the
-detector's input mapping turns it back into [0, 1] pixel images. A client that crosses the rule in a
-batch still gets that batch's answers; refusal starts with its next request.
+detector's input mapping turns it back into [0, 1] pixel images (``check_inputs``: a row whose pixels
+lie outside [0, 1] is a 400 before the model runs). No request size buys more answers than the same
+images sent one per request: the rule acts at the row where a client crosses it (``_record``).
 
 For Python use (the evaluation harness), ``inspect`` also takes plain client ids, and ``refused(ids)``
 says who is refused.

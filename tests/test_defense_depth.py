@@ -256,3 +256,34 @@ def test_generator_bn_eval_keeps_batchnorm_in_eval_mode():
     before = gen.bn1.running_mean.clone()
     gen(torch.randn(8, 16))
     assert torch.equal(gen.bn1.running_mean, before)  # running statistics are used, never updated
+
+
+@pytest.mark.parametrize("kind", ["dfme-like", "bn-eval"])
+def test_one_big_request_buys_no_more_answers_than_single_image_requests(victim, kind):
+    """Issue #25 item 5: 2,000 synthetic images sent as one request get no more answers than the same
+    images sent one per request. ``dfme-like``: a generator in training mode (the per-sample detector
+    flags it; refused at tau); ``bn-eval``: BatchNorm in eval mode (the detector does not flag it; only
+    the distribution test, whose block completes inside the request, catches it)."""
+    torch.manual_seed(0)
+    gen = GeneratorA(256, 1, 28, 64)
+    gen = gen.eval() if kind == "bn-eval" else gen.train()
+    with torch.no_grad():
+        fake = gen(torch.randn(2000, 256))
+    with torch.no_grad():
+        probs = torch.softmax(victim(fake), 1)
+
+    singles, g = 0, guardian()
+    for i in range(len(fake)):
+        adm = g.admit_clients(["one-by-one"])
+        if not adm[0].ok:
+            break
+        res = g.inspect(fake[i:i + 1], probs[i:i + 1], adm)
+        singles += int(res.cut[0] is None)
+    g = guardian()
+    _, _, res = send(g, victim, fake, "all-at-once")
+    at_once = sum(d is None for d in res.cut)
+    assert singles < 2000, "the single-image client was never refused: the test shows nothing"
+    assert at_once <= singles, (at_once, singles)
+    assert g.ledger.get("all-at-once").refused
+    # what the ledger counted is what the rule needed to refuse, never more than the single-image client's
+    assert g.ledger.get("all-at-once").queries <= singles
