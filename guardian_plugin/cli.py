@@ -15,6 +15,7 @@ from typing import List, Optional
 FEATURES = [
     "guardian_plugin.handlers.cli",  # protect (TorchServe archives)
     "guardian_plugin.ledger.cli",  # clients list|show|reset|reset-quota|block|unblock
+    "guardian_plugin.keys_cli",  # keys issue|list|revoke (issued API keys)
     "guardian_plugin.training.cli",  # train-detector
     "guardian_plugin.recalibrate",  # calibrate (thresholds re-set on a deployment's preprocess)
     "guardian_plugin.evaluation.cli",  # evaluate (attack suite, paper tables)
