@@ -475,7 +475,7 @@ def start_bento(workdir: str):
                 "BENTOML_HOME": os.path.join(workdir, "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
                 "GUARDIAN_LEDGER": f"sqlite:///{workdir}/ledger.db"})
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("GUARDIAN_ID_SALT", None)
+    env.pop("GUARDIAN_KEY_SECRET", None)
     srv = BentoServer("bento.service:MNISTGuarded", env, os.path.join(workdir, "serve.log"), cwd=ROOT)
 
     def alive() -> Optional[str]:

@@ -16,6 +16,7 @@ from guardian_plugin.identity import Identity, IdentityError
 from guardian_plugin.keys import MemoryKeyStore, make_key
 from guardian_plugin.ledger import RefusalRule, open_ledger
 from tests.ledger_fixtures import fresh_namespace, tiny_detector
+from tests.serving_fixtures import minted_keys
 from guardian_plugin.responses import dpreds
 
 SECRET = "0123456789abcdef-test"
@@ -75,23 +76,11 @@ def test_api_key_is_the_only_identity_no_header_reaches_another_record(flag_all)
     assert d.status == 401 and d.kind == "MissingIdentity"
 
 
-def _mint(key: str) -> list:
-    """Keys an attacker can make without the secret, from one it holds."""
-    _, client, key_id, mac = key.split("_")
-    return ["mallory", "k" * 5000, "gk_" + "a" * 200, key.upper(), key + "0", key[:-1], "key:alice",
-            f"gk_bob_{key_id}_{mac}",                                    # another client id, same mac
-            f"gk_{client}_{'0' * 16}_{mac}",                              # another key id
-            f"gk_{client}_{key_id}_{'%032x' % (int(mac, 16) ^ 1)}",      # one bit of the mac flipped
-            "gk_" + "_".join([client, key_id, mac[:16]]),                 # a short mac
-            make_key("another-secret-0123456789", client, key_id),        # signed with another secret
-            make_key("another-secret-0123456789", "alice", "0123456789abcdef")]
-
-
 def test_only_issued_keys_are_served_minted_and_forged_ones_are_a_401_before_any_work(flag_all):
     g, ns = _keyed(flag_all)
     (key,) = _issued(ns, "alice")
     assert [a.client for a in _send(g, {"X-Api-Key": key})] == ["key:alice"]
-    for minted in _mint(key):
+    for minted in minted_keys(key):
         adm = _send(g, {"X-Api-Key": minted}, n=2)
         assert [(a.denial.status, a.denial.kind) for a in adm] == [(401, "InvalidApiKey")] * 2, minted
         assert set(adm[0].denial.body()) == {"code", "type", "message"} and minted not in adm[0].denial.message
