@@ -22,6 +22,15 @@ FEATURES = [
 ]
 
 
+def command_group(subparsers, name: str, help: str, description: str):
+    """``guardian NAME ACTION ...``: a command with required sub-actions; returns their subparsers."""
+    p = subparsers.add_parser(name, help=help, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardian", description="Model-Guardian for served image classifiers")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -31,15 +31,14 @@ from guardian_plugin.ledger.cli import _time
 
 
 def register(subparsers) -> None:
+    from guardian_plugin.cli import command_group
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ledger", help="ledger URI: sqlite:///path.db, redis://host:6379/0")
     common.add_argument("--namespace", default=None, help="protected model's namespace (default: 'default')")
     common.add_argument("--config", help="guard YAML: ledger, namespace and key secret from there")
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    p = subparsers.add_parser("keys", help="issue, list and revoke API keys",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="action", metavar="ACTION")
-    sub.required = True
+    sub = command_group(subparsers, "keys", "issue, list and revoke API keys", __doc__)
     ip = sub.add_parser("issue", parents=[common], help="a new key (printed once)")
     ip.add_argument("--owner", required=True, help="who the key is for (stored beside its client id)")
     ip.add_argument("--client-id", default=None, help="1-64 of A-Z a-z 0-9 . _ - (default: random c-<hex>)")
