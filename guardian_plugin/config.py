@@ -17,6 +17,7 @@ Example (every key optional but ``detector``)::
       headers: [X-Client-Id]                       # first present header wins, case-insensitive
       api_key_header: null                         # e.g. X-Api-Key: issued keys only, the ONLY identity
       key_secret: null                             # or env GUARDIAN_KEY_SECRET (required with api keys)
+      key_secret_previous: null                    # or env GUARDIAN_KEY_SECRET_PREVIOUS (secret rotation)
       key_refresh_s: 5                             # revoked keys are refused within this many seconds
       trusted_proxy: null                          # {secret_header: X-Gateway-Secret, secret_env: ...}
       missing: reject                              # HTTP 401; or anonymous (never refused, always DPreds)
