@@ -15,10 +15,20 @@ from typing import List, Optional
 FEATURES = [
     "guardian_plugin.handlers.cli",  # protect (TorchServe archives)
     "guardian_plugin.ledger.cli",  # clients list|show|reset|reset-quota|block|unblock
+    "guardian_plugin.keys_cli",  # keys issue|list|revoke (issued API keys)
     "guardian_plugin.training.cli",  # train-detector
     "guardian_plugin.recalibrate",  # calibrate (thresholds re-set on a deployment's preprocess)
     "guardian_plugin.evaluation.cli",  # evaluate (attack suite, paper tables)
 ]
+
+
+def command_group(subparsers, name: str, help: str, description: str):
+    """``guardian NAME ACTION ...``: a command with required sub-actions; returns their subparsers."""
+    p = subparsers.add_parser(name, help=help, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    return sub
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,10 @@ Example (every key optional but ``detector``)::
     response: {policy: dpreds, d: 0.5}             # label_only: top1 | topk (k: 2) for label-only models
     identity:                                      # guardian_plugin/identity.py: which mode to trust
       headers: [X-Client-Id]                       # first present header wins, case-insensitive
-      api_key_header: null                         # e.g. X-Api-Key: then the ONLY identity, salted hash
-      salt: null                                   # or env GUARDIAN_ID_SALT (required with api keys)
+      api_key_header: null                         # e.g. X-Api-Key: issued keys only, the ONLY identity
+      key_secret: null                             # or env GUARDIAN_KEY_SECRET (required with api keys)
+      key_secret_previous: null                    # or env GUARDIAN_KEY_SECRET_PREVIOUS (secret rotation)
+      key_refresh_s: 5                             # revoked keys are refused within this many seconds
       trusted_proxy: null                          # {secret_header: X-Gateway-Secret, secret_env: ...}
       missing: reject                              # HTTP 401; or anonymous (never refused, always DPreds)
     device: cpu
@@ -136,11 +138,21 @@ class TrustedProxyConfig(_Strict):
 
 
 class IdentityConfig(_Strict):
-    """How requests are mapped to clients; see guardian_plugin.identity for the trust each mode gives."""
+    """How requests are mapped to clients; see guardian_plugin.identity for the trust each mode gives.
+
+    With ``api_key_header`` (recommended in production) only keys issued by ``guardian keys issue``
+    are accepted (guardian_plugin.keys): signed with ``key_secret`` (else the environment variable
+    GUARDIAN_KEY_SECRET; required, at least 16 characters, the same for every worker and the CLI);
+    ``key_secret_previous`` (else GUARDIAN_KEY_SECRET_PREVIOUS) is also accepted while keys are
+    re-issued after a secret rotation. Revoked keys (``guardian keys revoke``) are refused within
+    ``key_refresh_s`` seconds."""
 
     headers: List[str] = ["X-Client-Id"]
-    api_key_header: Optional[str] = None  # when set, the API key is the only identity (salted hash)
-    salt: Optional[str] = None  # else env GUARDIAN_ID_SALT; required with api_key_header
+    api_key_header: Optional[str] = None  # when set, an issued API key is the only identity
+    key_secret: Optional[str] = None  # else env GUARDIAN_KEY_SECRET; required with api_key_header
+    key_secret_previous: Optional[str] = None  # else env GUARDIAN_KEY_SECRET_PREVIOUS (rotation)
+    key_refresh_s: float = Field(5.0, ge=0.0, le=3600.0)  # how often each process reads the revoked keys
+    salt: Optional[str] = None  # removed (hashed any-string keys); rejected with what to do instead
     trusted_proxy: Optional[TrustedProxyConfig] = None  # ids from `headers` only on gateway requests
     missing: Literal["reject", "anonymous"] = "reject"
     anonymous_id: str = "anonymous"  # the label of anonymous requests in logs and metrics
@@ -151,6 +163,15 @@ class IdentityConfig(_Strict):
     def _some_header(cls, v):
         if not v:
             raise ValueError("at least one identity header is needed")
+        return v
+
+    @field_validator("salt")
+    @classmethod
+    def _no_salt(cls, v):
+        if v is not None:
+            raise ValueError("API keys are no longer any string hashed with a salt: they are issued keys. Remove "
+                             "salt, set key_secret (or GUARDIAN_KEY_SECRET) and give each client a key from "
+                             "`guardian keys issue --owner NAME` (docs/request-path.md)")
         return v
 
 

@@ -1,7 +1,8 @@
 """Guardian: one request's whole way through Model-Guardian, nothing framework-specific (DESIGN.md).
 
     admissions = guardian.admit_batch(headers_per_request)   # before inference
-        identity (guardian_plugin.identity)      -> 401 no identity / untrusted gateway, 400 malformed id
+        identity (guardian_plugin.identity)      -> 401 no identity / untrusted gateway / API key not
+                                                    issued or revoked, 400 malformed id
         the ledger: refused or blocked client     -> 403
                     quota of the period used up   -> 429 + Retry-After (reserved atomically per client)
                     store down (ledger_failure: closed) -> 503 + Retry-After
@@ -112,6 +113,10 @@ class Guardian:
         self.policy = policy if policy is not None else build_policy("dpreds", d=0.5)
         self.device = torch.device(device)
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
+        if self.identity.key_secrets and self.identity.key_store is None:  # issued API keys: revocations
+            from guardian_plugin.keys import key_store_for                 # live in the ledger's store
+
+            self.identity.use_key_store(key_store_for(ledger), getattr(ledger, "mode", "closed"))
         self.probation = probation if probation is not None and probation.queries > 0 else None
         self.distribution = distribution
         self._dist_warned = False
@@ -164,7 +169,7 @@ class Guardian:
                 out.append(None)
             except IdentityError as e:
                 ids.append(None)
-                out.append(Admission(denial=Denial(e.status, e.kind, str(e))))
+                out.append(Admission(denial=Denial(e.status, e.kind, str(e), e.retry_after)))
         rows = [i for i, a in enumerate(out) if a is None]
         for i, a in zip(rows, self.admit_clients([ids[i] for i in rows])):
             out[i] = a

@@ -405,16 +405,37 @@ class Target:
     namespace: str
     alive: Callable[[], Optional[str]]   # None when the server and its workers are fine, else why not
     log_tail: Callable[[], str]
+    keys: Optional[dict] = None  # issued API keys (start_*(identity="keys")): client -> key, issued lazily
+
+    def headers(self, client: str) -> dict:
+        """The identity headers of ``client``: X-Client-Id, or with issued keys X-Api-Key and its key
+        (issued in the server's ledger store the first time, as `guardian keys issue` does)."""
+        if self.keys is None:
+            return {"X-Client-Id": client}
+        if client not in self.keys:
+            from guardian_plugin.keys import open_key_store
+
+            store = open_key_store(self.ledger, self.namespace)
+            try:
+                self.keys[client] = store.issue(KEY_SECRET, "load test", client)[0]
+            finally:
+                store.close()
+        return {"X-Api-Key": self.keys[client]}
+
+    def ledger_id(self, client: str) -> str:
+        """What the ledger counts ``client`` under."""
+        return client if self.keys is None else "key:" + client
 
     def send(self, session, case: Case, client: str, timeout: float = 60):
-        headers = {"X-Client-Id": client}
+        headers = self.headers(client)
         if case.content_type is not None:
             headers["Content-Type"] = case.content_type
         return session.post(self.url, data=case.body, headers=headers, timeout=timeout)
 
-    def benign(self, session, png: bytes, client: str, timeout: float = 60):
-        """A well-formed request for one digit, as a real client of this endpoint sends it."""
-        h = {"X-Client-Id": client}
+    def benign(self, session, png: bytes, client: str, timeout: float = 60, headers: Optional[dict] = None):
+        """A well-formed request for one digit, as a real client of this endpoint sends it (``headers``:
+        instead of ``client``'s identity headers)."""
+        h = self.headers(client) if headers is None else headers
         if self.api == "torchserve":
             return session.post(self.url, data=png, headers=h, timeout=timeout)
         field = "image" if self.api == "classify" else "images"
@@ -425,14 +446,43 @@ class Target:
 
         led = open_ledger(self.ledger, namespace=self.namespace)
         try:
-            return {c: led.get(c).queries for c in clients}
+            return {c: led.get(self.ledger_id(c)).queries for c in clients}
+        finally:
+            led.close()
+
+    def ledger_clients(self) -> list:
+        """Every client id the server's ledger has a record of."""
+        from guardian_plugin.ledger import open_ledger
+
+        led = open_ledger(self.ledger, namespace=self.namespace)
+        try:
+            return [c.client_id for c in led.clients()]
         finally:
             led.close()
 
 
-def start_torchserve(workdir: str, tau: int = 4, workers: int = 2, batch_size: int = 8, max_batch_delay_ms: int = 20):
+KEY_SECRET = "fuzz-load-key-secret-0123456789"  # identity="keys": the servers' key secret
+IDENTITIES = {"client-id": {"headers": ["X-Client-Id"], "missing": "anonymous"},  # the examples' own
+              "keys": {"api_key_header": "X-Api-Key", "key_secret": KEY_SECRET, "missing": "reject"}}
+
+
+def _with_identity(path: str, identity: str, **extra) -> str:
+    """Rewrite the guard YAML at ``path`` with the identity settings ``IDENTITIES[identity]``."""
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    cfg.update(extra, identity=IDENTITIES[identity])
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def start_torchserve(workdir: str, tau: int = 4, workers: int = 2, batch_size: int = 8, max_batch_delay_ms: int = 20,
+                     identity: str = "client-id"):
     """The example MNIST archive `guardian protect`ed, under a real TorchServe (``workers`` workers,
-    batching on). Returns (TorchServe, Target)."""
+    batching on). ``identity``: "client-id" (X-Client-Id) or "keys" (issued keys only, IDENTITIES).
+    Returns (TorchServe, Target)."""
     import requests
 
     from examples.mnist import serving as ex
@@ -442,7 +492,7 @@ def start_torchserve(workdir: str, tau: int = 4, workers: int = 2, batch_size: i
     store = os.path.join(workdir, "store")
     os.makedirs(store, exist_ok=True)
     ledger = f"sqlite:///{workdir}/state/ledger.db"
-    guard = ex.guard_yaml(os.path.join(workdir, "guard.yaml"), ledger, tau=tau)
+    guard = _with_identity(ex.guard_yaml(os.path.join(workdir, "guard.yaml"), ledger, tau=tau), identity)
     mar = build_archive("mnist", ex.VICTIM_TS, ex.MNIST_HANDLER, os.path.join(workdir, "build"))
     info = protect(mar, ex.DETECTOR, os.path.join(store, "mnist_g.mar"), config=guard)
     ts = TorchServe(store, os.path.join(workdir, "server")).start()
@@ -461,12 +511,12 @@ def start_torchserve(workdir: str, tau: int = 4, workers: int = 2, batch_size: i
         return None if len(states) == workers and all(s == "READY" for s in states) else f"workers: {desc[0].get('workers')}"
 
     return ts, Target("torchserve", "torchserve", f"{ts.url}/predictions/mnist_g", ledger, info["namespace"], alive,
-                      lambda: ts.log_tail(80))
+                      lambda: ts.log_tail(80), {} if identity == "keys" else None)
 
 
-def start_bento(workdir: str):
-    """The example service (bento.service:MNISTGuarded, 2 workers) under a real `bentoml serve`.
-    Returns (BentoServer, [Target classify, Target classify_batch])."""
+def start_bento(workdir: str, identity: str = "client-id"):
+    """The example service (bento.service:MNISTGuarded, 2 workers) under a real `bentoml serve`;
+    ``identity`` as in start_torchserve. Returns (BentoServer, [Target classify, Target classify_batch])."""
     from guardian_plugin.devserver.bentoml import BentoServer
 
     os.makedirs(workdir, exist_ok=True)
@@ -475,7 +525,14 @@ def start_bento(workdir: str):
                 "BENTOML_HOME": os.path.join(workdir, "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
                 "GUARDIAN_LEDGER": f"sqlite:///{workdir}/ledger.db"})
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("GUARDIAN_ID_SALT", None)
+    env.pop("GUARDIAN_KEY_SECRET", None)
+    if identity != "client-id":  # the example's guard.yaml with other identity settings
+        import shutil
+
+        cfg = shutil.copy(os.path.join(ROOT, "bento", "guard.yaml"), os.path.join(workdir, "guard.yaml"))
+        env["GUARDIAN_CONFIG"] = _with_identity(cfg, identity, detector=os.path.join(ROOT, "examples", "mnist",
+                                                                                     "artifacts", "detector"),
+                                                ledger=env["GUARDIAN_LEDGER"])
     srv = BentoServer("bento.service:MNISTGuarded", env, os.path.join(workdir, "serve.log"), cwd=ROOT)
 
     def alive() -> Optional[str]:
@@ -486,8 +543,8 @@ def start_bento(workdir: str):
         r = requests.get(srv.url + "/readyz", timeout=30)
         return None if r.status_code == 200 else f"/readyz answered {r.status_code}"
 
-    ledger = env["GUARDIAN_LEDGER"]
-    return srv, [Target(api, api, f"{srv.url}/{api}", ledger, "mnist", alive, lambda: srv.tail(6000))
+    ledger, keys = env["GUARDIAN_LEDGER"], {} if identity == "keys" else None
+    return srv, [Target(api, api, f"{srv.url}/{api}", ledger, "mnist", alive, lambda: srv.tail(6000), keys)
                  for api in ("classify", "classify_batch")]
 
 

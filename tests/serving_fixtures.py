@@ -81,3 +81,46 @@ def odd_image_bodies(size: int = 28) -> dict:
     out["cmyk tiff"] = (save(PIL.Image.fromarray((u * 255).astype(np.uint8)).convert("CMYK"), "TIFF"), None)
     out["rgba png"] = (save(PIL.Image.fromarray((u * 255).astype(np.uint8)).convert("RGBA"), "PNG"), None)
     return out
+
+
+# ---------------------------------------------------------------------------------- issued API keys
+def minted_keys(key: str) -> list:
+    """Keys an attacker can make without the service's key secret, given one issued ``key`` it holds
+    (guardian_plugin.keys): random strings, other formats, forged HMACs, another secret's."""
+    from guardian_plugin.keys import make_key
+
+    _, client, key_id, mac = key.split("_")
+    other = "bob" if client != "bob" else "carol"
+    return ["mallory", "k" * 5000, "gk_" + "a" * 200, key.upper(), key + "0", key[:-1], "key:" + client,
+            f"gk_{other}_{key_id}_{mac}",                                 # another client id, same mac
+            f"gk_{client}_{'0' * 16}_{mac}",                              # another key id
+            f"gk_{client}_{key_id}_{'%032x' % (int(mac, 16) ^ 1)}",      # one bit of the mac flipped
+            "gk_" + "_".join([client, key_id, mac[:16]]),                 # a short mac
+            make_key("another-secret-0123456789", client, key_id),        # signed with another secret
+            make_key("another-secret-0123456789", other, "0123456789abcdef")]
+
+
+def refused_within(send, revoke, delay_s: float, margin_s: float = 1.0, after: int = 8) -> float:
+    """Revoke a key (``revoke()``), keep sending with it (``send() -> HTTP status``) for ``delay_s`` +
+    ``margin_s`` seconds, then ``after`` more times: every answer must be 200 or 401, no request sent
+    later than ``delay_s`` + ``margin_s`` after the revocation may be served, and the last ``after`` must
+    all be 401. Returns the seconds from the revocation to the send of the last request served (0.0
+    when none was)."""
+    import time
+
+    t0 = time.monotonic()
+    revoke()
+    last_served = 0.0
+    while time.monotonic() - t0 < delay_s + margin_s:
+        sent = time.monotonic() - t0
+        code = send()
+        assert code in (200, 401), code
+        if code == 200:
+            last_served = sent
+            assert sent <= delay_s + margin_s, f"a revoked key was served {sent:.2f} s after its revocation"
+        time.sleep(0.05)
+    codes = [send() for _ in range(after)]
+    assert codes == [401] * after, codes
+    print(f"refused_within: the revoked key was last served {last_served:.2f} s after its revocation "
+          f"(allowed: {delay_s} + {margin_s} s)")
+    return last_served

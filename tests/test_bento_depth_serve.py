@@ -50,7 +50,7 @@ def replicas(tmp_path_factory):
                 "BENTOML_HOME": str(tmp / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
                 "GUARDIAN_CONFIG": str(cfg), "MNIST_BENTO_WORKERS": "1"})
     env.pop("GUARDIAN_LEDGER", None)
-    env.pop("GUARDIAN_ID_SALT", None)
+    env.pop("GUARDIAN_KEY_SECRET", None)
     with ThreadPoolExecutor(2) as pool:  # start both at once: each waits for its own /readyz
         futs = [pool.submit(BentoServer, SERVICE, env, str(tmp / f"serve-{k}.log"), ROOT) for k in "ab"]
         servers = []

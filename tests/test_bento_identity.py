@@ -1,7 +1,9 @@
 """Identity and store outages under a real `bentoml serve` of the example service (2 workers), with
-API keys (a secret salt from GUARDIAN_ID_SALT), anonymous requests allowed, and a Redis ledger:
+issued API keys (signed with GUARDIAN_KEY_SECRET), anonymous requests allowed, and a Redis ledger:
 
-- no header value lets client A change client B's record, and no answer reveals a hashed id;
+- only issued keys are served: minted ones (random strings, other formats, forged HMACs) get 401
+  before any work, and a revoked key gets 401 within key_refresh_s (5 s, the default);
+- no header value lets client A change client B's record, and no answer reveals a ledger id;
 - an anonymous attacker cannot get a benign anonymous client refused (docs/request-path.md);
 - with the store down (`ledger_failure: closed`, the default) every guarded request is answered 503
   with the guard's JSON body and Retry-After -- TorchServe's answer too (tests/test_multi_instance.py)
@@ -22,7 +24,7 @@ from guardian_plugin.devserver.bentoml import BentoServer  # noqa: E402
 from guardian_plugin.devserver.redis import RedisServer  # noqa: E402
 
 SERVICE = "bento.service:MNISTGuarded"
-SALT = "bento-test-salt-0123456789"
+KEY_SECRET = "bento-test-key-secret-0123456789"
 TAU = 14  # tau: auto
 EXPECTED = {"code": 503, "type": "LedgerUnavailable", "message": "the per-client store is unavailable; try again later"}
 
@@ -39,11 +41,22 @@ def stack(tmp_path_factory):
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GUARDIAN_TORCH_THREADS": "1",
                 "BENTOML_HOME": str(tmp / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
-                "GUARDIAN_CONFIG": str(cfg), "GUARDIAN_ID_SALT": SALT})
+                "GUARDIAN_CONFIG": str(cfg), "GUARDIAN_KEY_SECRET": KEY_SECRET})
     srv = BentoServer(SERVICE, env, str(tmp / "serve.log"))
     yield srv, redis_srv
     srv.stop()
     redis_srv.stop()
+
+
+def issue(redis_srv, owner, client_id=None) -> str:
+    """A key of the service, as `guardian keys issue` makes it (in the ledger's Redis)."""
+    from guardian_plugin.keys import open_key_store
+
+    store = open_key_store(redis_srv.url, "mnist")
+    try:
+        return store.issue(KEY_SECRET, owner, client_id)[0]
+    finally:
+        store.close()
 
 
 def _post(url, path, field, img, key=None, headers=None):
@@ -58,20 +71,58 @@ def _post(url, path, field, img, key=None, headers=None):
 def test_api_keys_cannot_be_spoofed(stack):
     from bento.client import real_digits, synthetic_digits
 
-    from guardian_plugin.identity import hash_key
     from guardian_plugin.ledger import open_ledger
 
     srv, redis_srv = stack
-    bob = hash_key("bobs-key", SALT)
+    bob, bobs_key, mallorys_key = "key:bob", issue(redis_srv, "bob", "bob"), issue(redis_srv, "mallory", "mallory")
     codes = []
     for img in synthetic_digits(2 * TAU, seed=3):
-        r = _post(srv.url, "/classify", "image", img, key="mallory", headers={"X-Client-Id": bob})
+        r = _post(srv.url, "/classify", "image", img, key=mallorys_key, headers={"X-Client-Id": bob})
         codes.append(r.status_code)
         assert "key:" not in r.text
     assert codes[-1] == 403 and 200 in codes, codes
-    assert _post(srv.url, "/classify", "image", real_digits(1)[0][0], key="bobs-key").status_code == 200
+    assert _post(srv.url, "/classify", "image", real_digits(1)[0][0], key=bobs_key).status_code == 200
     led = open_ledger(redis_srv.url, namespace="mnist")
     assert led.get(bob).queries == 1 and not led.get(bob).denied
+
+
+def test_only_issued_keys_are_served_and_revoked_ones_refused_within_the_delay(stack):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bento.client import real_digits
+    from guardian_plugin.cli import main
+    from guardian_plugin.ledger import open_ledger
+    from serving_fixtures import minted_keys, refused_within
+
+    srv, redis_srv = stack
+    img = real_digits(1)[0][0]
+    key = issue(redis_srv, "Carol", "carol")
+    routes = (("/classify", "image"), ("/classify_batch", "images"))
+    for path, field in routes:
+        assert _post(srv.url, path, field, img, key).status_code == 200
+    minted = minted_keys(key)
+    with ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda a: _post(srv.url, *routes[a[0] % 2], img, a[1]), enumerate(minted)))
+    for k, r in zip(minted, rs):
+        assert r.status_code == 401 and r.json() == {
+            "code": 401, "type": "InvalidApiKey",
+            "message": "the X-Api-Key header is not an API key issued by this service; ask the operator for one"}, k
+    led = open_ledger(redis_srv.url, namespace="mnist")
+    assert {s.client_id for s in led.clients() if s.client_id.startswith("key:")} <= {"key:bob", "key:mallory",
+                                                                                        "key:carol"}
+    assert led.get("key:carol").queries == 2
+
+    def revoke():
+        assert main(["keys", "revoke", "carol", "--ledger", redis_srv.url, "--namespace", "mnist"]) == 0
+
+    def send():
+        path, field = routes[int(time.monotonic() * 20) % 2]
+        r = _post(srv.url, path, field, img, key)
+        if r.status_code == 401:
+            assert r.json()["type"] == "RevokedApiKey"
+        return r.status_code
+
+    refused_within(send, revoke, delay_s=5.0)
 
 
 def test_anonymous_attacker_cannot_lock_out_anonymous_users(stack):
@@ -91,14 +142,15 @@ def test_store_down_is_503_with_the_guards_body_then_served_again(stack):
     srv, redis_srv = stack
     img = real_digits(1)[0][0]
     routes = (("/classify", "image"), ("/classify_batch", "images"))
+    known, new = issue(redis_srv, "ops", "outage-client"), issue(redis_srv, "ops", "outage-new-client")
     for path, field in routes:
-        assert _post(srv.url, path, field, img, "outage-client").status_code == 200
+        assert _post(srv.url, path, field, img, known).status_code == 200
     redis_srv.kill()
     # a client unknown to the store (its admission needs the store) and a known one
     try:
         for path, field in routes:
-            for cid in ("outage-client", "outage-new-client"):  # known and unknown clients alike
-                r = _post(srv.url, path, field, img, cid)
+            for key in (known, new):  # clients known and unknown to the ledger alike
+                r = _post(srv.url, path, field, img, key)
                 assert r.status_code == 503, (path, r.status_code, r.text)
                 assert r.json() == EXPECTED and r.headers.get("Retry-After") == "5", (path, r.text, r.headers)
     finally:
@@ -108,7 +160,7 @@ def test_store_down_is_503_with_the_guards_body_then_served_again(stack):
     deadline, ok = time.time() + 60, 0
     while time.time() < deadline and ok < 8:
         path, field = routes[ok % 2]
-        ok = ok + 1 if _post(srv.url, path, field, img, "outage-client").status_code == 200 else 0
+        ok = ok + 1 if _post(srv.url, path, field, img, known).status_code == 200 else 0
         if ok == 0:
             time.sleep(0.5)
     assert ok >= 8, "the service did not recover after the store came back"

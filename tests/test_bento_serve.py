@@ -49,7 +49,7 @@ def env(tmp_path_factory):
         cfg = tmp / "guard.yaml"
         cfg.write_text(f"detector: {DETECTOR}\nnamespace: mnist\n")
         e["GUARDIAN_CONFIG"] = str(cfg)
-    e.pop("GUARDIAN_ID_SALT", None)
+    e.pop("GUARDIAN_KEY_SECRET", None)
     return {"env": e, "tmp": tmp, "ledger": str(tmp / "ledger.db")}
 
 

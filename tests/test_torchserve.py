@@ -29,7 +29,7 @@ from serving_fixtures import start_torchserve  # noqa: E402
 D, K = 0.5, 10  # DPreds d (the default) and the number of classes
 WORKERS, BATCH, DELAY_MS = 2, 8, 50
 TAU = 4
-SALT = "test-salt-0123456789abcdef"
+KEY_SECRET = "test-key-secret-0123456789abcdef"  # the literal archive takes issued API keys
 
 
 def _need_artifacts():
@@ -60,15 +60,16 @@ def served(tmp_path_factory):
         "image_processing": {"resize": None, "center_crop": None, "mean": ex.MNIST_MEAN, "std": ex.MNIST_STD},
         "topk": 10,
         "guardian": {"guard": {"detector": "guardian/detector", "ledger": ledger, "namespace": "literal",
-                               "rule": {"tau": TAU}, "identity": {"api_key_header": "X-Api-Key", "salt": SALT,
-                                                                   "missing": "reject"}}},
+                               "rule": {"tau": TAU}, "identity": {"api_key_header": "X-Api-Key",
+                                                                   "key_secret": KEY_SECRET, "missing": "reject"}}},
     }, extra_files=_detector_files(ex.DETECTOR))
 
     models = {"mnist": 1, "rgb": 1, "mnist_g": WORKERS, "rgb_g": WORKERS, "literal": WORKERS}
     ts = start_torchserve(store, str(w / "server"), models, BATCH, DELAY_MS)
     digits, labels = ex.real_digits(16)
     fakes = ex.generator_images(16, seed=1)
-    state = {"ts": ts, "store": store, "w": w, "digits": digits, "labels": labels, "fakes": fakes}
+    state = {"ts": ts, "store": store, "w": w, "digits": digits, "labels": labels, "fakes": fakes,
+             "ledger": ledger}
     yield state
     state["ts"].stop()  # the restart test replaces the server
     ts.stop()
@@ -79,6 +80,17 @@ def post(ts, model, body, client=None, headers=None):
     if client is not None:
         h["X-Client-Id"] = client
     return ts.predict(model, body, h)
+
+
+def issue(served, owner, client_id=None) -> str:
+    """A key of the literal archive, as `guardian keys issue` makes it (in the ledger's SQLite file)."""
+    from guardian_plugin.keys import open_key_store
+
+    store = open_key_store(served["ledger"], "literal")
+    try:
+        return store.issue(KEY_SECRET, owner, client_id)[0]
+    finally:
+        store.close()
 
 
 def relation(r0, r1) -> str:
@@ -100,7 +112,7 @@ def test_literal_handler_string_loads_and_serves(served):
     assert manifest["model"]["handler"] == "guardian_plugin.handlers.GuardedImageClassifier"
     correct, kinds = 0, []
     for i, (img, y) in enumerate(zip(served["digits"][:8], served["labels"][:8])):
-        r = post(ts, "literal", img, headers={"X-Api-Key": f"lit-{i}"})
+        r = post(ts, "literal", img, headers={"X-Api-Key": issue(served, "test", f"lit-{i}")})
         assert r.status_code == 200, r.text
         probs = dict(ex.topk(r))
         assert sorted(probs) == [str(k) for k in range(10)]
@@ -109,7 +121,7 @@ def test_literal_handler_string_loads_and_serves(served):
         # the same preprocessing as the example's own handler: identical answers unless flagged
         kinds.append(relation(post(ts, "mnist", img), r))
     assert correct >= 7 and kinds.count("benign") >= 6, kinds
-    r = post(ts, "literal", served["fakes"][0], headers={"X-Api-Key": "lit-fake"})
+    r = post(ts, "literal", served["fakes"][0], headers={"X-Api-Key": issue(served, "test", "lit-fake")})
     assert relation(post(ts, "mnist", served["fakes"][0]), r) == "flagged"
     # identity configured as `missing: reject`: no API key -> 401 with a JSON reason, and with API
     # keys configured a client-chosen X-Client-Id is no identity at all
@@ -352,21 +364,57 @@ def test_anonymous_attacker_cannot_lock_out_anonymous_users(served):
 
 def test_api_keys_cannot_be_spoofed(served):
     """The literal archive identifies clients by X-Api-Key only: an attacker who sends another
-    client's X-Client-Id, or the hashed form of its key, changes nothing of that client's record;
-    responses never reveal a hashed id."""
-    from guardian_plugin.identity import hash_key
-
+    client's X-Client-Id, or its ledger id, changes nothing of that client's record; responses never
+    reveal a ledger id."""
     ts = served["ts"]
-    victim_key = "key-of-bob"
+    victim_key, mallory = issue(served, "bob", "bob"), issue(served, "mallory", "mallory")
     for i, img in enumerate(served["fakes"][:3 * TAU]):
-        r = post(ts, "literal", img, headers={"X-Api-Key": "mallory", "X-Client-Id": hash_key(victim_key, SALT)})
+        r = post(ts, "literal", img, headers={"X-Api-Key": mallory, "X-Client-Id": "key:bob"})
         assert r.status_code in (200, 403)
         assert "key:" not in r.text
     assert r.status_code == 403 and json.loads(r.text)["type"] == "ClientRefused"
     r = post(ts, "literal", served["digits"][0], headers={"X-Api-Key": victim_key})
     assert r.status_code == 200
     led = _ledger(served, "literal")
-    assert led.get(hash_key(victim_key, SALT)).queries == 1 and not led.get(hash_key(victim_key, SALT)).refused
+    assert led.get("key:bob").queries == 1 and not led.get("key:bob").refused
+
+
+def test_only_issued_keys_are_served_and_revoked_ones_refused_within_the_delay(served):
+    """Issued keys only (2 workers, batching): a key from `guardian keys issue` is served; random
+    strings, other formats and forged HMACs get 401 InvalidApiKey with the guard's JSON body, counted
+    nowhere; `guardian keys revoke` gets the key refused (401 RevokedApiKey) by both workers within
+    key_refresh_s (the default, 5 s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from guardian_plugin.cli import main
+    from serving_fixtures import minted_keys, refused_within
+
+    ts, img = served["ts"], served["digits"][0]
+    key = issue(served, "Carol", "carol")
+    assert post(ts, "literal", img, headers={"X-Api-Key": key}).status_code == 200
+    minted = minted_keys(key)
+    with ThreadPoolExecutor(4) as pool:  # concurrent, so batches mix them with the issued key's requests
+        rs = list(pool.map(lambda k: post(ts, "literal", img, headers={"X-Api-Key": k}), minted + [key] * 4))
+    for k, r in zip(minted, rs):
+        assert r.status_code == 401 and json.loads(r.text) == {
+            "code": 401, "type": "InvalidApiKey",
+            "message": "the X-Api-Key header is not an API key issued by this service; ask the operator for one"}, k
+    assert [r.status_code for r in rs[len(minted):]] == [200] * 4
+    led = _ledger(served, "literal")
+    issued = {"key:bob", "key:carol", "key:mallory", "key:lit-fake"} | {f"key:lit-{i}" for i in range(8)}
+    assert {s.client_id for s in led.clients()} <= issued  # nothing counted for a minted key
+    assert led.get("key:carol").queries == 5
+
+    def revoke():
+        assert main(["keys", "revoke", "carol", "--ledger", served["ledger"], "--namespace", "literal"]) == 0
+
+    def send():
+        r = post(ts, "literal", img, headers={"X-Api-Key": key})
+        if r.status_code == 401:
+            assert json.loads(r.text)["type"] == "RevokedApiKey"
+        return r.status_code
+
+    refused_within(send, revoke, delay_s=5.0)
 
 
 # last: replaces the module's server

@@ -36,7 +36,8 @@ class _Metrics:
         self.quota = _metric("Counter", "guardian_quota_exceeded_requests",
                              "Requests answered 429 because the client's quota for the period is used up", ["service"])
         self.missing = _metric("Counter", "guardian_missing_identity_requests",
-                               "Requests answered 401 for lack of a client identity", ["service"])
+                               "Requests answered 401: no identity, an untrusted gateway, or an API key "
+                               "not issued or revoked", ["service"])
         self.guard_s = _metric("Histogram", "guardian_guard_seconds",
                                "Time the guard adds per batch (gradient, detector, ledger, response)", lab,
                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
