@@ -105,7 +105,6 @@ class Guardian:
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.probation = probation if probation is not None and probation.queries > 0 else None
         self.distribution = distribution
-        self._dist_warned = False
         if distribution is not None and (ledger.rule.dist_bins != distribution.reference.bins
                                          or ledger.rule.dist_block != distribution.block):
             raise ConfigError(f"the ledger's rule keeps {ledger.rule.dist_bins} bins in blocks of "
@@ -260,19 +259,25 @@ class Guardian:
                              (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist())
 
     def _distribution_applies(self, inputs: torch.Tensor) -> bool:
-        """Whether the distribution test's reference describes these inputs (see DistributionTest)."""
-        if not self.distribution.native_only:
-            return True
-        size = self.detector.spec.image.size
-        if tuple(inputs.shape[-2:]) == (size, size):
-            return True
-        if not self._dist_warned:
-            self._dist_warned = True
-            log.warning("guardian: distribution test not applied: the served inputs are %s px, its reference was "
-                        "built on %d px inputs (set distribution.enabled: true to apply it anyway, or build a "
-                        "reference on the served path; docs/refusal-rule.md)", "x".join(map(str, inputs.shape[-2:])),
-                        size)
-        return False
+        """Whether the distribution test applies: at every input size (a size other than the reference's
+        is scored through the detector's input mapping, see DistributionTest), unless it was switched off
+        for this deployment's served path (served_path)."""
+        return not self.distribution.off
+
+    def served_path(self, height: int, width: int) -> None:
+        """Adapters that probed their served path at load: it gives the model ``height`` x ``width``
+        inputs for an image of the detector's size. ``distribution: {enabled: auto}`` switches the test
+        off, with one warning, when its reference was measured at another size (a resizing handler in
+        front of a reference built at the detector's size); ``enabled: true`` applies it and warns."""
+        if self.distribution is None:
+            return
+        native = self.detector.spec.image.size
+        self.distribution = self.distribution.for_served_path(height, width, native)
+        why = self.distribution.mismatch(height, width, native)
+        if self.distribution.off:
+            log.warning("guardian: distribution test off (enabled: auto): %s", why)
+        elif why:
+            log.warning("guardian: distribution test applied (enabled: true) although %s", why)
 
     def _record(self, rows: Sequence[tuple]) -> dict:
         """One atomic ledger update per identified client of the answered rows: (client, counted as
@@ -299,7 +304,8 @@ class Guardian:
 
 
 def distribution_test(cfg: GuardConfig) -> Optional[DistributionTest]:
-    """The config's distribution test: on with the artifact's reference.json (``enabled: auto``)."""
+    """The config's distribution test: on with the artifact's reference.json (``enabled: auto``; an adapter
+    that probes its served path may switch it off there, Guardian.served_path)."""
     d = cfg.distribution
     if d.enabled is False:
         return None
@@ -309,4 +315,4 @@ def distribution_test(cfg: GuardConfig) -> Optional[DistributionTest]:
             raise ConfigError(f"distribution.enabled is true but {cfg.detector} has no reference.json "
                               "(guardian reference --config TRAIN_CONFIG --detector DIR)")
         return None
-    return DistributionTest(ref, d.block, d.max_false, d.horizon, native_only=d.enabled == "auto")
+    return DistributionTest(ref, d.block, d.max_false, d.horizon, auto=d.enabled == "auto")
