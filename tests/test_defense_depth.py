@@ -5,7 +5,6 @@ generator-in-BatchNorm-eval attacker. Ledger backends' own quota tests: tests/te
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -14,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from guardian_plugin.config import parse_config
 from guardian_plugin.distribution import (DistributionTest, Reference, block_alpha, build_reference, kl,
@@ -218,19 +216,6 @@ def depth_guardian(enabled="auto") -> Guardian:
                                               "distribution": {"enabled": enabled}}))
 
 
-def refused_at(g: Guardian, victim, x: torch.Tensor, client: str, per_request: int = 10):
-    """(query count at which the client was refused or None, per-sample flags, answers that were the
-    model's own) for ``x`` sent ``per_request`` rows a request."""
-    detected = raw = 0
-    for i in range(0, len(x), per_request):
-        adm, probs, res = send(g, victim, x[i:i + per_request], client)
-        if not all(a.ok for a in adm):
-            return g.ledger.get(client).refused_at_query, detected, raw
-        detected += sum(res.detected)
-        raw += int((res.probs == probs).all(1).sum())
-    return None, detected, raw
-
-
 def test_the_distribution_test_applies_at_every_input_size(victim):
     """A BatchNorm-eval generator (flagged 0% per sample) sending 29-31 px images (the victim takes 28-31
     px; the detector center-crops them to its 28) is refused as at 28 px: the test no longer depends on
@@ -240,21 +225,20 @@ def test_the_distribution_test_applies_at_every_input_size(victim):
     digits, whatever the size. Measured figures: benchmarks/distribution_sizes.py."""
     from examples.mnist import serving as ex
 
-    fakes = np.stack([np.array(Image.open(io.BytesIO(b))) for b in ex.generator_images(600, seed=0, bn_eval=True)])
+    fakes = ex.decode_pngs(ex.generator_images(600, seed=0, bn_eval=True))
     digits = mnist_splits()["test"][0][:, 0]
-    as_input = lambda a: normalise(to_float(a[:, None]), MNIST_MEAN, MNIST_STD)  # noqa: E731
     at = {}
     for size in (28, 29, 31):
-        at[size], detected, raw = refused_at(depth_guardian(), victim, as_input(ex.pad_to(fakes, size)), "bn-eval")
-        assert detected == 0 and at[size] is not None and raw < at[size], (size, at[size], detected)
-        assert refused_at(depth_guardian(), victim, as_input(ex.pad_to(digits, size, "center")), "benign")[0] is None
+        t = ex.stream(depth_guardian(), victim, ex.as_input(ex.pad_to(fakes, size)), "bn-eval")
+        at[size] = t.refused_at
+        assert t.flagged == 0 and t.refused_at is not None and t.suspect_answers > 0, (size, t.refused_at, t.flagged)
+        assert ex.stream(depth_guardian(), victim, ex.as_input(ex.pad_to(digits, size, "center")), "benign").refused_at is None
     assert all(abs(at[s] - at[28]) <= 200 for s in at), at
     shifted = np.pad(digits, ((0, 0), (3, 0), (3, 0)))[:, :28, :28]
-    assert refused_at(depth_guardian(), victim, as_input(ex.pad_to(digits, 31)), "benign")[0] is not None
-    assert refused_at(depth_guardian(), victim, as_input(shifted), "benign")[0] is not None
+    assert ex.stream(depth_guardian(), victim, ex.as_input(ex.pad_to(digits, 31)), "benign").refused_at is not None
+    assert ex.stream(depth_guardian(), victim, ex.as_input(shifted), "benign").refused_at is not None
     # the test's bins were counted at 29 px: without it, the generator is not refused within 600
-    x = normalise(to_float(ex.pad_to(fakes, 29)[:, None]), MNIST_MEAN, MNIST_STD)
-    assert refused_at(depth_guardian(enabled=False), victim, x, "bn-eval")[0] is None
+    assert ex.stream(depth_guardian(enabled=False), victim, ex.as_input(ex.pad_to(fakes, 29)), "bn-eval").refused_at is None
 
 
 def test_served_path_that_resizes_switches_auto_off_unless_the_reference_describes_it(caplog, tmp_path):

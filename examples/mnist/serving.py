@@ -70,6 +70,32 @@ def padded_png(png_bytes: bytes, size: int, where: str = "top_left") -> bytes:
     return png(pad_to(np.array(Image.open(io.BytesIO(png_bytes)).convert("L")), size, where))
 
 
+def as_input(a: np.ndarray) -> torch.Tensor:
+    """uint8 digits (N, H, W) -> the victim's normalised input (N, 1, H, W), as its handler makes it."""
+    x = torch.from_numpy(np.ascontiguousarray(a)).float().div(255.0)[:, None]
+    return (x - MNIST_MEAN[0]) / MNIST_STD[0]
+
+
+def decode_pngs(bodies) -> np.ndarray:
+    """Grayscale PNG request bodies -> uint8 (N, H, W)."""
+    return np.stack([np.array(Image.open(io.BytesIO(b)).convert("L")) for b in bodies])
+
+
+def stream(guardian, victim, x: torch.Tensor, client: str, batch: int = 10):
+    """One client sending ``x`` (victim inputs) ``batch`` rows a request through ``guardian`` in process,
+    as the evaluation harness does (attacks.target.EvalTarget: admission, inference, inspection), until
+    refused or done. Returns the target: ``refused_at``, ``flagged`` (per-sample detector), answers."""
+    from guardian_plugin.attacks.target import EvalTarget, QueryRefused
+
+    t = EvalTarget(victim, 10, guardian, client_id=client)
+    for i in range(0, len(x), batch):
+        try:
+            t.query(x[i:i + batch])
+        except QueryRefused:
+            break
+    return t
+
+
 def to_rgb(png_bytes: bytes) -> bytes:
     """A 28 px grayscale digit as the 256 px RGB image an ImageNet-style client sends (padded to 32 px,
     scaled 8x): ImageClassifier's Resize(256) + CenterCrop(224) then shows the model the 28 px digit,
