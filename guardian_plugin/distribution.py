@@ -179,7 +179,10 @@ class DistributionTest:
     (the TorchServe worker: guardian_plugin.fit.verify_handler_fit) call :meth:`for_served_path`:
     ``auto`` (``enabled: auto``) then switches the test off for that deployment, with ``off`` saying why;
     ``guardian protect --calibrate DIR`` builds the reference on the served path instead, which
-    describes it. ``enabled: true`` applies the test anyway."""
+    describes it. Where the path was not probed (the BentoML adapter), ``auto`` decides per batch
+    (:meth:`applies_to`): sizes the reference was measured at, and larger inputs the detector
+    center-crops from a reference at its own size (its pixels at their own scale, as MNIST's 29-31 px),
+    are tested; inputs the detector must resample are not. ``enabled: true`` applies the test anyway."""
 
     reference: Reference
     block: int = 200
@@ -187,13 +190,24 @@ class DistributionTest:
     horizon: int = 10_000
     auto: bool = False
     off: str = ""  # non-empty: not applied on this deployment's served path, and why
+    probed: bool = False  # for_served_path was called: the decision is per deployment, not per batch
 
     def for_served_path(self, height: int, width: int, native: int) -> "DistributionTest":
         """This test for a served path that gives the model ``height`` x ``width`` inputs for an image of
         the detector's size ``native`` (probed): off, with the reason, when ``auto`` and the reference
-        was measured at another size; otherwise unchanged (the mismatch, if any, is in ``mismatch``)."""
+        was measured at another size; otherwise on at every input size (the mismatch, if any, is in
+        ``mismatch``)."""
         reason = self.mismatch(height, width, native)
-        return replace(self, off=reason) if reason and self.auto else self
+        return replace(self, probed=True, off=reason if reason and self.auto else "")
+
+    def applies_to(self, height: int, width: int, native: int, fit: str) -> bool:
+        """Whether a batch of ``height`` x ``width`` served inputs is tested (see the class docstring;
+        ``native``: the detector's size, ``fit``: its input mapping's)."""
+        if self.off:
+            return False
+        if not self.auto or self.probed or self.reference.describes(height, width, native):
+            return True
+        return self.reference.input_sizes is None and fit == "center_crop" and min(height, width) >= native
 
     def mismatch(self, height: int, width: int, native: int) -> str:
         """Why the reference does not describe a served path giving ``height`` x ``width`` inputs ('' if it does)."""

@@ -105,6 +105,7 @@ class Guardian:
         self.identity = identity if isinstance(identity, Identity) else Identity(identity)
         self.probation = probation if probation is not None and probation.queries > 0 else None
         self.distribution = distribution
+        self._dist_warned = False
         if distribution is not None and (ledger.rule.dist_bins != distribution.reference.bins
                                          or ledger.rule.dist_block != distribution.block):
             raise ConfigError(f"the ledger's rule keeps {ledger.rule.dist_bins} bins in blocks of "
@@ -259,10 +260,19 @@ class Guardian:
                              (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist())
 
     def _distribution_applies(self, inputs: torch.Tensor) -> bool:
-        """Whether the distribution test applies: at every input size (a size other than the reference's
-        is scored through the detector's input mapping, see DistributionTest), unless it was switched off
-        for this deployment's served path (served_path)."""
-        return not self.distribution.off
+        """Whether the distribution test applies to these inputs: at every input size once the served path
+        was probed and the reference describes it (served_path); unprobed, per batch (DistributionTest.applies_to)."""
+        h, w = (int(v) for v in inputs.shape[-2:])
+        if self.distribution.applies_to(h, w, self.detector.spec.image.size, self.detector.spec.input.fit):
+            return True
+        if not self._dist_warned and not self.distribution.off:
+            self._dist_warned = True
+            log.warning("guardian: distribution test not applied to %dx%d inputs: its reference was measured on %s "
+                        "inputs and the detector resamples these (build the reference on the served path, or set "
+                        "distribution.enabled: true; docs/refusal-rule.md)", h, w,
+                        ", ".join("x".join(map(str, v)) for v in self.distribution.reference.input_sizes
+                                  or [[self.detector.spec.image.size] * 2]))
+        return False
 
     def served_path(self, height: int, width: int) -> None:
         """Adapters that probed their served path at load: it gives the model ``height`` x ``width``

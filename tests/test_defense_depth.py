@@ -246,7 +246,8 @@ def test_served_path_that_resizes_switches_auto_off_unless_the_reference_describ
     detector-size image reaches the model at. ``enabled: auto`` turns the test off, with one warning
     naming the fix, when the reference was measured at another size (a resizing handler in front of a
     reference built at the detector's size); a reference built on the served path (input_sizes, as
-    `guardian protect --calibrate` writes it) keeps it on; ``enabled: true`` keeps it on and warns."""
+    `guardian protect --calibrate` writes it) keeps it on; ``enabled: true`` keeps it on and warns.
+    Without a probe, ``auto`` decides per batch."""
     import logging
     import shutil
 
@@ -262,6 +263,22 @@ def test_served_path_that_resizes_switches_auto_off_unless_the_reference_describ
         forced = depth_guardian(enabled=True)
         forced.served_path(224, 224)
         assert not forced.distribution.off and "applied (enabled: true)" in caplog.records[0].getMessage()
+    # not probed (the BentoML adapter, Python use): per batch, larger inputs the detector center-crops are
+    # tested; inputs it resamples (input fit area) are not, with one warning
+    from guardian_plugin.detector import with_input_fit
+
+    g = depth_guardian()
+    assert g._distribution_applies(torch.zeros(1, 1, 28, 28)) and g._distribution_applies(torch.zeros(1, 1, 31, 30))
+    assert not g._distribution_applies(torch.zeros(1, 1, 27, 28))
+    g = depth_guardian()
+    g.detector.spec = with_input_fit(g.detector.spec, "area")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="guardian_plugin"):
+        assert not g._distribution_applies(torch.zeros(1, 1, 56, 56)) and not g._distribution_applies(torch.zeros(1, 1, 56, 56))
+    assert [r.getMessage() for r in caplog.records if "not applied to 56x56" in r.getMessage()] != [] and len(caplog.records) == 1
+    assert g._distribution_applies(torch.zeros(1, 1, 28, 28))
+    g.served_path(28, 28)  # probed: every size from now on
+    assert g._distribution_applies(torch.zeros(1, 1, 56, 56))
     served = tmp_path / "det"
     shutil.copytree(DETECTOR, served)
     ref = load_reference(str(served))

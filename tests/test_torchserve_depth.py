@@ -201,6 +201,8 @@ def test_bn_eval_generator_at_29px_is_refused_as_at_28px(served):
     finally:
         target.close()
     s = open_ledger(served["ledger"], RefusalRule(), "depth").get("depth-bn-eval-29")
+    print(f"BN-eval generator refused at query: in process 28 px {in_process[28].refused_at}, 29 px "
+          f"{in_process[29].refused_at}; HTTP 29 px {target.refused_at} (ledger: refused at {s.refused_at_query})")
     assert s.refused and target.refused_at is not None, (s, target.statuses)
     assert abs(target.refused_at - in_process[28].refused_at) <= 200, (target.refused_at, in_process[28].refused_at)
     assert abs(in_process[29].refused_at - in_process[28].refused_at) <= 200
