@@ -69,8 +69,10 @@ def mnist(args) -> dict:
             probs = torch.softmax(victim(inp), 1)
         _, scores = g.detector.flag(g.detector.to_pixels(inp))
         kls, t = block_kls(g.distribution, probs, scores, g.detector.thresholds)
-        return {"block_kl": kls, "t": t, "refused_at": ex.stream(g, victim, inp, "benign").refused_at,
-                "accuracy": round(float((probs.argmax(1).numpy() == y).mean()), 4)}
+        out = {"block_kl": kls, "t": t, "refused_at": ex.stream(g, victim, inp, "benign").refused_at}
+        if len(a) == len(y):
+            out["accuracy"] = round(float((probs.argmax(1).numpy() == y).mean()), 4)
+        return out
 
     rows = []
     for size in (28, 29, 30, 31):
@@ -81,14 +83,15 @@ def mnist(args) -> dict:
                 row["benign_28px_shifted_control"] = benign(np.pad(digits, ((0, 0), (k, 0), (k, 0)))[:, :28, :28])
             f = ex.as_input(ex.pad_to(fakes, size, where))
             t = ex.stream(guardian(), victim, f, "bn-eval")
-            row["bn_eval"] = {"refused_at": t.refused_at, "detector_flagged": t.flagged,
+            row["bn_eval"] = {"block_kl": benign(ex.pad_to(fakes, size, where))["block_kl"],
+                              "refused_at": t.refused_at, "detector_flagged": t.flagged,
                               "suspect_answers": t.suspect_answers,
                               "refused_at_without_distribution_test": ex.stream(guardian(False), victim, f, "bn-eval").refused_at}
             rows.append(row)
             b, c = row["benign"], row.get("benign_28px_shifted_control")
             print(f"MNIST {size} px {where:12s} benign KL {b['block_kl']} refused {b['refused_at']} acc {b['accuracy']:.3f}"
                   + (f" | 28 px shifted {k}: KL max {max(c['block_kl']):.3f} refused {c['refused_at']}" if c else "")
-                  + f" | bn-eval refused {t.refused_at} (flagged {t.flagged}; without the test "
+                  + f" | bn-eval KL {row['bn_eval']['block_kl']} refused {t.refused_at} (flagged {t.flagged}; without the test "
                     f"{row['bn_eval']['refused_at_without_distribution_test']})", flush=True)
     return {"rows": rows, "settings": DEPTH, "fakes": 600, "benign": int(len(digits))}
 
