@@ -169,8 +169,9 @@ class DistributionTest:
     reference's is scored by the detector through its input mapping (``Detector.to_pixels``: a 29 px
     MNIST digit is center-cropped to the detector's 28 px, as for per-sample detection), and the
     victim's confidence is what the model answered at that size. Measured on the MNIST example
-    (benchmarks/distribution_sizes.py, docs/refusal-rule.md): the held-out digits padded to 29-31 px
-    give block KLs of 0.03-0.10 (0.03-0.07 at 28 px), a BatchNorm-eval generator 4.1-4.3 at every size.
+    (benchmarks/distribution_sizes.py, docs/refusal-rule.md): the held-out digits padded (centred) to
+    29-31 px give block KLs of 0.03-0.10 (0.03-0.07 at 28 px), a BatchNorm-eval generator 4.18-4.32 at
+    every size and padding.
 
     What the test cannot do is compare a served path that resamples every image to one size with a
     reference measured at another: TorchServe's image_classifier (Resize 256 + CenterCrop 224) in front
