@@ -11,7 +11,8 @@ Example (every key optional but ``detector``)::
     quota: {queries: 10000, flagged: 1000, period: 1d}  # per client and period: HTTP 429 + Retry-After; 0 = off
     probation: {queries: 0, response: label}       # new identities: label-only answers until N benign ones
     distribution: {enabled: auto, block: 200}      # per-client distribution test (artifact's reference.json;
-                                                   # auto: only for inputs at the detector's own size)
+                                                   # auto: at every input size, off where the served path
+                                                   # resamples to a size the reference was not measured at)
     response: {policy: dpreds, d: 0.5}             # label_only: top1 | topk (k: 2) for label-only models
     identity:                                      # guardian_plugin/identity.py: which mode to trust
       headers: [X-Client-Id]                       # first present header wins, case-insensitive
@@ -111,8 +112,12 @@ class ProbationConfig(_Strict):
 class DistributionConfig(_Strict):
     """The per-client distribution test (guardian_plugin.distribution)."""
 
-    # auto: when the detector artifact has reference.json, and only for served inputs at the detector's own
-    # size (what the reference describes; a resizing handler shifts the features: docs/refusal-rule.md)
+    # auto: when the detector artifact has reference.json, at every served input size (other sizes are
+    # scored through the detector's input mapping, as for per-sample detection). Off for a deployment whose
+    # served path, probed at load (TorchServe), resizes to a size the reference was not measured at (a
+    # resizing handler shifts the features; `guardian protect --calibrate` builds the reference on that
+    # path); without a probe (BentoML), inputs the detector would have to resample are not tested.
+    # true: always (a warning where the reference does not describe the path). docs/refusal-rule.md
     enabled: Union[bool, Literal["auto"]] = "auto"
     block: int = Field(200, ge=20, le=100_000)       # queries per tested block
     max_false: float = Field(1e-6, gt=0, lt=1)       # a benign client's chance of ever failing ...

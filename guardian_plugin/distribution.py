@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,10 +69,20 @@ class Reference:
     n: int                       # reference queries the probabilities were estimated on
     source: str = ""             # what the reference set was
     meta: dict = field(default_factory=dict)
+    # the served model's input sizes [H, W] the features were measured at: None for a reference built at
+    # the detector's own size (the training pipeline, `guardian reference`); `guardian protect --calibrate`
+    # records the sizes the archive's own preprocess gave its calibration images (e.g. [[224, 224]])
+    input_sizes: Optional[List[List[int]]] = None
 
     @property
     def bins(self) -> int:
         return len(self.probs)
+
+    def describes(self, height: int, width: int, native: int) -> bool:
+        """Whether the features were measured on served inputs of ``height`` x ``width`` (``native``:
+        the detector's size, what a reference without ``input_sizes`` describes)."""
+        sizes = self.input_sizes or [[native, native]]
+        return [int(height), int(width)] in [[int(h), int(w)] for h, w in sizes]
 
     def bin_of(self, probs: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
         """The joint bin index of each row (long, on the CPU)."""
@@ -98,15 +108,17 @@ class Reference:
 
 def build_reference(probs: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor, source: str = "",
                     conf_quantiles: Sequence[float] = CONF_QUANTILES,
-                    margin_quantiles: Sequence[float] = MARGIN_QUANTILES) -> Reference:
+                    margin_quantiles: Sequence[float] = MARGIN_QUANTILES,
+                    input_sizes: Optional[List[List[int]]] = None) -> Reference:
     """A reference from the victim's probabilities and the detector's scores on benign images. Edges
     that coincide (ties, e.g. confidences at the float32 cap) are merged; bin probabilities are the
-    reference shares with one pseudo-count per bin, so no bin has probability 0."""
+    reference shares with one pseudo-count per bin, so no bin has probability 0. ``input_sizes``: the
+    served input sizes the features were measured at, when not the detector's own (Reference)."""
     c = confidence(probs).cpu().numpy()
     m = margin(scores, thresholds).cpu().numpy()
     ce = sorted(set(np.quantile(c, conf_quantiles).round(6).tolist()))
     me = sorted(set(np.quantile(m, margin_quantiles).round(6).tolist()))
-    ref = Reference(ce, me, [], int(len(c)), source)
+    ref = Reference(ce, me, [], int(len(c)), source, input_sizes=input_sizes)
     counts = np.asarray(ref.counts(ref.bin_of(probs, scores, thresholds)), dtype=float)
     ref.probs = ((counts + 1.0) / (counts.sum() + len(counts))).tolist()
     return ref
@@ -125,6 +137,10 @@ def load_reference(directory: str) -> Optional[Reference]:
         raise ArtifactError(f"{path}: not a distribution-test reference ({e})") from None
     if ref.bins != (len(ref.conf_edges) + 1) * (len(ref.margin_edges) + 1) or abs(sum(ref.probs) - 1) > 1e-6:
         raise ArtifactError(f"{path}: bin probabilities do not match the edges or do not sum to 1")
+    sizes = ref.input_sizes
+    if sizes is not None and not (isinstance(sizes, list) and sizes and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and n > 0 for n in v) for v in sizes)):
+        raise ArtifactError(f"{path}: input_sizes must be a non-empty list of [height, width] pairs, got {sizes!r}")
     return ref
 
 
@@ -149,17 +165,59 @@ def kl(counts: Sequence[int], q: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class DistributionTest:
-    """``native_only``: apply the test only to served inputs at the detector's own image size. The
-    reference describes the victim and the detector on inputs of that size; a served path that resizes
-    (TorchServe's image_classifier: Resize 256 + CenterCrop 224 for a 32 px detector) shifts both
-    features, and benign CIFAR-10 test images then fail every block (KL 0.55-0.73 against t = 0.29,
-    measured; docs/refusal-rule.md). ``enabled: auto`` sets it; ``enabled: true`` applies the test anyway."""
+    """The test over a reference, at every served input size: a served input of another size than the
+    reference's is scored by the detector through its input mapping (``Detector.to_pixels``: a 29 px
+    MNIST digit is center-cropped to the detector's 28 px, as for per-sample detection), and the
+    victim's confidence is what the model answered at that size. Measured on the MNIST example
+    (benchmarks/distribution_sizes.py, docs/refusal-rule.md): the held-out digits padded (centred) to
+    29-31 px give block KLs of 0.03-0.10 (0.03-0.07 at 28 px), a BatchNorm-eval generator 4.18-4.32 at
+    every size and padding.
+
+    What the test cannot do is compare a served path that resamples every image to one size with a
+    reference measured at another: TorchServe's image_classifier (Resize 256 + CenterCrop 224) in front
+    of a 32 px CIFAR-10 detector whose reference was built at 32 px fails benign test images on every
+    block (KL 0.55-0.73 against t = 0.29, measured). Adapters that probe the served path at load
+    (the TorchServe worker: guardian_plugin.fit.verify_handler_fit) call :meth:`for_served_path`:
+    ``auto`` (``enabled: auto``) then switches the test off for that deployment, with ``off`` saying why;
+    ``guardian protect --calibrate DIR`` builds the reference on the served path instead, which
+    describes it. Where the path was not probed (the BentoML adapter), ``auto`` decides per batch
+    (:meth:`applies_to`): sizes the reference was measured at, and larger inputs the detector
+    center-crops from a reference at its own size (its pixels at their own scale, as MNIST's 29-31 px),
+    are tested; inputs the detector must resample are not. ``enabled: true`` applies the test anyway."""
 
     reference: Reference
     block: int = 200
     max_false: float = 1e-6
     horizon: int = 10_000
-    native_only: bool = False
+    auto: bool = False
+    off: str = ""  # non-empty: not applied on this deployment's served path, and why
+    probed: bool = False  # for_served_path was called: the decision is per deployment, not per batch
+
+    def for_served_path(self, height: int, width: int, native: int) -> "DistributionTest":
+        """This test for a served path that gives the model ``height`` x ``width`` inputs for an image of
+        the detector's size ``native`` (probed): off, with the reason, when ``auto`` and the reference
+        was measured at another size; otherwise on at every input size (the mismatch, if any, is in
+        ``mismatch``)."""
+        reason = self.mismatch(height, width, native)
+        return replace(self, probed=True, off=reason if reason and self.auto else "")
+
+    def applies_to(self, height: int, width: int, native: int, fit: str) -> bool:
+        """Whether a batch of ``height`` x ``width`` served inputs is tested (see the class docstring;
+        ``native``: the detector's size, ``fit``: its input mapping's)."""
+        if self.off:
+            return False
+        if not self.auto or self.probed or self.reference.describes(height, width, native):
+            return True
+        return self.reference.input_sizes is None and fit == "center_crop" and min(height, width) >= native
+
+    def mismatch(self, height: int, width: int, native: int) -> str:
+        """Why the reference does not describe a served path giving ``height`` x ``width`` inputs ('' if it does)."""
+        if self.reference.describes(height, width, native):
+            return ""
+        sizes = ", ".join("x".join(map(str, s)) for s in (self.reference.input_sizes or [[native, native]]))
+        return (f"the served path gives the model {height}x{width} inputs for a {native} px image, and the "
+                f"distribution reference was measured on {sizes} inputs (guardian protect --calibrate DIR builds "
+                f"it on the served path; docs/refusal-rule.md)")
 
     @property
     def alpha(self) -> float:

@@ -306,19 +306,34 @@ class Guardian:
                              [cut.get(i) for i in range(b)])
 
     def _distribution_applies(self, inputs: torch.Tensor) -> bool:
-        """Whether the distribution test's reference describes these inputs (see DistributionTest)."""
-        if not self.distribution.native_only:
+        """Whether the distribution test applies to these inputs: at every input size once the served path
+        was probed and the reference describes it (served_path); unprobed, per batch (DistributionTest.applies_to)."""
+        h, w = (int(v) for v in inputs.shape[-2:])
+        if self.distribution.applies_to(h, w, self.detector.spec.image.size, self.detector.spec.input.fit):
             return True
-        size = self.detector.spec.image.size
-        if tuple(inputs.shape[-2:]) == (size, size):
-            return True
-        if not self._dist_warned:
+        if not self._dist_warned and not self.distribution.off:
             self._dist_warned = True
-            log.warning("guardian: distribution test not applied: the served inputs are %s px, its reference was "
-                        "built on %d px inputs (set distribution.enabled: true to apply it anyway, or build a "
-                        "reference on the served path; docs/refusal-rule.md)", "x".join(map(str, inputs.shape[-2:])),
-                        size)
+            log.warning("guardian: distribution test not applied to %dx%d inputs: its reference was measured on %s "
+                        "inputs and the detector resamples these (build the reference on the served path, or set "
+                        "distribution.enabled: true; docs/refusal-rule.md)", h, w,
+                        ", ".join("x".join(map(str, v)) for v in self.distribution.reference.input_sizes
+                                  or [[self.detector.spec.image.size] * 2]))
         return False
+
+    def served_path(self, height: int, width: int) -> None:
+        """Adapters that probed their served path at load: it gives the model ``height`` x ``width``
+        inputs for an image of the detector's size. ``distribution: {enabled: auto}`` switches the test
+        off, with one warning, when its reference was measured at another size (a resizing handler in
+        front of a reference built at the detector's size); ``enabled: true`` applies it and warns."""
+        if self.distribution is None:
+            return
+        native = self.detector.spec.image.size
+        self.distribution = self.distribution.for_served_path(height, width, native)
+        why = self.distribution.mismatch(height, width, native)
+        if self.distribution.off:
+            log.warning("guardian: distribution test off (enabled: auto): %s", why)
+        elif why:
+            log.warning("guardian: distribution test applied (enabled: true) although %s", why)
 
     def _record(self, adm: Sequence[Admission], live: Sequence[int], flagged: torch.Tensor, suspect: torch.Tensor,
                 bins: Sequence[Optional[int]]):
@@ -445,7 +460,8 @@ def first_crossing(rule, state, counted: Sequence[bool]) -> Optional[int]:
 
 
 def distribution_test(cfg: GuardConfig) -> Optional[DistributionTest]:
-    """The config's distribution test: on with the artifact's reference.json (``enabled: auto``)."""
+    """The config's distribution test: on with the artifact's reference.json (``enabled: auto``; an adapter
+    that probes its served path may switch it off there, Guardian.served_path)."""
     d = cfg.distribution
     if d.enabled is False:
         return None
@@ -455,4 +471,4 @@ def distribution_test(cfg: GuardConfig) -> Optional[DistributionTest]:
             raise ConfigError(f"distribution.enabled is true but {cfg.detector} has no reference.json "
                               "(guardian reference --config TRAIN_CONFIG --detector DIR)")
         return None
-    return DistributionTest(ref, d.block, d.max_false, d.horizon, native_only=d.enabled == "auto")
+    return DistributionTest(ref, d.block, d.max_false, d.horizon, auto=d.enabled == "auto")

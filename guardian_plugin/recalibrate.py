@@ -56,13 +56,27 @@ def served_scores(detector, preprocess: Callable[[bytes], torch.Tensor], images:
     """(N, K) detector scores of the images as a guard sees them: ``preprocess(body)`` -> the model's
     (1, C, H, W) input, then the detector's input mapping (its fit included), in batches of consecutive
     same-shaped inputs. A file the preprocess fails on is a ConfigError naming it."""
+    return served_features(detector, preprocess, images, batch)[0]
+
+
+def served_features(detector, preprocess: Callable[[bytes], torch.Tensor], images: List[Tuple[str, bytes]],
+                    batch: int = 64, infer: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """(scores (N, K), probabilities (N, classes) or None, input sizes [[H, W], ...]) of the images as a
+    guard sees them (served_scores); ``infer``: the model's probabilities for a preprocessed batch (the
+    distribution test's other feature), None to skip them."""
     from tqdm import tqdm
 
-    out, pending = [], []
+    out, probs, sizes, pending = [], [], [], []
 
     def flush():
         if pending:
-            out.append(detector.scores(detector.to_pixels(torch.cat(pending))).float().cpu().numpy())
+            x = torch.cat(pending)
+            out.append(detector.scores(detector.to_pixels(x)).float().cpu().numpy())
+            if infer is not None:
+                with torch.no_grad():
+                    probs.append(infer(x).detach().float().cpu())
+            if list(x.shape[-2:]) not in sizes:
+                sizes.append(list(x.shape[-2:]))
             pending.clear()
 
     for name, body in tqdm(images, desc="served calibration", unit="image", disable=None, leave=False):
@@ -79,7 +93,29 @@ def served_scores(detector, preprocess: Callable[[bytes], torch.Tensor], images:
             flush()
         pending.append(x.detach().float().to(detector.thresholds.device))
     flush()
-    return np.concatenate(out)
+    return np.concatenate(out), (torch.cat(probs) if infer is not None else None), sizes
+
+
+def served_reference(scores: np.ndarray, probs: torch.Tensor, thresholds, sizes: List[List[int]], block: int,
+                     source: str) -> Tuple[object, dict]:
+    """(reference, report): the distribution test's reference (guardian_plugin.distribution) built on the
+    served path, from the calibration rows (every other image, as for the thresholds) at the new
+    ``thresholds``, recording the served input ``sizes``; the held-out rows, in consecutive blocks of
+    ``block`` (or one block of all of them when fewer), measure what a benign client's blocks give."""
+    from guardian_plugin.distribution import DistributionTest, build_reference
+
+    thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float32))
+    s = torch.from_numpy(scores)
+    ref = build_reference(probs[0::2], s[0::2], thr, source, input_sizes=sizes)
+    test = DistributionTest(ref, block)
+    bins = ref.bin_of(probs[1::2], s[1::2], thr)
+    n = min(block, len(bins))
+    kls = [test.evaluate(ref.counts(bins[i:i + n]))[1:] for i in range(0, len(bins) - n + 1, n)] if n else []
+    report = {"built_on": ref.n, "input_sizes": sizes, "bins": ref.bins, "held_out_block": n,
+              "held_out_block_kl": [round(k, 4) for k, _ in kls],
+              "kl_threshold": round(kls[0][1], 4) if kls else None,
+              "held_out_blocks_failed": sum(k >= t for k, t in kls)}
+    return ref, report
 
 
 def recalibrate(detector, scores: np.ndarray, target_fpr: float, **about) -> Tuple[np.ndarray, dict]:

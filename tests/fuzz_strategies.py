@@ -72,25 +72,49 @@ def _encode(a: np.ndarray, fmt: str, mode: Optional[str] = None) -> bytes:
     return buf.getvalue()
 
 
+# sizes the MNIST example's victim accepts besides 28 (29-31: every guard mechanism must apply to them,
+# issue #25) and their neighbours it refuses (27, 32)
+NEAR_NATIVE_SIZES = [(29, 29), (30, 30), (31, 31), (28, 31), (31, 29), (27, 27), (32, 32)]
+
+
 @st.composite
 def valid_images(draw, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF")) -> bytes:
-    """A decodable image: mostly 28 x 28 grayscale like a digit, else odd sizes, modes and formats."""
+    """A decodable image: mostly 28 x 28 grayscale like a digit, else near-native (29-31 px, which the
+    victim accepts) or odd sizes, and other modes and formats: palette, 16-bit and 32-bit integer,
+    32-bit float (values in [0, 1], [0, 255] or extreme, NaN and infinities included) and CMYK."""
     fmt = draw(st.sampled_from(formats))
-    size = draw(st.one_of(st.just((28, 28)), st.tuples(st.integers(1, 80), st.integers(1, 80))))
-    mode = draw(st.sampled_from(["L", "L", "RGB", "RGBA", "P", "1", "I;16", "LA"]))
+    size = draw(st.one_of(st.just((28, 28)), st.sampled_from(NEAR_NATIVE_SIZES),
+                          st.tuples(st.integers(1, 80), st.integers(1, 80))))
+    mode = draw(st.sampled_from(["L", "L", "RGB", "RGBA", "P", "1", "I;16", "LA", "I", "F", "CMYK"]))
     seed = draw(st.integers(0, 2 ** 32 - 1))
     rng = np.random.default_rng(seed)
-    channels = 3 if mode in ("RGB", "RGBA", "P") else 1
+    channels = {"RGB": 3, "RGBA": 3, "P": 3, "CMYK": 4}.get(mode, 1)
     a = rng.integers(0, 256, size=(size[1], size[0], channels) if channels > 1 else (size[1], size[0]),
                      dtype=np.uint8)
-    if mode == "I;16" and fmt in ("PNG", "TIFF"):
+    wide = {"I;16": a.astype(np.uint16) * 257, "I": a.astype(np.int32) * 65793 - 2 ** 23}.get(mode)
+    if mode == "F":
+        scale = draw(st.sampled_from(["unit", "byte", "extreme"]))
+        wide = a.astype(np.float32) / 255.0 if scale == "unit" else a.astype(np.float32)
+        if scale == "extreme":
+            wide = wide * np.float32(1e30) - np.float32(1e32)
+            wide.flat[rng.integers(0, wide.size, 3)] = [np.nan, np.inf, -np.inf]
+    if wide is not None:  # 16/32-bit integer and float images: PNG (16-bit) and TIFF store them
         from PIL import Image
 
         buf = io.BytesIO()
-        Image.fromarray(a.astype(np.uint16) * 257).save(buf, fmt)
+        try:
+            Image.fromarray(wide).save(buf, fmt if fmt in ("PNG", "TIFF") and mode == "I;16" else "TIFF")
+            return buf.getvalue()
+        except (OSError, ValueError, KeyError, TypeError):
+            return _encode(a, "PNG")
+    if mode == "CMYK":
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.frombytes("CMYK", size, a.tobytes()).save(buf, fmt if fmt in ("JPEG", "TIFF") else "TIFF")
         return buf.getvalue()
     try:
-        return _encode(a, fmt, mode if mode != "I;16" else None)
+        return _encode(a, fmt, mode)
     except (OSError, ValueError, KeyError):
         return _encode(a if a.ndim == 2 else a[..., 0], "PNG")
 

@@ -3,8 +3,10 @@ victim and detector, one SQLite ledger shared by all workers.
 
 One server for the module: the unprotected example archive (top-10 probabilities) and its
 `guardian protect`ed copies with a quota of 5 queries a day (2 workers), with probation for 3
-queries, and with the distribution test in blocks of 40 (the artifact's reference.json); TorchServe's MNIST-example style label-only archive (postprocess: argmax label) and its
-protected copy with ``response: {label_only: topk, k: 2}``.
+queries, with the distribution test in blocks of 40 (the artifact's reference.json), and with the
+shipped defense_in_depth settings (guard-config defaults + probation 200; 2 workers); TorchServe's
+MNIST-example style label-only archive (postprocess: argmax label) and its protected copy with
+``response: {label_only: topk, k: 2}``.
 """
 
 from __future__ import annotations
@@ -56,12 +58,14 @@ def served(tmp_path_factory):
             config=_guard(w / "prob.yaml", ledger, "prob", probation={"queries": PROBATION}))
     protect(soft, ex.DETECTOR, os.path.join(store, "dist_g.mar"),
             config=_guard(w / "dist.yaml", ledger, "dist", distribution={"enabled": True, "block": DIST_BLOCK}))
+    protect(soft, ex.DETECTOR, os.path.join(store, "depth_g.mar"),
+            config=_guard(w / "depth.yaml", ledger, "depth", probation={"queries": 200}))
     labels = build_archive("labels", ex.VICTIM_TS, ex.MNIST_LABEL_HANDLER, store)
     protect(labels, ex.DETECTOR, os.path.join(store, "labels_g.mar"),
             config=_guard(w / "labels.yaml", ledger, "labels", rule={"tau": 1000},
                           response={"label_only": "topk", "k": K_TOP}))
     ts = start_torchserve(store, str(w / "server"), {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "dist_g": 1,
-                                                     "labels": 1, "labels_g": 1}, BATCH, DELAY_MS)
+                                                     "depth_g": WORKERS, "labels": 1, "labels_g": 1}, BATCH, DELAY_MS)
     digits, _ = ex.real_digits(24)
     yield {"ts": ts, "w": w, "ledger": ledger, "digits": digits, "fakes": ex.generator_images(16, seed=5)}
     ts.stop()
@@ -161,6 +165,47 @@ def test_distribution_test_catches_what_the_detector_does_not_flag(served):
         assert set(answers[i]) == set(p) and all(abs(answers[i][k] - (p[k] + 0.5) / 6.0) < 1e-4 for k in p), i
     b = led.get("d-benign")
     assert not b.refused and b.flagged <= 2, b  # the detector's own false positives at most
+
+
+def test_bn_eval_generator_at_29px_is_refused_as_at_28px(served):
+    """Issue #25 item 3: the victim takes 28-31 px digits, and the distribution test used to apply only
+    at the detector's 28 px (`enabled: auto`): a BatchNorm-eval generator (flagged 0% per sample) padding
+    its images to 29 x 29 was never refused. Here, with the shipped defense_in_depth settings, it is
+    refused over HTTP (2 workers, batching, 8 requests in flight) within one block of the distribution
+    test (200 queries) of where the same images are refused at 28 px, measured in process with the same
+    settings; benign digits padded to 29 px are answered."""
+    import torch
+
+    from guardian_plugin.attacks.target import QueryRefused, TorchServeTarget
+    from guardian_plugin.config import parse_config
+    from guardian_plugin.guardian import Guardian
+
+    fakes = ex.decode_pngs(ex.generator_images(400, seed=0, bn_eval=True))
+    victim = torch.jit.load(ex.VICTIM_TS, map_location="cpu").eval()
+    settings = parse_config({"detector": ex.DETECTOR, "ledger": "memory://", "probation": {"queries": 200}})
+    in_process = {size: ex.stream(Guardian.from_config(settings), victim, ex.as_input(ex.pad_to(fakes, size)),
+                                  "bn-eval") for size in (28, 29)}
+    assert all(t.flagged == 0 and t.refused_at is not None for t in in_process.values()), in_process
+
+    ts = served["ts"]
+    for d in served["digits"]:
+        r = post(ts, "depth_g", ex.padded_png(d, 29, "center"), "depth-benign-29")
+        assert r.status_code == 200, r.text
+    target = TorchServeTarget(ts.url, "depth_g", 10, ex.MNIST_MEAN, ex.MNIST_STD, client_id="depth-bn-eval-29")
+    x = ex.as_input(ex.pad_to(fakes, 29))
+    try:
+        for i in range(0, 4 * len(x), 8):
+            target.query(x[torch.arange(i, i + 8) % len(x)])
+    except QueryRefused:
+        pass
+    finally:
+        target.close()
+    s = open_ledger(served["ledger"], RefusalRule(), "depth").get("depth-bn-eval-29")
+    print(f"BN-eval generator refused at query: in process 28 px {in_process[28].refused_at}, 29 px "
+          f"{in_process[29].refused_at}; HTTP 29 px {target.refused_at} (ledger: refused at {s.refused_at_query})")
+    assert s.refused and target.refused_at is not None, (s, target.statuses)
+    assert abs(target.refused_at - in_process[28].refused_at) <= 200, (target.refused_at, in_process[28].refused_at)
+    assert abs(in_process[29].refused_at - in_process[28].refused_at) <= 200
 
 
 def _unflagged(digits):

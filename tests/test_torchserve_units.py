@@ -132,6 +132,7 @@ def test_protect_rewrites_manifest_and_embeds_detector(tmp_path, stub_detector, 
     out = str(tmp_path / "out.mar")
     s = protect(mnist_mar, stub_detector, out, config=str(cfg))
     assert s["wraps"] == "mnist_handler.py" and s["namespace"] == "mnist"
+    assert s["distribution"] == "off (the detector artifact has no reference.json)"
     manifest, files = read_archive(out)
     _, orig_files = read_archive(mnist_mar)
     assert manifest["model"]["handler"] == GUARDED_HANDLER
@@ -238,6 +239,11 @@ def test_guardian_protect_warns_about_a_label_only_archive(tmp_path, stub_detect
     assert not (tmp_path / "k.mar").exists()
     assert main(["protect", mnist_mar, "--detector", stub_detector, "-o", str(tmp_path / "s.mar")]) == 0
     assert "labels only" not in capsys.readouterr().err  # an archive answering scores: no warning
+    # the example's handler does not resize: its reference (28 px) describes the served path
+    from examples.mnist import serving as ex
+
+    assert protect(mnist_mar, ex.DETECTOR, str(tmp_path / "e.mar"))["distribution"] == \
+        "on at every input size (the reference describes the served path)"
 
 
 def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, capsys, monkeypatch):
@@ -262,8 +268,14 @@ def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, c
     assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(out), "--calibrate", str(cal)]) == 0
     printed = capsys.readouterr().out
     assert "served calibration on 300 images" in printed and "held out" in printed
+    # the distribution reference is rebuilt on the same path (the artifact has one): the served size recorded
+    assert "distribution test: on, reference rebuilt on the served path (150 images, inputs 28x28" in printed
     manifest, files = read_archive(str(out))
     report = json.loads(files[f"{DETECTOR_DIR}/{CALIBRATION_FILE}"])
+    embedded = json.loads(files[f"{DETECTOR_DIR}/reference.json"])
+    assert (embedded["n"], embedded["input_sizes"], embedded["source"]) == (150, [[28, 28]], "served:cal")
+    r = report["distribution_reference"]
+    assert r["built_on"] == 150 and r["held_out_block"] == 150 and r["held_out_blocks_failed"] == 0, r
     assert (report["images"], report["calibrated_on"], report["held_out"]) == (300, 150, 150)
     assert report["flagged_share_calibration_after"] <= report["target_fpr"]
     artifact = read_spec(ex.DETECTOR)
@@ -280,10 +292,19 @@ def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, c
     with archive_handler(manifest, files) as worker:  # the protected archive loaded as a worker loads it
         served = worker.guard.guardian.detector
         assert dict(zip(served.names, served.thresholds.tolist())) == pytest.approx(report["thresholds_after"])
+        test = worker.guard.guardian.distribution
+        assert test is not None and not test.off and test.reference.input_sizes == [[28, 28]]
     with archive_handler(*read_archive(mnist_mar)) as handler:  # the guarded handler's inner preprocess
         x = torch.cat([handler.preprocess([{"body": b}]) for b in bodies[0::2]])
-    flagged, _ = det.flag(det.to_pixels(x))
+        probs = torch.softmax(handler.inference(x), 1)
+    flagged, scores = det.flag(det.to_pixels(x))
     assert float(flagged.float().mean()) == pytest.approx(report["flagged_share_calibration_after"])
+    # the reference is what the worker's guard sees on the calibration half, at the new thresholds
+    from guardian_plugin.distribution import build_reference
+    again = build_reference(probs, scores, det.thresholds)
+    assert again.conf_edges == pytest.approx(embedded["conf_edges"], abs=1e-5)
+    assert again.margin_edges == pytest.approx(embedded["margin_edges"], abs=1e-5)
+    assert again.probs == pytest.approx(embedded["probs"])
     assert read_spec(ex.DETECTOR) == artifact
 
     few = tmp_path / "few"

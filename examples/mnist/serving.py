@@ -51,6 +51,51 @@ def generator_images(n: int, seed: int = 0, bn_eval: bool = False) -> list:
     return [png(a[i, 0]) for i in range(n)]
 
 
+PAD_PLACES = ("top_left", "bottom_right", "center")
+
+
+def pad_to(a: np.ndarray, size: int, where: str = "top_left") -> np.ndarray:
+    """``a`` (uint8, ... x 28 x 28) padded with background (0) to ``size`` x ``size`` on its last two axes:
+    the extra rows and columns before the digit (``top_left``), after it, or split (``center``, the odd one
+    after). What a client of the MNIST example sending 29-31 px images sends (the victim takes 28-31 px)."""
+    if where not in PAD_PLACES:
+        raise ValueError(f"where must be one of {PAD_PLACES}, not {where!r}")
+    k = size - a.shape[-1]
+    before = {"top_left": k, "bottom_right": 0, "center": k // 2}[where]
+    return np.pad(a, [(0, 0)] * (a.ndim - 2) + [(before, k - before)] * 2)
+
+
+def padded_png(png_bytes: bytes, size: int, where: str = "top_left") -> bytes:
+    """A grayscale PNG request body padded to ``size`` x ``size`` (pad_to)."""
+    return png(pad_to(np.array(Image.open(io.BytesIO(png_bytes)).convert("L")), size, where))
+
+
+def as_input(a: np.ndarray) -> torch.Tensor:
+    """uint8 digits (N, H, W) -> the victim's normalised input (N, 1, H, W), as its handler makes it."""
+    x = torch.from_numpy(np.ascontiguousarray(a)).float().div(255.0)[:, None]
+    return (x - MNIST_MEAN[0]) / MNIST_STD[0]
+
+
+def decode_pngs(bodies) -> np.ndarray:
+    """Grayscale PNG request bodies -> uint8 (N, H, W)."""
+    return np.stack([np.array(Image.open(io.BytesIO(b)).convert("L")) for b in bodies])
+
+
+def stream(guardian, victim, x: torch.Tensor, client: str, batch: int = 10):
+    """One client sending ``x`` (victim inputs) ``batch`` rows a request through ``guardian`` in process,
+    as the evaluation harness does (attacks.target.EvalTarget: admission, inference, inspection), until
+    refused or done. Returns the target: ``refused_at``, ``flagged`` (per-sample detector), answers."""
+    from guardian_plugin.attacks.target import EvalTarget, QueryRefused
+
+    t = EvalTarget(victim, 10, guardian, client_id=client)
+    for i in range(0, len(x), batch):
+        try:
+            t.query(x[i:i + batch])
+        except QueryRefused:
+            break
+    return t
+
+
 def to_rgb(png_bytes: bytes) -> bytes:
     """A 28 px grayscale digit as the 256 px RGB image an ImageNet-style client sends (padded to 32 px,
     scaled 8x): ImageClassifier's Resize(256) + CenterCrop(224) then shows the model the 28 px digit,

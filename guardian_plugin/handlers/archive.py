@@ -14,6 +14,7 @@ archive and writes the guard settings beside it. No code of the original archive
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import zipfile
@@ -222,21 +223,39 @@ def _with_input_fit(spec, detector_files: Dict[str, bytes], input_fit: str):
 
 
 def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: str, spec,
-                       detector_files: Dict[str, bytes], image_dir: str) -> Tuple[Dict[str, bytes], dict]:
+                       detector_files: Dict[str, bytes], image_dir: str, output: str = "auto",
+                       reference_block: Optional[int] = None) -> Tuple[Dict[str, bytes], dict]:
     """(detector files with new thresholds, report): guardian_plugin.recalibrate on the archive's own
     preprocess (``preprocess([{"body": bytes}])``, as a worker calls it) and the artifact as embedded
     (``spec``'s input fit), exactly what the guard scores; the report is embedded beside detector.yaml.
-    The thresholds may move either way, and higher ones flag fewer attack queries too."""
+    The thresholds may move either way, and higher ones flag fewer attack queries too.
+
+    ``reference_block`` (the guard's distribution.block; None: no reference): the distribution test's
+    reference is rebuilt on the same path, with the archive's own inference giving the probabilities as
+    a worker's guard sees them (``output``), and replaces the embedded reference.json: it then
+    describes the served inputs (their size recorded), and matches the new thresholds."""
+    from guardian_plugin.handlers.guard import output_kind, to_probabilities
     from guardian_plugin.recalibrate import (CALIBRATION_FILE, check_count, image_files, load_fitted, recalibrate,
-                                             served_scores, set_thresholds)
+                                             served_features, served_reference, set_thresholds)
 
     images = image_files(image_dir)
     check_count(images, float(spec.target_fpr), image_dir)
     detector = load_fitted(detector_dir, spec.input.fit)
     with archive_handler(manifest, files) as handler:
-        scores = served_scores(detector, lambda body: handler.preprocess([{"body": body}]), images)
+        def infer(x):
+            out = handler.inference(x)
+            return to_probabilities(out, output_kind(out, output))
+
+        scores, probs, sizes = served_features(detector, lambda body: handler.preprocess([{"body": body}]), images,
+                                               infer=infer if reference_block else None)
     thresholds, report = recalibrate(detector, scores, float(spec.target_fpr), image_dir=os.path.abspath(image_dir))
     out = _edit_detector_yaml(detector_files, lambda raw: set_thresholds(raw, thresholds))
+    if reference_block:
+        from guardian_plugin.distribution import REFERENCE_FILE
+
+        ref, report["distribution_reference"] = served_reference(
+            scores, probs, thresholds, sizes, reference_block, f"served:{os.path.basename(os.path.abspath(image_dir))}")
+        out[f"{DETECTOR_DIR}/{REFERENCE_FILE}"] = (json.dumps(dataclasses.asdict(ref), indent=1) + "\n").encode()
     out[f"{DETECTOR_DIR}/{CALIBRATION_FILE}"] = (json.dumps(report, indent=1) + "\n").encode()
     return out, report
 
@@ -297,7 +316,8 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
     calibration = None
     if calibrate:
         detector_files, calibration = served_calibration(manifest, files, detector_dir, spec, detector_files,
-                                                          calibrate)
+                                                          calibrate, output, _reference_block(cfg, detector_dir))
+    distribution = _distribution_summary(cfg, detector_dir, spec, model, calibration)
     settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
     settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive
     if max_image_pixels:
@@ -306,4 +326,40 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
     return {"archive": out_mar, "model": new["model"].get("modelName"), "handler": GUARDED_HANDLER,
             "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace, "input_fit": spec.input.fit,
             "fit": model.describe() if model else "not probed", "mismatch": problems, "label_only": label_only,
-            "calibration": calibration}
+            "calibration": calibration, "distribution": distribution}
+
+
+def _reference_block(cfg, detector_dir: str) -> Optional[int]:
+    """The block size to rebuild the distribution reference on the served path with (protect --calibrate):
+    the guard's, when the test can be on (the artifact has reference.json, or ``enabled: true``); else None."""
+    from guardian_plugin.distribution import REFERENCE_FILE
+
+    d = cfg.distribution
+    if d.enabled is False or (d.enabled == "auto" and not os.path.exists(os.path.join(detector_dir, REFERENCE_FILE))):
+        return None
+    return d.block
+
+
+def _distribution_summary(cfg, detector_dir: str, spec, model, calibration) -> str:
+    """One line: whether the distribution test will apply on this archive's served path (what each worker
+    decides at load, Guardian.served_path, from the same probe)."""
+    from guardian_plugin.distribution import DistributionTest, load_reference
+
+    if cfg.distribution.enabled is False:
+        return "off (distribution.enabled: false)"
+    if calibration is not None and "distribution_reference" in calibration:
+        r = calibration["distribution_reference"]
+        return (f"on, reference rebuilt on the served path ({r['built_on']} images, inputs "
+                f"{', '.join('x'.join(map(str, v)) for v in r['input_sizes'])}; held-out blocks failed: "
+                f"{r['held_out_blocks_failed']} of {len(r['held_out_block_kl'])})")
+    ref = load_reference(detector_dir)
+    if ref is None:
+        return "off (the detector artifact has no reference.json)"
+    if model is None:
+        return "on (the served path was not probed)"
+    why = DistributionTest(ref).mismatch(model.height, model.width, spec.image.size)
+    if not why:
+        return "on at every input size (the reference describes the served path)"
+    if cfg.distribution.enabled is True:
+        return f"on (enabled: true) although {why}"
+    return f"off (enabled: auto): {why}"

@@ -19,6 +19,7 @@ def _protect(args) -> int:
         from guardian_plugin.recalibrate import summary
 
         print(summary(s["calibration"], "the archive's own preprocess"))
+    print(f"distribution test: {s['distribution']}")
     if s["label_only"]:
         print(f"WARNING: {s['label_only']}", file=sys.stderr)
     return 0
@@ -63,7 +64,9 @@ def register(subparsers) -> None:
                         "(files as clients send them; at least 2/target FPR, e.g. 200 at 1%%) through the "
                         "archive's own preprocess and the input fit, at the artifact's target FPR, every other "
                         "image held out to report the benign flagged share before and after; for a handler whose "
-                        "resizing differs from the detector's training images (docs/torchserve.md)")
+                        "resizing differs from the detector's training images (docs/torchserve.md); the "
+                        "distribution test's reference (when the artifact has one) is rebuilt on the same path "
+                        "with the archive's own inference, so the test applies behind a resizing handler too")
     p.set_defaults(func=_protect)
 
     from guardian_plugin.handlers.files import FILES

@@ -398,6 +398,8 @@ def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
              cfg.namespace, guardian.ledger.rule.tau, guardian.ledger.rule.rho)
     from guardian_plugin.fit import verify_handler_fit  # the detector fits the model, or the worker fails to load
     model = verify_handler_fit(inner, guardian.detector, cfg)
+    if model is not None:  # the probe's input size: does the distribution reference describe this path?
+        guardian.served_path(model.height, model.width)
     limit, shape = None, ""
     if model is not None and settings.max_input_ratio > 0:
         limit = int(settings.max_input_ratio * model.channels * model.height * model.width)
