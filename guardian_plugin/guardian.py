@@ -43,8 +43,8 @@ from guardian_plugin.detector import Detector, load_detector
 from guardian_plugin.distribution import DistributionTest, load_reference
 from guardian_plugin.errors import ConfigError, LedgerUnavailable
 from guardian_plugin.identity import Identity, IdentityError
-from guardian_plugin.request_headers import identity_headers, identity_names
 from guardian_plugin.ledger import Ledger, RefusalRule, open_ledger
+from guardian_plugin.request_headers import identity_headers, identity_names
 from guardian_plugin.responses import (BLOCKED, REFUSED, UNAVAILABLE, Admission, Denial, build_policy, dpreds,
                                        label_only, quota_exceeded)
 

@@ -27,8 +27,8 @@ from guardian_plugin.identity import IdentityError
 TORCHSERVE_OWN_HEADERS = frozenset({"ts_request_sequence_id", "ts_request_sequence_start", "ts_request_sequence_end"})
 
 
-def _text(v) -> str:
-    return v.decode("latin-1") if isinstance(v, (bytes, bytearray)) else str(v)
+def _text(v, encoding: str = "latin-1") -> str:
+    return v.decode(encoding, "replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
 def real_headers(headers) -> List[Tuple[str, str]]:
@@ -38,7 +38,7 @@ def real_headers(headers) -> List[Tuple[str, str]]:
     if headers is None:
         return []
     items = headers.items() if hasattr(headers, "items") else headers
-    return [(_text(k), _text(v)) for k, v in items if isinstance(v, (str, bytes, bytearray))]
+    return [(_text(k), _text(v, "utf-8")) for k, v in items if isinstance(v, (str, bytes, bytearray))]
 
 
 def identity_names(cfg) -> List[str]:

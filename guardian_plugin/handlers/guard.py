@@ -66,7 +66,7 @@ RequestError = InputError  # one request's 400, with its Denial
 GRPC_NOT_SERVED = "GrpcNotServed"
 
 
-def no_headers_denial(identity_names: str) -> Denial:
+def no_headers_denial(names: str) -> Denial:
     """The answer to a request that reaches the worker without any real header: a gRPC call. TorchServe
     0.12 passes no gRPC metadata to the worker (its grpcimpl.InferenceImpl turns the input map into
     parameters and adds no header), so a gRPC client cannot be identified, refused or counted, and every
@@ -78,7 +78,7 @@ def no_headers_denial(identity_names: str) -> Denial:
                   "this guarded model answers HTTP requests only: this request reached it without any header, as "
                   "every gRPC call does (TorchServe does not pass gRPC metadata to the model), so its client cannot "
                   "be identified; send it to the HTTP inference API (POST /predictions/<model>) with the header "
-                  f"{identity_names}")
+                  f"{names}")
 
 
 # ---------------------------------------------------------------------------------- input checks
