@@ -47,6 +47,7 @@ from guardian_plugin.distribution import DistributionTest, load_reference
 from guardian_plugin.errors import ConfigError, LedgerUnavailable
 from guardian_plugin.identity import Identity, IdentityError
 from guardian_plugin.ledger import Ledger, RefusalRule, open_ledger
+from guardian_plugin.request_headers import identity_headers, identity_names
 from guardian_plugin.responses import (BLOCKED, REFUSED, UNAVAILABLE, Admission, Denial, build_policy, dpreds,
                                        label_only, quota_exceeded)
 
@@ -160,12 +161,15 @@ class Guardian:
         return self.admit_batch([headers])[0]
 
     def admit_batch(self, headers: Sequence[Mapping | None]) -> List[Admission]:
-        """``admit`` for a batch of requests: one ledger call for all its clients."""
+        """``admit`` for a batch of requests: one ledger call for all its clients. Only real headers
+        (str or bytes values) count, and an identity header sent twice with different values is a 400
+        (guardian_plugin.request_headers)."""
         out: List[Optional[Admission]] = []
         ids: List[Optional[str]] = []
+        names = identity_names(self.identity.cfg)
         for h in headers:
             try:
-                ids.append(self.identity.client_id(h))
+                ids.append(self.identity.client_id(identity_headers(h, names)))
                 out.append(None)
             except IdentityError as e:
                 ids.append(None)

@@ -124,3 +124,69 @@ def refused_within(send, revoke, delay_s: float, margin_s: float = 1.0, after: i
     print(f"refused_within: the revoked key was last served {last_served:.2f} s after its revocation "
           f"(allowed: {delay_s} + {margin_s} s)")
     return last_served
+
+
+def torchserve_grpc(port: int, out_dir: str):
+    """``(stub, pb2)``: a client of TorchServe's gRPC inference API on 127.0.0.1:``port``, made the way
+    TorchServe's docs make it (``grpc_tools.protoc`` on inference.proto), from the protos inside the
+    installed frontend jar (inference.proto imports google/rpc/status.proto, shipped there too). Needs
+    the test extra's grpcio and grpcio-tools."""
+    import glob
+    import importlib
+    import os
+    import sys
+    import zipfile
+
+    import grpc
+    from grpc_tools import protoc
+
+    import ts
+
+    jar = glob.glob(os.path.join(os.path.dirname(ts.__file__), "frontend", "model-server.jar"))[0]
+    src = os.path.join(out_dir, "proto")
+    with zipfile.ZipFile(jar) as z:
+        for name in ("inference.proto", "google/rpc/status.proto"):
+            z.extract(name, src)
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    rc = protoc.main(["protoc", f"-I{src}", f"-I{include}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+                      "inference.proto", "google/rpc/status.proto"])
+    if rc != 0:
+        raise RuntimeError(f"grpc_tools.protoc failed on TorchServe's inference.proto ({rc})")
+    if out_dir not in sys.path:
+        sys.path.insert(0, out_dir)
+    importlib.invalidate_caches()
+    import google.rpc  # noqa: F401 - the namespace package now includes out_dir/google/rpc
+
+    pb2 = importlib.import_module("inference_pb2")
+    pb2_grpc = importlib.import_module("inference_pb2_grpc")
+    return pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}")), pb2
+
+
+IDENTITY_HEADERS = ("X-Client-Id", "X-Gateway-Secret", "X-Api-Key")
+LETTER_CASES = (str.lower, str.upper, lambda s: s, str.swapcase)  # x-client-id X-CLIENT-ID X-Client-Id x-cLIENT-iD
+
+
+def spoofing_parts(value: str):
+    """Multipart parts ``(name, content, content type)`` named like each identity header in every letter
+    case, with ``value`` both as content and as content type (TorchServe's worker shows a part in its
+    header map as ``{"content-type": ...}``)."""
+    return [(case(h), value.encode(), value) for h in IDENTITY_HEADERS for case in LETTER_CASES]
+
+
+def post_exact_headers(url: str, headers, body: bytes):
+    """``(status, text)`` of a POST to ``url`` sending ``headers`` ([(name, value), ...]) exactly as
+    given, plus Content-Length (requests would merge names that differ only in case)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    try:
+        c.putrequest("POST", u.path)
+        for k, v in list(headers) + [("Content-Length", str(len(body)))]:
+            c.putheader(k, v)
+        c.endheaders(body)
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()

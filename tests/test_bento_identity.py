@@ -22,6 +22,7 @@ requests = pytest.importorskip("requests")
 
 from guardian_plugin.devserver.bentoml import BentoServer  # noqa: E402
 from guardian_plugin.devserver.redis import RedisServer  # noqa: E402
+from serving_fixtures import post_exact_headers, spoofing_parts  # noqa: E402
 
 SERVICE = "bento.service:MNISTGuarded"
 KEY_SECRET = "bento-test-key-secret-0123456789"
@@ -59,13 +60,15 @@ def issue(redis_srv, owner, client_id=None) -> str:
         store.close()
 
 
-def _post(url, path, field, img, key=None, headers=None):
+def _post(url, path, field, img, key=None, headers=None, parts=()):
+    """``parts``: more multipart parts ((name, content, content type), ...) after the image."""
     from bento.client import png
 
     h = dict(headers or {})
     if key is not None:
         h["X-Api-Key"] = key
-    return requests.post(url + path, files=[(field, ("d.png", png(img), "image/png"))], headers=h, timeout=120)
+    files = [(field, ("d.png", png(img), "image/png"))] + [(n, (None, v, ct)) for n, v, ct in parts]
+    return requests.post(url + path, files=files, headers=h, timeout=120)
 
 
 def test_api_keys_cannot_be_spoofed(stack):
@@ -136,6 +139,34 @@ def test_anonymous_attacker_cannot_lock_out_anonymous_users(stack):
         assert r.status_code == 200 and len(r.json()) == 10
 
 
+def test_parts_named_like_identity_headers_are_never_the_api_key(stack):
+    """BentoML reads identity from starlette's request.headers, which holds the real headers only: a
+    multipart part named like X-Api-Key (or X-Client-Id, X-Gateway-Secret), in any letter case, is body
+    content (answered 400 BadMultipart: not an input of the API) and never an identity; the request is
+    admitted, counted, or refused as its real header says."""
+    from bento.client import real_digits
+
+    from guardian_plugin.ledger import open_ledger
+
+    srv, redis_srv = stack
+    led = open_ledger(redis_srv.url, namespace="mnist")
+    img = real_digits(1)[0][0]
+    mallory = issue(redis_srv, "mallory's second key", "mallory")  # the client refused above
+    fresh, carol = issue(redis_srv, "fresh", "fresh"), issue(redis_srv, "carol", "carol")
+    assert _post(srv.url, "/classify", "image", img, key=mallory).status_code == 403
+    r = _post(srv.url, "/classify", "image", img, key=mallory, parts=spoofing_parts(fresh))
+    assert r.status_code == 403 and r.json()["type"] == "ClientRefused", r.text
+    for path, field in (("/classify", "image"), ("/classify_batch", "images")):
+        r = _post(srv.url, path, field, img, key=carol, parts=spoofing_parts(fresh))
+        assert r.status_code == 400 and r.json()["type"] == "BadMultipart", r.text
+        r = _post(srv.url, path, field, img, parts=spoofing_parts(fresh))  # anonymous, not fresh's client
+        assert r.status_code == 400 and r.json()["type"] == "BadMultipart", r.text
+    assert led.get("key:carol").period_queries == 2  # each admission reserved one query
+    assert not led.get("key:fresh").known
+    status, body = post_exact_headers(srv.url + "/classify", [("X-Api-Key", carol), ("x-api-key", fresh)], b"")
+    assert status == 400 and "AmbiguousIdentity" in body, body
+
+
 def test_store_down_is_503_with_the_guards_body_then_served_again(stack):
     from bento.client import real_digits
 
@@ -164,3 +195,63 @@ def test_store_down_is_503_with_the_guards_body_then_served_again(stack):
         if ok == 0:
             time.sleep(0.5)
     assert ok >= 8, "the service did not recover after the store came back"
+
+
+# ------------------------------------------------------------- a trusted gateway, identity required
+GATEWAY_SECRET = "bento-gateway-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bento_gateway")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tmp / "guard.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "detector": os.path.join(root, "examples", "mnist", "artifacts", "detector"),
+        "ledger": f"sqlite:///{tmp}/ledger.db", "namespace": "mnist",
+        "identity": {"headers": ["X-Client-Id"], "trusted_proxy": {"secret_header": "X-Gateway-Secret"},
+                     "missing": "reject"}}))
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GUARDIAN_TORCH_THREADS": "1",
+                "BENTOML_HOME": str(tmp / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
+                "GUARDIAN_CONFIG": str(cfg), "GUARDIAN_GATEWAY_SECRET": GATEWAY_SECRET})
+    env.pop("GUARDIAN_LEDGER", None)
+    srv = BentoServer(SERVICE, env, str(tmp / "serve.log"))
+    yield srv, f"sqlite:///{tmp}/ledger.db"
+    srv.stop()
+
+
+def test_parts_never_stand_in_for_the_gateway_secret_or_the_client_id(gateway):
+    """`trusted_proxy` with `missing: reject`: parts named like X-Gateway-Secret (holding the secret),
+    X-Client-Id or X-Api-Key in every letter case never make a request trusted, never give it an id,
+    never free a refused client; counts go to the real header's id only."""
+    from bento.client import real_digits, synthetic_digits
+
+    from guardian_plugin.ledger import open_ledger
+
+    srv, ledger = gateway
+    img = real_digits(1)[0][0]
+    trusted = {"X-Gateway-Secret": GATEWAY_SECRET}
+    for p in spoofing_parts(GATEWAY_SECRET):
+        r = _post(srv.url, "/classify", "image", img, headers={"X-Client-Id": "gw-alice"}, parts=[p])
+        assert r.status_code == 401 and r.json()["type"] == "UntrustedGateway", (p, r.text)
+        r = _post(srv.url, "/classify", "image", img, headers=trusted, parts=[p])
+        assert r.status_code == 401 and r.json()["type"] == "MissingIdentity", (p, r.text)
+    r = _post(srv.url, "/classify", "image", img, headers={**trusted, "X-Client-Id": "gw-alice"},
+              parts=spoofing_parts("gw-mallory"))
+    assert r.status_code == 400 and r.json()["type"] == "BadMultipart", r.text
+    assert _post(srv.url, "/classify", "image", img, headers={**trusted, "X-Client-Id": "gw-alice"}).status_code == 200
+    codes = [_post(srv.url, "/classify", "image", a, headers={**trusted, "X-Client-Id": "gw-attacker"}).status_code
+             for a in synthetic_digits(2 * TAU, seed=5)]
+    assert codes[-1] == 403, codes
+    r = _post(srv.url, "/classify", "image", img, headers={**trusted, "X-Client-Id": "gw-attacker"},
+              parts=spoofing_parts("gw-fresh"))
+    assert r.status_code == 403 and r.json()["type"] == "ClientRefused", r.text
+    led = open_ledger(ledger, namespace="mnist")
+    alice = led.get("gw-alice")
+    assert (alice.queries, alice.period_queries) == (1, 2)  # answered once; the 400 reserved one too
+    assert not led.get("gw-mallory").known and not led.get("gw-fresh").known and led.get("gw-attacker").refused
+    for dup in ([("X-Client-Id", "gw-a"), ("x-client-id", "gw-b")],
+                [("X-Client-Id", "gw-a"), ("x-gateway-secret", "wrong-secret-0123456789")]):
+        status, body = post_exact_headers(srv.url + "/classify", dup + [("X-Gateway-Secret", GATEWAY_SECRET)], b"")
+        assert status == 400 and "AmbiguousIdentity" in body, (dup, body)

@@ -50,7 +50,7 @@ class TorchServe:
         self.env = dict(env or {})
         self.extra_config = dict(extra_config or {})
         self.proc: Optional[subprocess.Popen] = None
-        self.inference_port = self.management_port = self.metrics_port = None
+        self.inference_port = self.management_port = self.metrics_port = self.grpc_inference_port = None
 
     # ------------------------------------------------------------------------------- lifecycle
     @property
@@ -70,6 +70,7 @@ class TorchServe:
         tmp = os.path.join(self.workdir, "tmp")
         os.makedirs(tmp, exist_ok=True)
         self.inference_port, self.management_port, self.metrics_port, grpc_inf, grpc_mgmt = free_ports(5)
+        self.grpc_inference_port = grpc_inf
         conf = {
             "inference_address": f"http://127.0.0.1:{self.inference_port}",
             "management_address": f"http://127.0.0.1:{self.management_port}",

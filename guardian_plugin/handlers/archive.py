@@ -82,6 +82,28 @@ def model_config(manifest: dict, files: Dict[str, bytes]) -> Tuple[str, dict]:
     return name, cfg
 
 
+# the printed config.properties line's batch settings where the archive's model-config.yaml sets none
+DEFAULT_BATCH = {"batchSize": 8, "maxBatchDelay": 50, "responseTimeout": 120}
+BATCH_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+
+
+def models_entry(manifest: dict, files: Dict[str, bytes], mar_file: str) -> Tuple[str, str]:
+    """(``--models`` argument, ``models=`` line of config.properties) that serve the archive ``mar_file``
+    under its own model name with batching. TorchServe 0.12 reads a model's batch size, batch delay and
+    workers at start only from a ``models=`` entry keyed by the name the model is served under (the
+    ``NAME=`` of ``--models``, or the archive's model name when there is none) and by its version: an
+    entry under any other key, the .mar's file name say, is silently ignored and the model runs with
+    batch size 1 (checked against a real TorchServe 0.12). The settings are those of the archive's
+    model-config.yaml where it sets them (workers too), else DEFAULT_BATCH (workers: TorchServe's
+    default_workers_per_model)."""
+    name = manifest["model"].get("modelName") or os.path.splitext(os.path.basename(mar_file))[0]
+    version = str(manifest["model"].get("modelVersion") or "1.0")
+    cfg = model_config(manifest, files)[1]
+    settings = {"defaultVersion": True, "marName": os.path.basename(mar_file)}
+    settings.update({k: cfg[k] if k in cfg else DEFAULT_BATCH[k] for k in BATCH_KEYS if k in cfg or k in DEFAULT_BATCH})
+    return f"{name}={os.path.basename(mar_file)}", "models=" + json.dumps({name: {version: settings}})
+
+
 def rewrite_archive(in_mar: str, out_mar: str, handler: Optional[str] = None, handler_config: Optional[dict] = None,
                     extra_files: Optional[Dict[str, bytes]] = None) -> dict:
     """Copy an archive, switching its handler, merging keys into model-config's ``handler:`` section and
@@ -323,7 +345,9 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
     if max_image_pixels:
         settings["max_image_pixels"] = int(max_image_pixels)
     new = rewrite_archive(in_mar, out_mar, GUARDED_HANDLER, {"guardian": settings}, detector_files)
+    load, models_line = models_entry(new, files, out_mar)
     return {"archive": out_mar, "model": new["model"].get("modelName"), "handler": GUARDED_HANDLER,
+            "models_arg": load, "models_line": models_line,
             "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace, "input_fit": spec.input.fit,
             "fit": model.describe() if model else "not probed", "mismatch": problems, "label_only": label_only,
             "calibration": calibration, "distribution": distribution}

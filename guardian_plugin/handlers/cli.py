@@ -15,6 +15,15 @@ def _protect(args) -> int:
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
           f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
           f"{s['fit']}; detector input fit {s['input_fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
+    print(f"to serve it with batching, start TorchServe with `--models {s['models_arg']}` and put this line in its "
+          "config.properties (edit the numbers; the key must be the model name it is served under, "
+          f"{s['model']!r}: TorchServe silently ignores an entry under any other name, the file name say, and "
+          "then runs the model with batch size 1):")
+    print(s["models_line"])
+    print("gRPC: TorchServe passes no gRPC metadata to the model, so the guarded model answers every gRPC "
+          "prediction with the error GrpcNotServed; TorchServe 0.12 cannot turn its gRPC ports off: keep "
+          "grpc_inference_address and grpc_management_address at 127.0.0.1 (the default) in config.properties and "
+          "expose only the HTTP inference port (docs/torchserve.md, gRPC)")
     if s["calibration"]:
         from guardian_plugin.recalibrate import summary
 

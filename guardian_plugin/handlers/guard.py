@@ -51,7 +51,8 @@ import torch
 from guardian_plugin.errors import LedgerUnavailable
 from guardian_plugin.guardian import Guardian
 from guardian_plugin.inputs import DEFAULT_MAX_PIXELS, InputError, decode_error, image_size
-from guardian_plugin.responses import UNAVAILABLE, Denial, LabelOnlyResponse
+from guardian_plugin.request_headers import has_client_headers, real_headers
+from guardian_plugin.responses import UNAVAILABLE, Admission, Denial, LabelOnlyResponse
 
 log = logging.getLogger("guardian_plugin.handlers")
 
@@ -61,6 +62,23 @@ GAUGE_INTERVAL_S = 1.0  # GuardianGuardTime: at most one line per worker per sec
 
 RequestError = InputError  # one request's 400, with its Denial
 
+
+GRPC_NOT_SERVED = "GrpcNotServed"
+
+
+def no_headers_denial(names: str) -> Denial:
+    """The answer to a request that reaches the worker without any real header: a gRPC call. TorchServe
+    0.12 passes no gRPC metadata to the worker (its grpcimpl.InferenceImpl turns the input map into
+    parameters and adds no header), so a gRPC client cannot be identified, refused or counted, and every
+    gRPC prediction of a guarded archive gets this (inside gRPC status OK: the frontend does not pass one
+    request's status to gRPC). An HTTP request always has headers: the frontend adds ``explain`` and
+    ``url_path`` to every prediction request, and Netty ``content-length``, even when the client sent
+    none, so it gets the HTTP identity rules (401, or anonymous)."""
+    return Denial(400, GRPC_NOT_SERVED,
+                  "this guarded model answers HTTP requests only: this request reached it without any header, as "
+                  "every gRPC call does (TorchServe does not pass gRPC metadata to the model), so its client cannot "
+                  "be identified; send it to the HTTP inference API (POST /predictions/<model>) with the header "
+                  f"{names}")
 
 
 # ---------------------------------------------------------------------------------- input checks
@@ -216,10 +234,25 @@ class HandlerGuard:
 
     # -- helpers
     def _headers(self, context, i: int) -> dict:
+        """Request ``i``'s real headers as TorchServe passed them, the client's casing kept. The worker's
+        map also holds the request's multipart part names and gRPC input keys, with dict values
+        ({"content-type": ...}): those are body content the client chose, never headers, and are left
+        out (a part named X-Client-Id must not set the identity)."""
         try:
-            return context.get_all_request_header(i) or {}
+            raw = context.get_all_request_header(i) or {}
         except (IndexError, AttributeError, TypeError):
             return {}
+        return dict(real_headers(raw))
+
+    def _admit(self, headers: List[dict]) -> list:
+        """Guardian.admit_batch for the requests that came with headers; one without any header (a gRPC
+        call) is refused: its client cannot be identified (no_headers_denial)."""
+        grpc = Admission(denial=no_headers_denial(self.guardian.identity.names()))
+        admissions: List[Optional[Admission]] = [None if has_client_headers(h) else grpc for h in headers]
+        rows = [i for i, a in enumerate(admissions) if a is None]
+        for i, a in zip(rows, self.guardian.admit_batch([headers[i] for i in rows]) if rows else []):
+            admissions[i] = a
+        return admissions
 
     def _check_row(self, x: torch.Tensor) -> Optional[RequestError]:
         if self.max_input_elements is not None and x.numel() > self.max_input_elements:
@@ -298,7 +331,7 @@ class HandlerGuard:
         n = len(data)
         responses: List[object] = [None] * n
         errors: Dict[int, Denial] = {}
-        admissions = self.guardian.admit_batch([self._headers(context, i) for i in range(n)])
+        admissions = self._admit([self._headers(context, i) for i in range(n)])
         for i, a in enumerate(admissions):
             if not a.ok:
                 errors[i] = a.denial
@@ -354,6 +387,10 @@ class HandlerGuard:
             context.set_response_content_type(i, "application/json")
             for k, v in d.headers().items():
                 context.set_response_header(i, k, v)
+            if d.kind == GRPC_NOT_SERVED:
+                # a gRPC StreamPredictions call: end its stream with this answer (without the header the
+                # frontend's GRPCJob throws a NullPointerException and restarts the worker)
+                context.set_response_header(i, "ts_stream_next", "false")
         statuses = [d.status for d in errors.values()]
         self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
                       (time.perf_counter() - t_start) * 1000.0, statuses.count(429))
