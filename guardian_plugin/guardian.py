@@ -66,6 +66,7 @@ class InspectResult:
     deceived: List[bool] = field(default_factory=list)  # rows whose answer differs from the model's
     detected: List[bool] = field(default_factory=list)  # rows the detector flagged (per-sample)
     probation: List[bool] = field(default_factory=list)  # rows answered with the probation response
+    pending: list = field(default_factory=list)  # inspect(record=False): the rows Guardian.commit records
 
     @property
     def flagged(self) -> List[bool]:
@@ -195,7 +196,7 @@ class Guardian:
             return Admission(client=st.client_id, denial=REFUSED)
         probation = self.probation is not None and st.queries - st.flagged < self.probation.queries
         suspect = self.distribution is not None and self.distribution.fails(st.dist_counts)
-        return Admission(client=st.client_id, probation=probation, suspect=suspect)
+        return Admission(client=st.client_id, probation=probation, suspect=suspect, holds=(r.hold,) if r.hold else ())
 
     def refused(self, client_ids: Sequence[str]) -> List[bool]:
         """Whether each row's client is refused now (Python use; adapters call ``admit``)."""
@@ -212,13 +213,16 @@ class Guardian:
         return self.detector.flag(pix)
 
     def inspect(self, inputs: torch.Tensor, probs: torch.Tensor, clients: Sequence[Client],
-                refused: Optional[Sequence[bool]] = None) -> InspectResult:
+                refused: Optional[Sequence[bool]] = None, record: bool = True) -> InspectResult:
         """Detection, the ledger update and the response policy for the answered rows of a batch.
 
         ``clients``: one Admission (from ``admit``) or plain client id per row. Rows of denied admissions
         (or, for plain ids, of clients refused before this batch) are neither scored nor counted. Plain
         ids carry no probation or distribution-test standing (use ``admit_clients`` for that).
-        Raises LedgerUnavailable when the store is down and ``ledger_failure`` is closed."""
+        Raises LedgerUnavailable when the store is down and ``ledger_failure`` is closed.
+
+        ``record=False``: the ledger is not written; the caller sends the answers' ledger update (and
+        commits the admissions' quota holds) with :meth:`commit` right before the answers leave."""
         t0 = time.perf_counter()
         b = probs.shape[0]
         if inputs.shape[0] != b or len(clients) != b:
@@ -240,7 +244,8 @@ class Guardian:
                     bins[i] = int(v)
         suspect = torch.tensor([adm[i].suspect and not denied[i] for i in range(b)], dtype=torch.bool)
         counted = flagged | suspect  # what the refusal rule sees
-        states = self._record([(adm[i].client, bool(counted[i]), bins[i]) for i in live])
+        answered = [(adm[i].client, bool(counted[i]), bins[i]) for i in live]
+        states = self._record(answered, holds_of(adm)) if record else {}
         deceive = counted | torch.tensor([adm[i].anonymous and not denied[i] for i in range(b)], dtype=torch.bool)
         out = self.policy(probs, deceive.to(probs.device))
         # every answer of a client on probation, flagged or not: DPreds can be inverted by an attacker who
@@ -257,7 +262,18 @@ class Guardian:
         self.counters["probation"] += int(on_probation.sum())
         self.counters["refused"] += b - len(live)
         return InspectResult(out, verdicts, scores, (time.perf_counter() - t0) * 1000.0, states,
-                             (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist())
+                             (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist(),
+                             [] if record else answered)
+
+    def commit(self, results: Sequence[InspectResult], admissions: Sequence[Admission]) -> dict:
+        """The ledger update of answers about to be sent: the rows of ``results`` (from
+        ``inspect(..., record=False)``) in one atomic update per client, and the quota holds of
+        ``admissions`` made final (docs/ledger.md). Call it after the answers are built, right before
+        they leave. Raises LedgerUnavailable like ``inspect``."""
+        states = self._record([r for res in results for r in res.pending], holds_of(admissions))
+        for res in results:
+            res.states = {c: states[c] for c, *_ in res.pending if c in states}
+        return states
 
     def _distribution_applies(self, inputs: torch.Tensor) -> bool:
         """Whether the distribution test's reference describes these inputs (see DistributionTest)."""
@@ -274,9 +290,9 @@ class Guardian:
                         size)
         return False
 
-    def _record(self, rows: Sequence[tuple]) -> dict:
+    def _record(self, rows: Sequence[tuple], holds: Sequence[tuple] = ()) -> dict:
         """One atomic ledger update per identified client of the answered rows: (client, counted as
-        flagged, distribution-test bin or None) per row."""
+        flagged, distribution-test bin or None) per row; commits the (client, hold token) ``holds``."""
         per_client: "OrderedDict[str, list]" = OrderedDict()
         nbins = self.distribution.reference.bins if self.distribution is not None else 0
         for cid, is_flagged, b in rows:
@@ -288,14 +304,20 @@ class Guardian:
             if b is not None:
                 q[2][b] += 1
         states = {}
-        if per_client:
+        if per_client or holds:
             updates = [(c, q, f, tuple(h)) if nbins else (c, q, f) for c, (q, f, h) in per_client.items()]
-            for st in self.ledger.record_many(updates):
+            for st in self.ledger.record_many(updates, commit=holds):
                 states[st.client_id] = st
                 if crossed(st, per_client[st.client_id][0]):
                     log.warning("guardian: client %r refused at query %d (flagged %d)", st.client_id,
                                 st.refused_at_query, st.flagged)
         return states
+
+
+def holds_of(admissions: Sequence[Admission]) -> List[tuple]:
+    """The (client, hold token) pairs of the admissions' quota holds, each once."""
+    return list(dict.fromkeys((a.client, h) for a in admissions if isinstance(a, Admission) and a.client
+                              for h in a.holds))
 
 
 def distribution_test(cfg: GuardConfig) -> Optional[DistributionTest]:

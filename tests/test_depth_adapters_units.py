@@ -203,6 +203,38 @@ def test_handler_answers_429_with_retry_after_and_counts_it(detectors):
     assert (ledger.get("a").queries, ledger.get("b").queries) == (3, 2)
 
 
+def test_handler_counts_a_batch_only_once_its_answers_are_built(detectors, monkeypatch):
+    """The ledger update comes after every postprocess: a worker that fails (here: its postprocess
+    raises, as a killed one never gets past it) before its answers are built leaves no query counted, and
+    its quota holds are released after their lease; a batch that is answered is counted and committed."""
+    clock = [1000.0]
+    for mod in ("base", "memory"):
+        monkeypatch.setattr(f"guardian_plugin.ledger.{mod}.now", lambda: clock[0])
+    ledger = MemoryLedger(RefusalRule(tau=1000, quota=5, quota_period_s=10**9, quota_lease_s=30))
+    inner = SoftHandler()
+    guard = g.HandlerGuard(inner, Guardian(load_detector(detectors["none"]), ledger))
+    bodies = [_png(a) for a in _digits(3)]
+    post = inner.postprocess
+
+    def dies(out):
+        raise SystemExit("worker killed")
+
+    inner.postprocess = dies
+    with pytest.raises(SystemExit):
+        _handle(guard, bodies, ["a", "a", "b"])
+    s = ledger.get("a")
+    assert (s.queries, s.period_queries) == (0, 2)  # held, not counted as answered
+    clock[0] += 31
+    assert (ledger.get("a").period_queries, ledger.get("b").period_queries) == (0, 0)  # lease over: released
+    inner.postprocess = post
+    out, ctx = _handle(guard, bodies + [b"not an image"], ["a", "a", "b", "a"])
+    assert ctx.status == {3: (400, "Bad Request")}, ctx.status
+    clock[0] += 31
+    s, b = ledger.get("a"), ledger.get("b")
+    # answered rows counted; the 400 left in the same response, so its grant is spent as documented
+    assert (s.queries, s.period_queries, b.queries, b.period_queries) == (2, 3, 1, 1)
+
+
 def test_handler_probation_answers_label_only_then_the_model(detectors):
     ledger = MemoryLedger(RefusalRule(tau=1000))
     guardian = Guardian(load_detector(detectors["none"]), ledger, probation=ProbationConfig(queries=3))

@@ -10,12 +10,14 @@ and postprocess::
     live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400); a row
                  with NaN/inf values, or larger than max_input_ratio x the model's probed input -> 400
                  inner.inference (a failing batch is retried row by row: a failing row -> 400)
-                 Guardian.inspect(preprocessed, probabilities, admissions): counts answered rows only
+                 Guardian.inspect(preprocessed, probabilities, admissions, record=False)
                  deceived rows' outputs replaced so that the inner postprocess yields DPreds(p) (flagged,
                  anonymous) or the top-1 label only (probation), in the unprotected ranking; for a
                  label-only archive with response.label_only: topk, flagged rows yield a label drawn from
                  the top k (label_only_response, probed at load)
                  inner.postprocess
+    the batch:   Guardian.commit: the ledger counts the answered rows and commits the batch's quota holds,
+                 after every postprocess, right before the answers are returned (store down -> 503)
 
 Every denial is answered with its own status and the JSON body ``{"code", "type", "message"}``
 (guardian_plugin.responses.Denial), the same as the BentoML adapter's; one bad row never changes the
@@ -310,6 +312,7 @@ class HandlerGuard:
 
         queries = flagged_n = 0
         guard_ms = 0.0
+        answered: List[Tuple[List[int], object]] = []  # (rows, inspect result) answered by the model
         if live:
             groups, pre_errors = self._preprocess(live, data)
             errors.update({i: e.denial for i, e in pre_errors.items()})
@@ -320,8 +323,8 @@ class HandlerGuard:
                         log.info("guardian: the handler's inference returns %s", kind)
                         self._kind_logged = kind
                     probs = to_probabilities(out, kind)
-                    try:
-                        res = self.guardian.inspect(gx, probs, [admissions[i] for i in gidx])
+                    try:  # the ledger is written by the commit below, once the answers are built
+                        res = self.guardian.inspect(gx, probs, [admissions[i] for i in gidx], record=False)
                     except LedgerUnavailable:
                         errors.update({i: UNAVAILABLE for i in gidx})
                         continue
@@ -340,9 +343,20 @@ class HandlerGuard:
                         raise TypeError("the guarded handler's postprocess must return one entry per request")
                     for i, p in zip(gidx, post):
                         responses[i] = p
-                    queries += len(gidx)
-                    flagged_n += sum(res.flagged)
-                    guard_ms += res.guard_ms
+                    answered.append((gidx, res))
+        # the ledger update, after every postprocess and right before the answers go back: a worker
+        # that dies before this point leaves no count (its quota holds lapse after their lease), one that
+        # dies after it and before TorchServe sends the answers does (docs/ledger.md)
+        try:
+            self.guardian.commit([res for _, res in answered], admissions)
+        except LedgerUnavailable:
+            for gidx, _ in answered:
+                errors.update({i: UNAVAILABLE for i in gidx})
+            answered = []
+        for gidx, res in answered:
+            queries += len(gidx)
+            flagged_n += sum(res.flagged)
+            guard_ms += res.guard_ms
 
         for i, d in errors.items():
             responses[i] = json.dumps(d.body())
