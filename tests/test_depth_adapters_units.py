@@ -364,6 +364,28 @@ def test_bento_quota_429_with_retry_after_counts_every_image(detectors, path, fi
         assert send("alice").status_code == 200
 
 
+def test_bento_grants_stay_spent_after_the_lease_for_answers_and_errors(detectors, monkeypatch):
+    """BentoML commits a request's quota holds with its answer (Guardian.inspect) or, for an error answer
+    (a 400 for an image that fails to decode), once that answer is sent; only a request that got no
+    answer at all (the worker died) has its grants released after the lease."""
+    from starlette.testclient import TestClient
+
+    clock = [1000.0]
+    for mod in ("base", "memory"):
+        monkeypatch.setattr(f"guardian_plugin.ledger.{mod}.now", lambda: clock[0])
+    ledger = MemoryLedger(RefusalRule(tau=1000, quota=5, quota_period_s=10**9, quota_lease_s=30))
+    svc = _service(detectors["none"], ledger, "holds")
+    with TestClient(svc.to_asgi()) as c:
+        assert c.post("/many", files=_files("images", _digits(2, 3)), headers={"X-Client-Id": "a"}).status_code == 200
+        bad = [("images", ("x.png", b"not an image", "image/png"))]
+        assert c.post("/many", files=bad, headers={"X-Client-Id": "a"}).status_code == 400
+        ledger.reserve_many([("a", 1)])  # a worker that died before answering: never committed
+        assert ledger.get("a").period_queries == 4
+        clock[0] += 31
+        s = ledger.get("a")
+        assert (s.queries, s.period_queries) == (2, 3), s
+
+
 def test_bento_probation_label_only_then_exact(detectors):
     from starlette.testclient import TestClient
 

@@ -205,7 +205,7 @@ def test_dist_blocks_roll_over_as_dist_push_says(quota_ledger):
 _ops = st.lists(
     st.one_of(
         st.tuples(st.just("reserve"), st.sampled_from("ab"), st.integers(0, 7), st.just(None)),
-        st.tuples(st.just("record"), st.sampled_from("ab"), st.integers(0, 6),
+        st.tuples(st.sampled_from(["record", "commit"]), st.sampled_from("ab"), st.integers(0, 6),
                   st.one_of(st.none(), st.lists(st.integers(0, 4), max_size=4))),
         st.tuples(st.sampled_from(["reset_quota", "reset", "block", "unblock"]), st.sampled_from("ab"),
                   st.just(0), st.just(None)),
@@ -226,14 +226,20 @@ def test_backends_agree_on_quotas_and_blocks(tmp_path_factory, ops, quota, fquot
                        dist_block=block)
     ns, tmp = fresh_namespace("qprop"), tmp_path_factory.mktemp("qprop")
     leds = {k: open_backend(k, rule, ns, tmp) for k in ("memory", "sqlite", "redis")}
+    holds = {k: {} for k in leds}  # each backend's last hold per client (commit: its answers are sent)
     try:
         for op, c, n, bins in ops:
             if op == "reserve":
-                got = {k: [(r.granted, r.retry_after is None) + _full(r.state) for r in led.reserve_many([(c, n)])]
-                       for k, led in leds.items()}
-            elif op == "record":
+                got = {}
+                for k, led in leds.items():
+                    r, = led.reserve_many([(c, n)])
+                    holds[k][c] = r.hold
+                    got[k] = [(r.granted, r.retry_after is None, r.hold is None) + _full(r.state)]
+            elif op in ("record", "commit"):
                 u = (c, n, n // 2) if bins is None else (c, n, n // 2, bins)
-                got = {k: [_full(s) for s in led.record_many([u])] for k, led in leds.items()}
+                got = {k: [_full(s) for s in led.record_many(
+                    [u], commit=[(c, holds[k].pop(c))] if op == "commit" and holds[k].get(c) else None)]
+                    for k, led in leds.items()}
             elif op in ("reset_quota", "reset"):
                 got = {k: (getattr(led, op)(c), _full(led.get(c)))[1:] for k, led in leds.items()}
             else:

@@ -89,6 +89,15 @@ class _Runtime:
         state[STATE_ADMISSION] = adm
         return adm
 
+    def answered_error(self, adm: Admission) -> None:
+        """An error answer (400 bad input, 500) of a request with granted queries has been sent: its
+        quota holds are committed, so the grants stay spent as for TorchServe's 400s (docs/ledger.md)."""
+        if adm.holds and adm.denial is None:
+            try:
+                self.guardian.commit([], [adm])
+            except LedgerUnavailable:  # not committed: the holds lapse after their lease
+                pass
+
     def _count_denial(self, adm: Admission) -> None:
         if adm.denial is not None:
             counter = {401: self.metrics.missing, 403: self.metrics.refused,
