@@ -11,6 +11,9 @@ server's clock); the rule is exactly SQLiteLedger's (see guardian_plugin.ledger.
                                             and the flagged ones recorded in it)
                                             dc, dp   (distribution test: the current and the last
                                             complete block's bin counts, "3,0,2")
+    <prefix>:{<namespace>}:h:<client id>   quota holds (base.Ledger.reserve_many): hold token ->
+                                            "period|granted|expires" (server time), until committed
+                                            (record_many's commit) or released after the lease
     <prefix>:{<namespace>}:w:<writer id>   last sequence number applied for one writer (see below)
 
 ``prefix`` defaults to ``guardian``; the namespace is percent-encoded, so namespaces never collide and
@@ -36,10 +39,10 @@ store is back. Writer keys expire after ``writer_ttl`` seconds (default 7 days) 
 Reservations carry (writer id, sequence number) too: the script leaves a receipt (the writer's last
 reservation: its sequence number, period and grants), so a resend of the same reservation (a retry
 after a connection error) grants nothing more and answers the recorded grants. One whose reply is lost
-raises LedgerUnavailable and grants nothing; the error carries ``release``: a callable that takes back
-what the server may have added to the period's counts (only while that period lasts; once, however
-often it runs), which the resilient wrapper runs when the store is back. Before, such a reservation
-counted against the client's quota until the period ended.
+raises LedgerUnavailable and grants nothing; the error carries ``release``: a callable that drops the
+holds the server may have made and takes their queries back from the period's counts (only while that
+period lasts; once, however often it runs), which the resilient wrapper runs when the store is back.
+The hold token of a reservation is its ``<writer id>.<seq>``; its lease is kept by the server's clock.
 
 redis-py is imported when a RedisLedger is made, so the package works without it.
 """

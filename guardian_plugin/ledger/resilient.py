@@ -18,7 +18,8 @@ store is down loses what only it held.
 
 In closed mode a batch whose update failed is answered 503, yet its queries did reach the model and
 were inspected, so they are counted as well once the store returns: the store then holds every query
-that passed the refusal check.
+that passed the refusal check. The quota holds such an update commits are kept with its counts and
+committed with them (a replay carries its own); holds whose lease ended meanwhile were released.
 
 Quotas (:meth:`Ledger.reserve_many`): while the store is up reservations go to it. While it is down,
 closed mode raises LedgerUnavailable (nothing is granted) and open mode grants every query asked for,
