@@ -263,11 +263,13 @@ class SQLiteLedger(Ledger):
         where, args = self._EXPIRED, (self.namespace, t)
         if client_id is not None:
             where, args = where + " AND client_id=?", args + (client_id,)
-        for c, period, granted in con.execute(f"SELECT client_id, period, SUM(granted) {where} GROUP BY client_id, period",
-                                              args).fetchall():
+        expired = con.execute(f"SELECT client_id, period, SUM(granted) {where} GROUP BY client_id, period",
+                              args).fetchall()
+        for c, period, granted in expired:
             con.execute("UPDATE clients SET pq = MAX(0, pq - ?) WHERE namespace=? AND client_id=? AND period=?",
                         (granted, self.namespace, c, period))
-        con.execute(f"DELETE {where}", args)
+        if expired:
+            con.execute(f"DELETE {where}", args)
 
     def _sweep_if_due(self, client_id=None) -> None:
         """A read releases expired holds first (a write transaction only when there are some)."""
