@@ -342,18 +342,7 @@ def _holder(uri, ns, start, out):
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
 def test_processes_with_holds_outstanding_never_grant_more_than_the_quota(store, tmp_path):
-    uri = f"sqlite:///{tmp_path}/l.db" if store == "sqlite" else redis_url()
-    ns = fresh_namespace("qhold")
-    ctx = mp.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_holder, args=(uri, ns, start, out)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    res = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    uri, ns, res = _four_processes(_holder, store, tmp_path)
     assert sum(g for g, _ in res) == 40, res  # abandoned holds still count: live, within their lease
     s = open_ledger(uri, RefusalRule(), ns).get("one")
     assert (s.queries, s.period_queries) == (sum(c for _, c in res), 40)
@@ -374,20 +363,27 @@ def _reserver(uri, ns, start, out):
     led.close()
 
 
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_processes_never_grant_more_than_the_quota_together(store, tmp_path):
+def _four_processes(target, store, tmp_path):
+    """Runs ``target(uri, ns, start, out)`` in four processes started together on one store (a fresh
+    namespace); returns (uri, ns, what each put in ``out``)."""
     uri = f"sqlite:///{tmp_path}/l.db" if store == "sqlite" else redis_url()
     ns = fresh_namespace("qconc")
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_reserver, args=(uri, ns, start, out)) for _ in range(4)]
+    procs = [ctx.Process(target=target, args=(uri, ns, start, out)) for _ in range(4)]
     for p in procs:
         p.start()
     start.set()
-    granted = [out.get(timeout=120) for _ in procs]
+    res = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+    return uri, ns, res
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_processes_never_grant_more_than_the_quota_together(store, tmp_path):
+    uri, ns, granted = _four_processes(_reserver, store, tmp_path)
     assert sum(granted) == 100, granted
     assert open_ledger(uri, RefusalRule(), ns).get("one").period_queries == 100
 
