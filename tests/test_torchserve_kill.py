@@ -38,10 +38,17 @@ WORKERS, BATCH, DELAY_MS, STAGE_S = 2, 4, 50, 0.25
 
 
 def _wait_marker(markers: str, stage: str, timeout_s: float):
+    """The pid of a worker that entered ``stage`` less than half a stage ago (so it is surely still in
+    it when killed, not past its ledger commit), or None after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for path in glob.glob(os.path.join(markers, f"{stage}-*")):
-            return int(path.rsplit("-", 1)[1])
+            try:
+                young = time.time() - os.path.getmtime(path) < STAGE_S / 2
+            except FileNotFoundError:  # the stage just ended
+                continue
+            if young:
+                return int(path.rsplit("-", 1)[1])
         time.sleep(0.005)
     return None
 
@@ -103,7 +110,9 @@ def test_a_worker_killed_mid_batch_leaves_no_count(tmp_path):
         led = open_ledger(ledger, RefusalRule(tau=100000, quota=QUOTA, quota_lease_s=LEASE_S), "kill")
         got = {c: (led.get(c).queries, led.get(c).period_queries) for c in clients}
         answered = {c: codes[c].count(200) for c in clients}
-        print(f"archive+server {t_up - t_build:.1f} s, sent for {took:.1f} s, killed {killed}, failed {failed}; answered {answered}, ledger {got}")
+        statuses = sorted({x for c in clients for x in codes[c]})
+        print(f"archive+server {t_up - t_build:.1f} s, sent for {took:.1f} s, killed {killed}, failed {failed} "
+              f"(statuses {statuses}); answered {answered}, ledger {got}")
         assert got == {c: (answered[c], answered[c]) for c in clients}, (answered, got)
     finally:
         ts.stop()
