@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 
-import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
