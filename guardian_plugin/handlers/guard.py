@@ -16,8 +16,9 @@ and postprocess::
                  label-only archive with response.label_only: topk, flagged rows yield a label drawn from
                  the top k (label_only_response, probed at load)
                  inner.postprocess
-    the batch:   Guardian.commit: the ledger counts the answered rows and commits the batch's quota holds,
-                 after every postprocess, right before the answers are returned (store down -> 503)
+    the batch:   error bodies and metrics, then Guardian.commit: the ledger counts the answered rows and
+                 commits the batch's quota holds, the last step before the answers are returned (store
+                 down -> 503)
 
 Every denial is answered with its own status and the JSON body ``{"code", "type", "message"}``
 (guardian_plugin.responses.Denial), the same as the BentoML adapter's; one bad row never changes the
@@ -344,33 +345,32 @@ class HandlerGuard:
                     for i, p in zip(gidx, post):
                         responses[i] = p
                     answered.append((gidx, res))
-        # the ledger update, after every postprocess and right before the answers go back: a worker
-        # that dies before this point leaves no count (its quota holds lapse after their lease), one that
-        # dies after it and before TorchServe sends the answers does (docs/ledger.md)
-        t_commit = time.perf_counter()
-        try:
-            self.guardian.commit([res for _, res in answered], admissions)
-        except LedgerUnavailable:
-            for gidx, _ in answered:
-                errors.update({i: UNAVAILABLE for i in gidx})
-            answered = []
-        if answered:  # the guard's time includes its ledger write, as when inspect made it
-            guard_ms += (time.perf_counter() - t_commit) * 1000.0
         for gidx, res in answered:
             queries += len(gidx)
             flagged_n += sum(res.flagged)
             guard_ms += res.guard_ms
+        self._answer_errors(context, responses, errors)
+        statuses = [d.status for d in errors.values()]
+        # the metric lines first: each crosses the worker's stdout, milliseconds of a batch on a busy host
+        self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
+                      (time.perf_counter() - t_start) * 1000.0, statuses.count(429))
+        # then the ledger update, the last step before the answers go back: a worker that dies before it
+        # leaves no count (its quota holds lapse after their lease), one that dies after it and before
+        # TorchServe has sent the answers does (docs/ledger.md)
+        try:
+            self.guardian.commit([res for _, res in answered], admissions)
+        except LedgerUnavailable:  # the answered rows get 503 (their metrics are already out, docs/torchserve.md)
+            self._answer_errors(context, responses, {i: UNAVAILABLE for gidx, _ in answered for i in gidx})
+        return responses
 
+    @staticmethod
+    def _answer_errors(context, responses: list, errors: Dict[int, Denial]) -> None:
         for i, d in errors.items():
             responses[i] = json.dumps(d.body())
             context.set_response_status(d.status, HTTPStatus(d.status).phrase, idx=i)
             context.set_response_content_type(i, "application/json")
             for k, v in d.headers().items():
                 context.set_response_header(i, k, v)
-        statuses = [d.status for d in errors.values()]
-        self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
-                      (time.perf_counter() - t_start) * 1000.0, statuses.count(429))
-        return responses
 
     def _metrics(self, context, queries, flagged, refused, bad, guard_ms, handler_ms, quota=0):
         """TorchServe custom metrics for one batch. Every metric line crosses the worker's stdout and is
