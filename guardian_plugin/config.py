@@ -8,7 +8,7 @@ Example (every key optional but ``detector``)::
     ledger_failure: closed                         # store down: closed (HTTP 503) | open (serve, log, keep counts)
     rule: {tau: auto, rho: 0.5}                    # auto: the binomial bound in docs/refusal-rule.md
                                                    # sliding window (default window: 200, window_rho: 0.3; 0 = off)
-    quota: {queries: 10000, flagged: 1000, period: 1d}  # per client and period: HTTP 429 + Retry-After; 0 = off
+    quota: {queries: 10000, flagged: 1000, period: 1d, lease: 150s}  # per client and period: HTTP 429 + Retry-After; 0 = off
     probation: {queries: 0, response: label}       # new identities: label-only answers until N benign ones
     distribution: {enabled: auto, block: 200}      # per-client distribution test (artifact's reference.json;
                                                    # auto: at every input size, off where the served path
@@ -85,20 +85,24 @@ class QuotaConfig(_Strict):
     queries: int = Field(DEFAULT_QUOTA, ge=0)           # answered queries per client and period; 0 = off
     flagged: int = Field(DEFAULT_FLAGGED_QUOTA, ge=0)   # flagged answers per client and period; 0 = off
     period: Union[int, str] = "1d"                       # 3600, 90s, 30m, 12h, 1d
+    # a granted query is held this long for its answer; held queries whose answer never left (the worker
+    # died) stop counting after it (docs/ledger.md "Holds"). Keep it above the server's response timeout
+    lease: Union[int, str] = "150s"
 
-    @field_validator("period")
+    @field_validator("period", "lease")
     @classmethod
-    def _period(cls, v):
+    def _period(cls, v, info):
         from guardian_plugin.ledger.base import parse_duration
 
         if parse_duration(v) < 1:
-            raise ValueError("period must be at least 1 s")
+            raise ValueError(f"{info.field_name} must be at least 1 s")
         return v
 
     def rule_fields(self) -> Dict[str, int]:
         from guardian_plugin.ledger.base import parse_duration
 
-        return {"quota": self.queries, "flagged_quota": self.flagged, "quota_period_s": parse_duration(self.period)}
+        return {"quota": self.queries, "flagged_quota": self.flagged, "quota_period_s": parse_duration(self.period),
+                "quota_lease_s": parse_duration(self.lease)}
 
 
 class ProbationConfig(_Strict):

@@ -36,8 +36,8 @@ import enum
 import logging
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -74,6 +74,7 @@ class InspectResult:
     deceived: List[bool] = field(default_factory=list)  # rows whose answer differs from the model's
     detected: List[bool] = field(default_factory=list)  # rows the detector flagged (per-sample)
     probation: List[bool] = field(default_factory=list)  # rows answered with the probation response
+    pending: list = field(default_factory=list)  # inspect(record=False): the rows Guardian.commit records
     # rows admitted but not answered: the client crossed the rule (or its flagged quota) earlier in this
     # batch, or inside the same request; the Denial to answer them with (None for the other rows)
     cut: List[Optional[Denial]] = field(default_factory=list)
@@ -176,7 +177,7 @@ class Guardian:
                 out.append(Admission(denial=Denial(e.status, e.kind, str(e), e.retry_after)))
         rows = [i for i, a in enumerate(out) if a is None]
         for i, a in zip(rows, self.admit_clients([ids[i] for i in rows])):
-            out[i] = a
+            out[i] = replace(a)  # each request its own Admission: rows sharing one are one request (inspect)
         return out
 
     def admit_clients(self, clients: Sequence[Optional[str]]) -> List[Admission]:
@@ -213,7 +214,8 @@ class Guardian:
             return Admission(client=st.client_id, denial=REFUSED)
         probation = self.probation is not None and st.queries - st.flagged < self.probation.queries
         suspect = self.distribution is not None and self.distribution.fails(st.dist_counts)
-        return Admission(client=st.client_id, probation=probation, suspect=suspect, state=st)
+        return Admission(client=st.client_id, probation=probation, suspect=suspect, state=st,
+                         holds=(r.hold,) if r.hold else ())
 
     def refused(self, client_ids: Sequence[str]) -> List[bool]:
         """Whether each row's client is refused now (Python use; adapters call ``admit``)."""
@@ -249,7 +251,7 @@ class Guardian:
         return self.detector.flag(pix)
 
     def inspect(self, inputs: torch.Tensor, probs: torch.Tensor, clients: Sequence[Client],
-                refused: Optional[Sequence[bool]] = None) -> InspectResult:
+                refused: Optional[Sequence[bool]] = None, record: bool = True) -> InspectResult:
         """Detection, the ledger update and the response policy for the answered rows of a batch.
 
         ``clients``: one Admission (from ``admit``) or plain client id per row. Rows of denied admissions
@@ -262,7 +264,11 @@ class Guardian:
         request. Rows that share one Admission object are one request (a BentoML list request, an
         evaluation batch): a request that the client crosses the rule inside (before its last row) is cut
         whole, so no request size buys more answers than the same images sent one per request.
-        Raises LedgerUnavailable when the store is down and ``ledger_failure`` is closed."""
+        Raises LedgerUnavailable when the store is down and ``ledger_failure`` is closed.
+
+        ``record=False``: the ledger is not written; the caller sends the answers' ledger update (and
+        commits the admissions' quota holds) with :meth:`commit` right before the answers leave. Where
+        the rule acts is then predicted from the clients' states at admission (:func:`first_crossing`)."""
         t0 = time.perf_counter()
         b = probs.shape[0]
         if inputs.shape[0] != b or len(clients) != b:
@@ -283,7 +289,10 @@ class Guardian:
                 for i, v in zip(live, self.distribution.reference.bin_of(probs[live], s, self.detector.thresholds)):
                     bins[i] = int(v)
         suspect = torch.tensor([adm[i].suspect and not denied[i] for i in range(b)], dtype=torch.bool)
-        states, cut = self._record(adm, live, flagged, suspect, bins)
+        if record:
+            states, cut = self._record(adm, live, flagged, suspect, bins, holds_of(adm))
+        else:
+            states, cut = {}, self._plan(adm, live, (flagged | suspect).tolist())
         for i in cut:
             denied[i] = True
         suspect &= ~torch.tensor(denied, dtype=torch.bool)
@@ -305,9 +314,44 @@ class Guardian:
         self.counters["suspect"] += int(suspect.sum())
         self.counters["probation"] += int(on_probation.sum())
         self.counters["refused"] += b - answered
+        pending = [] if record else [(adm[i].client, bool(counted[i]), bins[i]) for i in live if i not in cut]
         return InspectResult(out, verdicts, scores, (time.perf_counter() - t0) * 1000.0, states,
-                             (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist(),
+                             (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist(), pending,
                              [cut.get(i) for i in range(b)])
+
+    def commit(self, results: Sequence[InspectResult], admissions: Sequence[Admission]) -> dict:
+        """The ledger update of answers about to be sent: the rows of ``results`` (from
+        ``inspect(..., record=False)``) in one atomic update per client, and the quota holds of
+        ``admissions`` made final (docs/ledger.md). Call it after the answers are built, right before
+        they leave. Raises LedgerUnavailable like ``inspect``."""
+        per_client: "OrderedDict[str, list]" = OrderedDict()
+        for res in results:
+            for c, is_flagged, b in res.pending:
+                if c is not None:
+                    per_client.setdefault(c, []).append((is_flagged, b))
+        holds = holds_of(admissions)
+        states = {}
+        if per_client or holds:
+            updates = [self._update(c, [f for f, _ in rows], [b for _, b in rows]) for c, rows in per_client.items()]
+            for st in self.ledger.record_many(updates, commit=holds):
+                states[st.client_id] = st
+                if crossed(st, len(per_client.get(st.client_id, ()))):
+                    log.warning("guardian: client %r refused at query %d (flagged %d)", st.client_id,
+                                st.refused_at_query, st.flagged)
+        for res in results:
+            res.states = {c: states[c] for c, *_ in res.pending if c in states}
+        return states
+
+    def _update(self, client: str, counted: Sequence[bool], bins: Sequence[Optional[int]]) -> tuple:
+        """One ledger update of a client's rows: (client, queries, counted as flagged[, bin counts])."""
+        nbins = self.distribution.reference.bins if self.distribution is not None else 0
+        if not nbins:
+            return client, len(counted), sum(map(bool, counted))
+        h = [0] * nbins
+        for v in bins:
+            if v is not None:
+                h[v] += 1
+        return client, len(counted), sum(map(bool, counted)), tuple(h)
 
     def _distribution_applies(self, inputs: torch.Tensor) -> bool:
         """Whether the distribution test applies to these inputs: at every input size once the served path
@@ -340,7 +384,7 @@ class Guardian:
             log.warning("guardian: distribution test applied (enabled: true) although %s", why)
 
     def _record(self, adm: Sequence[Admission], live: Sequence[int], flagged: torch.Tensor, suspect: torch.Tensor,
-                bins: Sequence[Optional[int]]):
+                bins: Sequence[Optional[int]], holds: Sequence[tuple] = ()):
         """The ledger updates of the answered rows, applied so that the rule acts row by row.
 
         Each identified client's rows are recorded in order, in segments: :func:`first_crossing`
@@ -351,21 +395,17 @@ class Guardian:
         remaining rows are cut; when it does not (the prediction is conservative: it assumes the rows
         leaving a full sliding window were unflagged), recording goes on. One ``record_many`` call per
         round for every client at once; a client that sends one row per request costs one round, as
-        before. Returns (states after the batch by client id, {row: Denial} of the rows cut)."""
+        before. ``holds``: the (client, token) quota holds committed with the first update. Returns
+        (states after the batch by client id, {row: Denial} of the rows cut)."""
         rule = self.ledger.rule
-        per_client: "OrderedDict[str, List[int]]" = OrderedDict()
-        for i in live:
-            if adm[i].client is not None:  # anonymous: no client to count (guardian_plugin.identity)
-                per_client.setdefault(adm[i].client, []).append(i)
+        per_client = self._rows_by_client(adm, live)
         if not per_client:
+            if holds:
+                self.ledger.record_many([], commit=holds)
             return {}, {}
-        nbins = self.distribution.reference.bins if self.distribution is not None else 0
         seg_cap = self.distribution.block if self.distribution is not None else None
         counted = (flagged | suspect).tolist()
-        known = {}
-        for c, rows in per_client.items():  # the latest state admission saw (rows may come from several admissions)
-            seen = [adm[i].state for i in rows if adm[i].state is not None]
-            known[c] = max(seen, key=lambda st: st.queries) if seen else self.ledger.get(c)  # plain ids: read it
+        known = self._known_states(adm, per_client)
         pending = {c: list(rows) for c, rows in per_client.items()}
         states: Dict[str, object] = {}
         cut: Dict[int, Denial] = {}
@@ -374,22 +414,13 @@ class Guardian:
             plan = {}
             for c, rows in pending.items():
                 k = first_crossing(rule, known[c], [counted[i] for i in rows])
-                n = len(rows) if k is None else k + 1
+                n = len(rows) if k is None else k[0] + 1
                 if seg_cap:
                     n = min(n, seg_cap)
                 plan[c] = rows[:n]
-            updates = []
-            for c, rows in plan.items():
-                q, f = len(rows), sum(counted[i] for i in rows)
-                if nbins:
-                    h = [0] * nbins
-                    for i in rows:
-                        if bins[i] is not None:
-                            h[bins[i]] += 1
-                    updates.append((c, q, f, tuple(h)))
-                else:
-                    updates.append((c, q, f))
-            for st in self.ledger.record_many(updates):
+            updates = [self._update(c, [counted[i] for i in rows], [bins[i] for i in rows]) for c, rows in plan.items()]
+            commit, holds = holds, ()
+            for st in self.ledger.record_many(updates, commit=commit):
                 c = st.client_id
                 done, rest = plan[c], pending[c][len(plan[c]):]
                 states[c] = st
@@ -411,16 +442,42 @@ class Guardian:
                     if crossed(st, st.queries - start_q[c]):
                         log.warning("guardian: client %r refused at query %d (flagged %d)", c, st.refused_at_query,
                                     st.flagged)
-        # a request the client crossed the rule inside is not answered at all
-        for c, rows in per_client.items():
-            cut_rows = [i for i in rows if i in cut]
-            if not cut_rows:
-                continue
-            denial = cut[cut_rows[0]]
-            for i in rows:
-                if i not in cut and any(adm[i] is adm[j] for j in cut_rows):
-                    cut[i] = denial
+        whole_requests(adm, per_client, cut)
         return states, cut
+
+    def _plan(self, adm: Sequence[Admission], live: Sequence[int], counted: Sequence[bool]) -> Dict[int, Denial]:
+        """The rows cut (:meth:`_record`) as predicted from the clients' states at admission, without
+        writing the ledger (``inspect(record=False)``): exact for the cumulative rule and the flagged
+        quota, conservative for the sliding window."""
+        per_client = self._rows_by_client(adm, live)
+        known = self._known_states(adm, per_client)
+        cut: Dict[int, Denial] = {}
+        rule = self.ledger.rule
+        for c, rows in per_client.items():
+            k = first_crossing(rule, known[c], [counted[i] for i in rows])
+            if k is not None and k[0] + 1 < len(rows):
+                denial = REFUSED if k[1] == "refused" else quota_exceeded(rule.retry_after(time.time()))
+                for i in rows[k[0] + 1:]:
+                    cut[i] = denial
+        whole_requests(adm, per_client, cut)
+        return cut
+
+    @staticmethod
+    def _rows_by_client(adm: Sequence[Admission], live: Sequence[int]) -> "OrderedDict[str, List[int]]":
+        per_client: "OrderedDict[str, List[int]]" = OrderedDict()
+        for i in live:
+            if adm[i].client is not None:  # anonymous: no client to count (guardian_plugin.identity)
+                per_client.setdefault(adm[i].client, []).append(i)
+        return per_client
+
+    def _known_states(self, adm: Sequence[Admission], per_client) -> dict:
+        """Each client's latest state that admission saw (its rows may come from several admissions);
+        plain client ids (Python use): read from the ledger."""
+        known = {}
+        for c, rows in per_client.items():
+            seen = [adm[i].state for i in rows if adm[i].state is not None]
+            known[c] = max(seen, key=lambda st: st.queries) if seen else self.ledger.get(c)
+        return known
 
     def _stop(self, st) -> Optional[Denial]:
         """Why a client's further rows in a batch are not answered after the store returned ``st``."""
@@ -436,10 +493,29 @@ class Guardian:
         return None
 
 
-def first_crossing(rule, state, counted: Sequence[bool]) -> Optional[int]:
+def whole_requests(adm: Sequence[Admission], per_client, cut: Dict[int, Denial]) -> None:
+    """A request (rows sharing one Admission object) that a client crossed a rule inside, before its
+    last row, is not answered at all: its other rows join ``cut``."""
+    for rows in per_client.values():
+        cut_rows = [i for i in rows if i in cut]
+        if not cut_rows:
+            continue
+        denial = cut[cut_rows[0]]
+        for i in rows:
+            if i not in cut and any(adm[i] is adm[j] for j in cut_rows):
+                cut[i] = denial
+
+
+def holds_of(admissions: Sequence[Admission]) -> List[tuple]:
+    """The (client, hold token) pairs of the admissions' quota holds, each once."""
+    return list(dict.fromkeys((a.client, h) for a in admissions if isinstance(a, Admission) and a.client
+                              for h in a.holds))
+
+
+def first_crossing(rule, state, counted: Sequence[bool]) -> Optional[Tuple[int, str]]:
     """The index of the first of ``counted`` (one bool per row, in order: counted as flagged) after which
-    ``rule`` would deny a client that starts in ``state``: the refusal rule, the sliding window, or the
-    flagged quota; None when it would not within these rows. The sliding window is predicted
+    ``rule`` would deny a client that starts in ``state``, and why (``refused``: the refusal rule or the
+    sliding window; ``quota``: the flagged quota); None when it would not within these rows. The sliding window is predicted
     conservatively (rows leaving a full window are taken to have been unflagged), so the prediction is
     never later than the store's own decision."""
     q, f = state.queries, state.flagged
@@ -453,13 +529,13 @@ def first_crossing(rule, state, counted: Sequence[bool]) -> Optional[int]:
             wl = min(wl + 1, rule.window)
             wf = min(wf + int(c), wl)
             if rule.window_triggered("1" * wf + "0" * (wl - wf)):
-                return k
+                return k, "refused"
         if rule.triggered(q, f):
-            return k
+            return k, "refused"
         if rule.flagged_quota:
             pf += int(c)
             if pf >= rule.flagged_quota:
-                return k
+                return k, "quota"
     return None
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -164,12 +164,14 @@ class Admission:
     """What ``Guardian.admit`` decided for one request: a client to serve (``client`` None for an
     anonymous request), or a denial. ``probation``: a new identity without a benign history yet;
     ``suspect``: the client's last block of queries failed the distribution test (guardian_plugin.
-    distribution), so its queries are treated as flagged."""
+    distribution), so its queries are treated as flagged. ``holds``: the tokens of the quota holds its
+    queries were granted under (docs/ledger.md: committed with the answer, else released after their lease)."""
 
     client: Optional[str] = None
     denial: Optional[Denial] = None
     probation: bool = False
     suspect: bool = False
+    holds: Tuple[str, ...] = ()
     # the client's ledger state at admission (a guardian_plugin.ledger.ClientState): where
     # Guardian.inspect starts applying the rule row by row
     state: Optional[object] = field(default=None, compare=False, hash=False, repr=False)

@@ -203,6 +203,38 @@ def test_handler_answers_429_with_retry_after_and_counts_it(detectors):
     assert (ledger.get("a").queries, ledger.get("b").queries) == (3, 2)
 
 
+def test_handler_counts_a_batch_only_once_its_answers_are_built(detectors, monkeypatch):
+    """The ledger update comes after every postprocess: a worker that fails (here: its postprocess
+    raises, as a killed one never gets past it) before its answers are built leaves no query counted, and
+    its quota holds are released after their lease; a batch that is answered is counted and committed."""
+    clock = [1000.0]
+    for mod in ("base", "memory"):
+        monkeypatch.setattr(f"guardian_plugin.ledger.{mod}.now", lambda: clock[0])
+    ledger = MemoryLedger(RefusalRule(tau=1000, quota=5, quota_period_s=10**9, quota_lease_s=30))
+    inner = SoftHandler()
+    guard = g.HandlerGuard(inner, Guardian(load_detector(detectors["none"]), ledger))
+    bodies = [_png(a) for a in _digits(3)]
+    post = inner.postprocess
+
+    def dies(out):
+        raise SystemExit("worker killed")
+
+    inner.postprocess = dies
+    with pytest.raises(SystemExit):
+        _handle(guard, bodies, ["a", "a", "b"])
+    s = ledger.get("a")
+    assert (s.queries, s.period_queries) == (0, 2)  # held, not counted as answered
+    clock[0] += 31
+    assert (ledger.get("a").period_queries, ledger.get("b").period_queries) == (0, 0)  # lease over: released
+    inner.postprocess = post
+    out, ctx = _handle(guard, bodies + [b"not an image"], ["a", "a", "b", "a"])
+    assert ctx.status == {3: (400, "Bad Request")}, ctx.status
+    clock[0] += 31
+    s, b = ledger.get("a"), ledger.get("b")
+    # answered rows counted; the 400 left in the same response, so its grant is spent as documented
+    assert (s.queries, s.period_queries, b.queries, b.period_queries) == (2, 3, 1, 1)
+
+
 def test_handler_probation_answers_label_only_then_the_model(detectors):
     ledger = MemoryLedger(RefusalRule(tau=1000))
     guardian = Guardian(load_detector(detectors["none"]), ledger, probation=ProbationConfig(queries=3))
@@ -330,6 +362,28 @@ def test_bento_quota_429_with_retry_after_counts_every_image(detectors, path, fi
         assert ledger.get("alice").queries == 5 // per * per
         ledger.reset_quota("alice")
         assert send("alice").status_code == 200
+
+
+def test_bento_grants_stay_spent_after_the_lease_for_answers_and_errors(detectors, monkeypatch):
+    """BentoML commits a request's quota holds with its answer (Guardian.inspect) or, for an error answer
+    (a 400 for an image that fails to decode), once that answer is sent; only a request that got no
+    answer at all (the worker died) has its grants released after the lease."""
+    from starlette.testclient import TestClient
+
+    clock = [1000.0]
+    for mod in ("base", "memory"):
+        monkeypatch.setattr(f"guardian_plugin.ledger.{mod}.now", lambda: clock[0])
+    ledger = MemoryLedger(RefusalRule(tau=1000, quota=5, quota_period_s=10**9, quota_lease_s=30))
+    svc = _service(detectors["none"], ledger, "holds")
+    with TestClient(svc.to_asgi()) as c:
+        assert c.post("/many", files=_files("images", _digits(2, 3)), headers={"X-Client-Id": "a"}).status_code == 200
+        bad = [("images", ("x.png", b"not an image", "image/png"))]
+        assert c.post("/many", files=bad, headers={"X-Client-Id": "a"}).status_code == 400
+        ledger.reserve_many([("a", 1)])  # a worker that died before answering: never committed
+        assert ledger.get("a").period_queries == 4
+        clock[0] += 31
+        s = ledger.get("a")
+        assert (s.queries, s.period_queries) == (2, 3), s
 
 
 def test_bento_probation_label_only_then_exact(detectors):

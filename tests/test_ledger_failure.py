@@ -85,6 +85,25 @@ def test_open_mode_serves_refuses_locally_and_loses_nothing(durable_redis, caplo
     led.close()
 
 
+def test_a_commit_whose_reply_is_lost_is_replayed_once_with_its_counts(durable_redis):
+    """Redis killed under a commit: its fate is unknown, so the replay (same writer and sequence number)
+    carries the commit too; once the store is back the counts and the committed hold are there once."""
+    rule = RefusalRule(tau=1000, quota=5, quota_period_s=10**9, quota_lease_s=1)
+    inner = open_ledger(durable_redis.url, rule, "hold")
+    led = ResilientLedger(inner, "closed", retry_interval_s=0.05, background=False)
+    h = led.reserve_many([("a", 3)])[0].hold
+    durable_redis.kill()
+    with pytest.raises(LedgerUnavailable):
+        led.record_many([("a", 3, 1)], commit=[("a", h)])
+    durable_redis.start()
+    assert _wait_for(led.flush)
+    time.sleep(1.05)  # past the lease
+    s = inner.get("a")
+    assert (s.queries, s.flagged, s.period_queries) == (3, 1, 3)
+    assert led.flush() and led.pending_counts() == (0, 0)
+    led.close()
+
+
 def _worker(url, mode, ns, stop, out):
     led = ResilientLedger(open_ledger(url, RefusalRule(tau=10**6), ns), mode, retry_interval_s=0.1)
     sent = raised = 0

@@ -61,6 +61,9 @@ class Clock:
     def next_period(self, period: int) -> None:
         self._to((math.floor(self.now() / period) + 1) * period + 0.02)
 
+    def later(self, seconds: float) -> None:
+        self._to(self.now() + seconds)
+
 
 @pytest.fixture
 def quota_ledger(request, tmp_path, monkeypatch):
@@ -202,7 +205,7 @@ def test_dist_blocks_roll_over_as_dist_push_says(quota_ledger):
 _ops = st.lists(
     st.one_of(
         st.tuples(st.just("reserve"), st.sampled_from("ab"), st.integers(0, 7), st.just(None)),
-        st.tuples(st.just("record"), st.sampled_from("ab"), st.integers(0, 6),
+        st.tuples(st.sampled_from(["record", "commit"]), st.sampled_from("ab"), st.integers(0, 6),
                   st.one_of(st.none(), st.lists(st.integers(0, 4), max_size=4))),
         st.tuples(st.sampled_from(["reset_quota", "reset", "block", "unblock"]), st.sampled_from("ab"),
                   st.just(0), st.just(None)),
@@ -223,14 +226,20 @@ def test_backends_agree_on_quotas_and_blocks(tmp_path_factory, ops, quota, fquot
                        dist_block=block)
     ns, tmp = fresh_namespace("qprop"), tmp_path_factory.mktemp("qprop")
     leds = {k: open_backend(k, rule, ns, tmp) for k in ("memory", "sqlite", "redis")}
+    holds = {k: {} for k in leds}  # each backend's last hold per client (commit: its answers are sent)
     try:
         for op, c, n, bins in ops:
             if op == "reserve":
-                got = {k: [(r.granted, r.retry_after is None) + _full(r.state) for r in led.reserve_many([(c, n)])]
-                       for k, led in leds.items()}
-            elif op == "record":
+                got = {}
+                for k, led in leds.items():
+                    r, = led.reserve_many([(c, n)])
+                    holds[k][c] = r.hold
+                    got[k] = [(r.granted, r.retry_after is None, r.hold is None) + _full(r.state)]
+            elif op in ("record", "commit"):
                 u = (c, n, n // 2) if bins is None else (c, n, n // 2, bins)
-                got = {k: [_full(s) for s in led.record_many([u])] for k, led in leds.items()}
+                got = {k: [_full(s) for s in led.record_many(
+                    [u], commit=[(c, holds[k].pop(c))] if op == "commit" and holds[k].get(c) else None)]
+                    for k, led in leds.items()}
             elif op in ("reset_quota", "reset"):
                 got = {k: (getattr(led, op)(c), _full(led.get(c)))[1:] for k, led in leds.items()}
             else:
@@ -241,6 +250,102 @@ def test_backends_agree_on_quotas_and_blocks(tmp_path_factory, ops, quota, fquot
     finally:
         for led in leds.values():
             led.close()
+
+
+# ----------------------------------------------------------------- holds and their lease
+LEASE = 1  # s; Redis's clock is real, so its tests wait that long
+
+
+def _held(**kw):
+    return _quota_rule(quota_period_s=LONG, quota_lease_s=LEASE, **kw)
+
+
+@pytest.mark.parametrize("quota_ledger", KINDS, indirect=True)
+def test_a_hold_never_committed_is_released_after_its_lease(quota_ledger):
+    """The worker that reserved died before answering: once the lease has passed, the next reservation
+    or any read of the client no longer counts those queries."""
+    led, clock = quota_ledger(_held(quota=5))
+    got = led.reserve_many([("a", 3), ("b", 2), ("c", 4)])
+    assert [r.granted for r in got] == [3, 2, 4]
+    assert got[0].hold and got[0].hold == got[1].hold == got[2].hold  # one hold per reservation
+    assert _grants(led, ("a", 5))[0][0] == 2  # live holds count against the quota
+    clock.later(LEASE + 0.05)
+    assert _grants(led, ("a", 9))[0][0] == 5  # the next reservation releases: the whole quota again
+    assert led.get("b").period_queries == 0  # so does a read
+    assert {s.client_id: s.period_queries for s in led.clients()}["c"] == 0  # and a listing
+    s = led.get("a")
+    assert (s.queries, s.period_queries) == (0, 5)
+
+
+@pytest.mark.parametrize("quota_ledger", KINDS, indirect=True)
+def test_committed_holds_stay_counted(quota_ledger):
+    led, clock = quota_ledger(_held(quota=5))
+    h1 = led.reserve_many([("a", 3), ("b", 1)])[0].hold
+    h2 = led.reserve_many([("a", 1)])[0].hold
+    assert h1 != h2
+    # 2 of a's 3 answered, the third a 400 that left in the same response: all three stay counted
+    states = led.record_many([("a", 2, 1)], commit=[("a", h1), ("b", h1)])
+    assert [(s.queries, s.period_queries, s.period_flagged) for s in states] == [(2, 4, 1)]
+    assert led.record_many([], commit=[("a", h1)]) == []  # committing again changes nothing
+    clock.later(LEASE + 0.05)
+    s = led.get("a")
+    assert (s.queries, s.flagged, s.period_queries, s.period_flagged) == (2, 1, 3, 1)  # h2 released
+    assert led.get("b").period_queries == 1
+    assert _grants(led, ("a", 5))[0][0] == 2
+
+
+@pytest.mark.parametrize("quota_ledger", KINDS, indirect=True)
+def test_a_commit_after_the_lease_counts_the_answers_not_the_hold_twice(quota_ledger):
+    led, clock = quota_ledger(_held(quota=5))
+    h = led.reserve_many([("a", 3)])[0].hold
+    clock.later(LEASE + 0.05)
+    assert _grants(led, ("a", 5))[0][0] == 5  # released: the quota is whole again
+    s = led.record_many([("a", 3, 0)], commit=[("a", h)])[0]
+    assert (s.queries, s.period_queries) == (3, 5)  # the late answers count; the period keeps the new grant
+
+
+@pytest.mark.parametrize("quota_ledger", KINDS, indirect=True)
+def test_reset_quota_and_reset_drop_the_holds(quota_ledger):
+    led, clock = quota_ledger(_held(quota=5))
+    led.reserve_many([("a", 3), ("b", 2)])
+    led.reset_quota("a")
+    led.reset("b")
+    assert _grants(led, ("a", 4), ("b", 4)) == [(4, None), (4, None)]
+    clock.later(LEASE + 0.05)  # the dropped holds release nothing from the new ones' counts
+    assert (led.get("a").period_queries, led.get("b").period_queries) == (0, 0)
+
+
+def test_bad_commits_are_refused():
+    led = open_ledger("memory://", _held(quota=5), "x")
+    for bad in ([("a",)], [("a", "")], [("", "t")], ["at"], [("a", 7)]):
+        with pytest.raises(ValueError):
+            led.record_many([], commit=bad)
+
+
+def _holder(uri, ns, start, out):
+    """Reserves one query at a time until the quota is used up, committing every other grant and
+    abandoning the rest (a worker that died before answering)."""
+    led = open_ledger(uri, RefusalRule(tau=1000, quota=40, quota_period_s=LONG, quota_lease_s=600), ns)
+    start.wait(60)
+    got = committed = 0
+    while True:
+        r = led.reserve_many([("one", 1)])[0]
+        if not r.granted:
+            break
+        got += 1
+        if got % 2:
+            led.record_many([("one", 1, 0)], commit=[("one", r.hold)])
+            committed += 1
+    out.put((got, committed))
+    led.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_processes_with_holds_outstanding_never_grant_more_than_the_quota(store, tmp_path):
+    uri, ns, res = _four_processes(_holder, store, tmp_path)
+    assert sum(g for g, _ in res) == 40, res  # abandoned holds still count: live, within their lease
+    s = open_ledger(uri, RefusalRule(), ns).get("one")
+    assert (s.queries, s.period_queries) == (sum(c for _, c in res), 40)
 
 
 # ------------------------------------------------------------- atomic across processes
@@ -258,20 +363,27 @@ def _reserver(uri, ns, start, out):
     led.close()
 
 
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_processes_never_grant_more_than_the_quota_together(store, tmp_path):
+def _four_processes(target, store, tmp_path):
+    """Runs ``target(uri, ns, start, out)`` in four processes started together on one store (a fresh
+    namespace); returns (uri, ns, what each put in ``out``)."""
     uri = f"sqlite:///{tmp_path}/l.db" if store == "sqlite" else redis_url()
     ns = fresh_namespace("qconc")
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_reserver, args=(uri, ns, start, out)) for _ in range(4)]
+    procs = [ctx.Process(target=target, args=(uri, ns, start, out)) for _ in range(4)]
     for p in procs:
         p.start()
     start.set()
-    granted = [out.get(timeout=120) for _ in procs]
+    res = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+    return uri, ns, res
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_processes_never_grant_more_than_the_quota_together(store, tmp_path):
+    uri, ns, granted = _four_processes(_reserver, store, tmp_path)
     assert sum(granted) == 100, granted
     assert open_ledger(uri, RefusalRule(), ns).get("one").period_queries == 100
 
@@ -309,6 +421,29 @@ def test_closed_mode_grants_nothing_while_down(tmp_path):
     (g, retry), = _grants(led, ("a", 9))
     assert g == 6 and retry is not None
     assert inner.get("a").period_queries == 10  # the failed reservation added nothing
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_a_commit_that_fails_while_down_is_written_when_the_store_is_back(tmp_path, mode):
+    """docs/ledger.md: the counts of an update the store could not take are kept and written when it is
+    back, and the quota holds it commits with them (before their lease ends) stay counted."""
+    path = tmp_path / "l.db"
+    inner = open_ledger(f"sqlite:///{path}", _held(quota=5), "m", timeout_s=0.1)
+    led = ResilientLedger(inner, mode, retry_interval_s=0.05, background=False)
+    h = led.reserve_many([("a", 3)])[0].hold
+    blocker = _locked(path)
+    if mode == "closed":
+        with pytest.raises(LedgerUnavailable):
+            led.record_many([("a", 2, 1)], commit=[("a", h)])
+    else:
+        assert led.record_many([("a", 2, 1)], commit=[("a", h)])[0].extra["unconfirmed"]
+    blocker.execute("COMMIT")
+    blocker.close()
+    time.sleep(0.06)
+    assert led.flush()
+    time.sleep(LEASE + 0.05)  # past the lease: a hold not committed would be released now
+    s = inner.get("a")
+    assert (s.queries, s.flagged, s.period_queries, s.period_flagged) == (2, 1, 3, 1)
 
 
 def test_open_mode_grants_unchecked_except_known_denied_and_replays_counts(tmp_path, caplog):

@@ -96,7 +96,7 @@ class GuardianMiddleware:
             problem = multipart_problem(request.headers["content-type"], body, *self.paths[scope["path"]])
             if problem is not None:
                 return await denial_response(Denial.bad_input("BadMultipart", problem))(scope, receive, send)
-        return await self.app(scope, receive, _ErrorBodies(send, scope))
+        return await self.app(scope, receive, _ErrorBodies(send, scope, self.settings.runtime().answered_error))
 
 
 async def _buffered(receive):
@@ -179,9 +179,10 @@ class _ErrorBodies:
     own denial (its status, body and headers) when the answer has the denial's status, else BentoML's
     error in the guard's shape (error_body)."""
 
-    def __init__(self, send, scope=None):
+    def __init__(self, send, scope=None, sent=None):
         self.send = send
         self.scope = scope if scope is not None else {}
+        self.sent = sent  # called with the request's admission once an error answer has been sent
         self.start = None
         self.body = b""
 
@@ -211,3 +212,6 @@ class _ErrorBodies:
             headers += [(k.lower().encode(), v.encode()) for k, v in denial.headers().items()]
         await self.send({**self.start, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
+        adm = (self.scope.get("state") or {}).get(STATE_ADMISSION)
+        if self.sent is not None and adm is not None:
+            self.sent(adm)

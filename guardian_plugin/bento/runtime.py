@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 import typing as t
 
 import torch
@@ -74,13 +75,30 @@ class _Runtime:
         if state.get(STATE_ROWS):
             return state.get(STATE_ADMISSION, adm)
         state[STATE_ROWS] = rows
-        denial = next((a.denial for a in self.guardian.admit_clients([adm.client] * (rows - 1))
-                       if a.denial is not None), None)
+        more = self.guardian.admit_clients([adm.client] * (rows - 1))
+        denial = next((a.denial for a in more if a.denial is not None), None)
+        holds = tuple(dict.fromkeys(adm.holds + tuple(h for a in more for h in a.holds)))
         if denial is not None:
+            # the 429 is this request's answer: what was granted for it is spent (its holds committed)
+            try:
+                self.guardian.commit([], [replace(adm, holds=holds)])
+            except LedgerUnavailable:  # not committed: the holds lapse after their lease
+                pass
             adm = Admission(client=adm.client, denial=denial)
             self._count_denial(adm)
-            state[STATE_ADMISSION] = adm
+        else:  # committed with the request's answer (Guardian.inspect)
+            adm = replace(adm, holds=holds)
+        state[STATE_ADMISSION] = adm
         return adm
+
+    def answered_error(self, adm: Admission) -> None:
+        """An error answer (400 bad input, 500) of a request with granted queries has been sent: its
+        quota holds are committed, so the grants stay spent as for TorchServe's 400s (docs/ledger.md)."""
+        if adm.holds and adm.denial is None:
+            try:
+                self.guardian.commit([], [adm])
+            except LedgerUnavailable:  # not committed: the holds lapse after their lease
+                pass
 
     def _count_denial(self, adm: Admission) -> None:
         if adm.denial is not None:

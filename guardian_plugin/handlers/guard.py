@@ -10,12 +10,15 @@ and postprocess::
     live rows:   inner.preprocess (a failing batch is retried row by row: bad rows -> 400); a row
                  with NaN/inf values, or larger than max_input_ratio x the model's probed input -> 400
                  inner.inference (a failing batch is retried row by row: a failing row -> 400)
-                 Guardian.inspect(preprocessed, probabilities, admissions): counts answered rows only
+                 Guardian.inspect(preprocessed, probabilities, admissions, record=False)
                  deceived rows' outputs replaced so that the inner postprocess yields DPreds(p) (flagged,
                  anonymous) or the top-1 label only (probation), in the unprotected ranking; for a
                  label-only archive with response.label_only: topk, flagged rows yield a label drawn from
                  the top k (label_only_response, probed at load)
                  inner.postprocess
+    the batch:   error bodies and metrics, then Guardian.commit: the ledger counts the answered rows and
+                 commits the batch's quota holds, the last step before the answers are returned (store
+                 down -> 503)
 
 Every denial is answered with its own status and the JSON body ``{"code", "type", "message"}``
 (guardian_plugin.responses.Denial), the same as the BentoML adapter's; one bad row never changes the
@@ -344,6 +347,7 @@ class HandlerGuard:
 
         queries = flagged_n = 0
         guard_ms = 0.0
+        answered: List[Tuple[List[int], object]] = []  # (rows, inspect result) answered by the model
         if live:
             groups, pre_errors = self._preprocess(live, data)
             errors.update({i: e.denial for i, e in pre_errors.items()})
@@ -354,8 +358,8 @@ class HandlerGuard:
                         log.info("guardian: the handler's inference returns %s", kind)
                         self._kind_logged = kind
                     probs = to_probabilities(out, kind)
-                    try:
-                        res = self.guardian.inspect(gx, probs, [admissions[i] for i in gidx])
+                    try:  # the ledger is written by the commit below, once the answers are built
+                        res = self.guardian.inspect(gx, probs, [admissions[i] for i in gidx], record=False)
                     except LedgerUnavailable:
                         errors.update({i: UNAVAILABLE for i in gidx})
                         continue
@@ -375,12 +379,31 @@ class HandlerGuard:
                     for i, p, d in zip(gidx, post, res.cut):
                         if d is None:
                             responses[i] = p
-                            queries += 1
                         else:  # the client crossed the rule at an earlier row of this batch: not answered
                             errors[i] = d
-                    flagged_n += sum(res.flagged)
-                    guard_ms += res.guard_ms
+                    answered.append((gidx, res))
+        sent = []  # the rows answered 200
+        for gidx, res in answered:
+            sent += [i for i, d in zip(gidx, res.cut) if d is None]
+            queries += sum(d is None for d in res.cut)
+            flagged_n += sum(f for f, d in zip(res.flagged, res.cut) if d is None)
+            guard_ms += res.guard_ms
+        self._answer_errors(context, responses, errors)
+        statuses = [d.status for d in errors.values()]
+        # the metric lines first: each crosses the worker's stdout, milliseconds of a batch on a busy host
+        self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
+                      (time.perf_counter() - t_start) * 1000.0, statuses.count(429))
+        # then the ledger update, the last step before the answers go back: a worker that dies before it
+        # leaves no count (its quota holds lapse after their lease), one that dies after it and before
+        # TorchServe has sent the answers does (docs/ledger.md)
+        try:
+            self.guardian.commit([res for _, res in answered], admissions)
+        except LedgerUnavailable:  # the answered rows get 503 (their metrics are already out, docs/torchserve.md)
+            self._answer_errors(context, responses, {i: UNAVAILABLE for i in sent})
+        return responses
 
+    @staticmethod
+    def _answer_errors(context, responses: list, errors: Dict[int, Denial]) -> None:
         for i, d in errors.items():
             responses[i] = json.dumps(d.body())
             context.set_response_status(d.status, HTTPStatus(d.status).phrase, idx=i)
@@ -391,10 +414,6 @@ class HandlerGuard:
                 # a gRPC StreamPredictions call: end its stream with this answer (without the header the
                 # frontend's GRPCJob throws a NullPointerException and restarts the worker)
                 context.set_response_header(i, "ts_stream_next", "false")
-        statuses = [d.status for d in errors.values()]
-        self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
-                      (time.perf_counter() - t_start) * 1000.0, statuses.count(429))
-        return responses
 
     def _metrics(self, context, queries, flagged, refused, bad, guard_ms, handler_ms, quota=0):
         """TorchServe custom metrics for one batch. Every metric line crosses the worker's stdout and is

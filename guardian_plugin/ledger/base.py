@@ -19,6 +19,7 @@ import math
 import operator
 import re
 import time
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -54,6 +55,9 @@ class RefusalRule:
     quota: int = 0
     flagged_quota: int = 0
     quota_period_s: int = 86400
+    # a reservation's lease (docs/ledger.md "Holds"): granted queries are held this long; a hold not
+    # committed (Ledger.record_many's ``commit``) by then is released, its queries no longer counted
+    quota_lease_s: int = 150
     # the per-client distribution test's counts (guardian_plugin.distribution): ``dist_bins`` bin counts
     # per client, kept in blocks of at least ``dist_block`` queries; 0 = off
     dist_bins: int = 0
@@ -75,6 +79,8 @@ class RefusalRule:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if self.quota_period_s < 1:
             raise ValueError(f"quota_period_s must be >= 1, got {self.quota_period_s}")
+        if self.quota_lease_s < 1:
+            raise ValueError(f"quota_lease_s must be >= 1, got {self.quota_lease_s}")
         if bool(self.dist_bins) != bool(self.dist_block) or self.dist_bins > MAX_DIST_BINS:
             raise ValueError(f"dist_bins (1..{MAX_DIST_BINS}) and dist_block (>= 1) are set together, or both 0")
 
@@ -284,11 +290,37 @@ def stored_state(client_id: str, rule: "RefusalRule", q, f, refused, blocked, at
 @dataclass
 class Reservation:
     """:meth:`Ledger.reserve_many`'s answer for one client: its state after the reservation, how many of
-    the requested queries it may send now, and when a refused part may be retried (seconds)."""
+    the requested queries it may send now, when a refused part may be retried (seconds), and the token
+    of the hold its granted queries are under (None when nothing is held: nothing granted, or no quotas).
+    Commit it with ``record_many(..., commit=[(client, hold)])`` once the answers are sent."""
 
     state: ClientState
     granted: int
     retry_after: Optional[int] = None
+    hold: Optional[str] = None
+
+
+def new_hold_token() -> str:
+    """A hold token no other reservation has (memory and SQLite; Redis uses its (writer, seq))."""
+    return uuid.uuid4().hex
+
+
+def check_commit(commit) -> List[Tuple[str, str]]:
+    """``record_many``'s ``commit``: (client_id, hold token) pairs, checked and deduplicated, in order."""
+    out = []
+    for pair in commit or ():
+        try:
+            if isinstance(pair, (str, bytes)):
+                raise TypeError
+            c, tok = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"bad commit {pair!r}: expected (client_id, hold token)") from None
+        if not isinstance(tok, str) or not tok or len(tok) > 128:
+            raise ValueError(f"bad hold token {tok!r}")
+        p = (check_client_id(c), tok)
+        if p not in out:
+            out.append(p)
+    return out
 
 
 LEDGERS = Registry("ledger scheme")
@@ -328,23 +360,37 @@ class Ledger(ABC):
         """Atomically add counts, apply the rule, and return the state after the update."""
         return self.record_many([(client_id, queries, flagged)])[0]
 
-    def record_many(self, updates: Iterable[tuple]) -> List[ClientState]:
+    def record_many(self, updates: Iterable[tuple], commit: Optional[Iterable[Tuple[str, str]]] = None
+                    ) -> List[ClientState]:
         """``updates``: (client_id, queries, flagged) triples, or (client_id, queries, flagged, bins)
         with the distribution test's bin counts of those queries (``rule.dist_bins`` long; ignored
         when the test is off); one state per update, in order, applied atomically where the backend can.
         With quotas, ``flagged`` is also added to the current period's flagged count (the queries were
-        counted when reserved)."""
+        counted when reserved).
+
+        ``commit``: (client_id, hold token) pairs of :meth:`reserve_many`'s holds whose answers are being
+        sent: in the same atomic step they become final (their queries stay counted in the period; a
+        hold already released after its lease is not counted again). The updates may be empty then."""
         updates = [check_update(*u) for u in updates]
-        return self._call(self._record_many, updates) if updates else []
+        commit = check_commit(commit)
+        if not updates and not commit:
+            return []
+        return self._call(self._record_many, updates, commit)
 
     def reserve_many(self, requests: Iterable[tuple]) -> List[Reservation]:
         """Admission under the quotas: ``requests`` are (client_id, queries) pairs, one per distinct
         client. Atomically per client (across every worker and host sharing the store): a refused or
         blocked client is granted nothing; otherwise the quotas of the current period grant up to the
         queries asked for (all of them without quotas), and the granted ones are added to the period's
-        count at once, so concurrent workers never grant more than the quota together. A granted query
-        counts against the quota even if it is not answered after all (its image fails to decode).
-        Without quotas this is a read (``get``) and writes nothing."""
+        count at once, so concurrent workers never grant more than the quota together.
+
+        The granted queries are a *hold* (``Reservation.hold``, one token per call) with a lease of
+        ``rule.quota_lease_s`` seconds: committed (``record_many(..., commit=...)``) they stay counted,
+        also those that were not answered after all (an image that fails to decode gets its 400 in the
+        same response); a hold not committed within its lease (the worker died before answering) is
+        released: its queries are taken off the period's count at the next reservation or read of the
+        client, by any process. Live holds count against the quota. Without quotas this is a read
+        (``get``) and writes nothing."""
         reqs = []
         for c, n in requests:
             try:
@@ -434,13 +480,14 @@ class Ledger(ABC):
 
     # ------------------------------------------------------------- what a backend implements
     @abstractmethod
-    def _record_many(self, updates: List[Tuple[str, int, int]]) -> List[ClientState]:
-        """Checked, non-empty updates."""
+    def _record_many(self, updates: List[Tuple[str, int, int]], commit: List[Tuple[str, str]]) -> List[ClientState]:
+        """Checked updates and (client, hold token) pairs to commit, not both empty."""
 
     @abstractmethod
     def _reserve_many(self, requests: List[Tuple[str, int]]) -> List[Reservation]:
         """Checked, non-empty (client_id, queries) requests; only called when ``rule.quotas``. A client
-        the store does not hold yet is created (first_seen) when something is granted."""
+        the store does not hold yet is created (first_seen) when something is granted. Releases the
+        requested clients' expired holds first; the granted queries go under one new hold."""
 
     @abstractmethod
     def _get(self, client_id: str) -> ClientState: ...

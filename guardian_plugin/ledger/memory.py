@@ -7,8 +7,8 @@ import threading
 from dataclasses import replace
 from typing import Dict, List
 
-from guardian_plugin.ledger.base import (ClientState, Ledger, RefusalRule, Reservation, dist_push, now, register_ledger,
-                                         window_push)
+from guardian_plugin.ledger.base import (ClientState, Ledger, RefusalRule, Reservation, dist_push, new_hold_token, now,
+                                         register_ledger, window_push)
 
 
 @register_ledger
@@ -22,6 +22,7 @@ class MemoryLedger(Ledger):
         self._states: Dict[str, ClientState] = {}
         self._windows: Dict[str, str] = {}  # sliding-window bits per client (rule.window > 0)
         self._dist_cur: Dict[str, list] = {}  # the distribution test's current block per client
+        self._holds: Dict[str, Dict[str, tuple]] = {}  # client -> hold token -> (period, granted, expires)
 
     def _new(self, client_id: str, t: float) -> ClientState:
         s = self._states.get(client_id)
@@ -32,8 +33,30 @@ class MemoryLedger(Ledger):
     def _reserve_many(self, requests) -> List[Reservation]:
         with self._lock:
             t = now()
-            return [self._admit(self._copy_or_new(c), n, t, functools.partial(self._set_period, c, t))
-                    for c, n in requests]
+            token = new_hold_token()
+            out = []
+            for c, n in requests:
+                self._sweep(c, t)
+                r = self._admit(self._copy_or_new(c), n, t, functools.partial(self._set_period, c, t))
+                if r.granted:
+                    self._holds.setdefault(c, {})[token] = (r.state.period, r.granted, t + self.rule.quota_lease_s)
+                    r.hold = token
+                out.append(r)
+            return out
+
+    def _sweep(self, client_id: str, t: float) -> None:
+        """Release the client's holds whose lease has passed (caller holds the lock)."""
+        hs = self._holds.get(client_id)
+        if not hs:
+            return
+        s = self._states.get(client_id)
+        for tok, (period, granted, expires) in list(hs.items()):
+            if expires <= t:
+                del hs[tok]
+                if s is not None and s.period == period:
+                    s.period_queries = max(0, s.period_queries - granted)
+        if not hs:
+            del self._holds[client_id]
 
     def _copy_or_new(self, client_id: str) -> ClientState:
         s = self._states.get(client_id)
@@ -48,8 +71,14 @@ class MemoryLedger(Ledger):
     def _copy(s: ClientState) -> ClientState:
         return replace(s, extra=dict(s.extra), dist_counts=list(s.dist_counts) if s.dist_counts else s.dist_counts)
 
-    def _record_many(self, updates) -> List[ClientState]:
+    def _record_many(self, updates, commit) -> List[ClientState]:
         with self._lock:
+            for c, tok in commit:  # final: the queries stay counted
+                hs = self._holds.get(c)
+                if hs is not None:
+                    hs.pop(tok, None)
+                    if not hs:
+                        del self._holds[c]
             return [self._apply(*u) for u in updates]
 
     def _apply(self, client_id: str, queries: int, flagged: int, bins=None) -> ClientState:
@@ -76,15 +105,20 @@ class MemoryLedger(Ledger):
 
     def _get(self, client_id: str) -> ClientState:
         with self._lock:
+            self._sweep(client_id, now())
             return self._copy_or_new(client_id)
 
     def _clients(self) -> List[ClientState]:
         with self._lock:
+            t = now()
+            for c in list(self._holds):
+                self._sweep(c, t)
             return [self._copy(s) for _, s in sorted(self._states.items())]
 
     def _reset(self, client_id: str) -> None:
         with self._lock:
             self._states.pop(client_id, None)
+            self._holds.pop(client_id, None)
             self._windows.pop(client_id, None)
             self._dist_cur.pop(client_id, None)
 
@@ -93,6 +127,7 @@ class MemoryLedger(Ledger):
             s = self._states.get(client_id)
             if s is not None:
                 s.period, s.period_queries, s.period_flagged = None, 0, 0
+            self._holds.pop(client_id, None)
 
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         with self._lock:

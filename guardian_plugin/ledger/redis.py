@@ -11,6 +11,9 @@ server's clock); the rule is exactly SQLiteLedger's (see guardian_plugin.ledger.
                                             and the flagged ones recorded in it)
                                             dc, dp   (distribution test: the current and the last
                                             complete block's bin counts, "3,0,2")
+    <prefix>:{<namespace>}:h:<client id>   quota holds (base.Ledger.reserve_many): hold token ->
+                                            "period|granted|expires" (server time), until committed
+                                            (record_many's commit) or released after the lease
     <prefix>:{<namespace>}:w:<writer id>   last sequence number applied for one writer (see below)
 
 ``prefix`` defaults to ``guardian``; the namespace is percent-encoded, so namespaces never collide and
@@ -36,10 +39,10 @@ store is back. Writer keys expire after ``writer_ttl`` seconds (default 7 days) 
 Reservations carry (writer id, sequence number) too: the script leaves a receipt (the writer's last
 reservation: its sequence number, period and grants), so a resend of the same reservation (a retry
 after a connection error) grants nothing more and answers the recorded grants. One whose reply is lost
-raises LedgerUnavailable and grants nothing; the error carries ``release``: a callable that takes back
-what the server may have added to the period's counts (only while that period lasts; once, however
-often it runs), which the resilient wrapper runs when the store is back. Before, such a reservation
-counted against the client's quota until the period ended.
+raises LedgerUnavailable and grants nothing; the error carries ``release``: a callable that drops the
+holds the server may have made and takes their queries back from the period's counts (only while that
+period lasts; once, however often it runs), which the resilient wrapper runs when the store is back.
+The hold token of a reservation is its ``<writer id>.<seq>``; its lease is kept by the server's clock.
 
 redis-py is imported when a RedisLedger is made, so the package works without it.
 """
@@ -91,13 +94,39 @@ local function period_counts(k, cur)
   if tonumber(v[1]) ~= cur then return 0, 0 end
   return tonumber(v[2]) or 0, tonumber(v[3]) or 0
 end
+-- quota holds: hash hk, one field per hold token: "period|granted|expires" (server seconds).
+-- unhold: drop hold `tok` of client k; with `back`, its queries leave the period count they were added to
+local function unhold(k, hk, tok, back)
+  local h = redis.call('HGET', hk, tok)
+  if not h then return 0 end
+  redis.call('HDEL', hk, tok)
+  if back then
+    local per, g = string.match(h, '^(%d+)|(%d+)|')
+    local v = redis.call('HMGET', k, 'p', 'pq')
+    if tonumber(v[1]) == tonumber(per) and tonumber(g) > 0 then
+      redis.call('HSET', k, 'pq', math.max(0, (tonumber(v[2]) or 0) - tonumber(g)))
+    end
+  end
+  return 1
+end
+-- release client k's holds whose lease has passed at server time t
+local function sweep(k, hk, t)
+  local v = redis.call('HGETALL', hk)
+  for j = 1, #v, 2 do
+    local exp = tonumber(string.match(v[j + 1], '|([%d%.]+)$'))
+    if exp <= t then unhold(k, hk, v[j], true) end
+  end
+end
 """
 
-# KEYS[1]: writer key; KEYS[2..]: client hashes
+# KEYS[1]: writer key; KEYS[2..n+1]: client hashes of the n updates, then the hold hashes of m commits
 # ARGV: seq, writer_ttl, tau, rho, window, window_rho, retention_s, quota period_s (0: quotas off),
-# dist_bins, dist_block, then (queries, flagged, bins) per client; bins: base.counts_text, '-' for none
+# dist_bins, dist_block, m, then (queries, flagged, bins) per client (bins: base.counts_text, '-' for
+# none), then the m hold tokens to commit
 _LUA_RECORD = _LUA_COMMON + r"""
 local seq = tonumber(ARGV[1])
+local m = tonumber(ARGV[11])
+local n = #KEYS - 1 - m
 local tau, rho = tonumber(ARGV[3]), tonumber(ARGV[4])
 local win, wrho, ret = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local per, nb, blk = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -118,13 +147,16 @@ local function ints(text)
   for j = 1, nb do c[j] = t[j] or 0 end
   return c
 end
+if apply then
+  for j = 1, m do redis.call('HDEL', KEYS[1 + n + j], ARGV[11 + 3 * n + j]) end  -- final: stays counted
+end
 local out = {}
-for i = 2, #KEYS do
+for i = 2, n + 1 do
   local k = KEYS[i]
   if apply then
-    local q = tonumber(ARGV[11 + 3 * (i - 2)])
-    local f = tonumber(ARGV[12 + 3 * (i - 2)])
-    local bins = ARGV[13 + 3 * (i - 2)]
+    local q = tonumber(ARGV[12 + 3 * (i - 2)])
+    local f = tonumber(ARGV[13 + 3 * (i - 2)])
+    local bins = ARGV[14 + 3 * (i - 2)]
     local qq = redis.call('HINCRBY', k, 'q', q)
     local ff = redis.call('HINCRBY', k, 'f', f)
     redis.call('HSETNX', k, 'fs', now)
@@ -194,28 +226,35 @@ local function receipt(text)
 end
 """
 
-# KEYS[1]: the writer's receipt key; KEYS[2..]: client hashes. ARGV: quota, flagged_quota, period_s,
-# retention_s, seq, writer_ttl, then the queries asked per client. Per client: its state, then granted
-# and retry_after (0: none) -- RefusalRule.grant and .retry_after. A resend of the receipt's sequence
-# number grants nothing more and answers the recorded grants.
+# KEYS[1]: the writer's receipt key; KEYS[2..n+1]: client hashes, KEYS[n+2..2n+1]: their hold hashes.
+# ARGV: quota, flagged_quota, period_s, retention_s, seq, writer_ttl, hold token, lease_s, then the
+# queries asked per client. Per client: its state, then granted and retry_after (0: none) --
+# RefusalRule.grant and .retry_after. Expired holds of the clients are released first; the grants go
+# under the hold token. A resend of the receipt's sequence number grants nothing more and answers the
+# recorded grants.
 _LUA_RESERVE = _LUA_COMMON + _LUA_RECEIPT + r"""
 local quota, fquota, per, ret = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local seq = tonumber(ARGV[5])
+local tok, lease = ARGV[7], tonumber(ARGV[8])
+local nc = (#KEYS - 1) / 2
 local now, sec = clock()
+local t = tonumber(now)
 local cur = math.floor(sec / per)
 local rseq, rper, rg = receipt(redis.call('GET', KEYS[1]))
 local again = rseq == seq
 local grants = {}
 local out = {}
-for i = 2, #KEYS do
+for i = 2, nc + 1 do
   local k = KEYS[i]
-  local n = tonumber(ARGV[5 + i])
+  local hk = KEYS[i + nc]
+  local n = tonumber(ARGV[7 + i])
   local granted, retry = 0, 0
   local d = redis.call('HMGET', k, 'r', 'b')
   local denied = d[1] == '1' or d[2] == '1'
   if again then
     granted = rg[i - 1] or 0
   else
+    sweep(k, hk, t)
     if not denied then
       local pq, pf = period_counts(k, cur)
       if fquota > 0 and pf >= fquota then
@@ -228,7 +267,11 @@ for i = 2, #KEYS do
       if granted > 0 then
         ensure(k, now)
         redis.call('HSET', k, 'p', cur, 'pq', pq + granted, 'pf', pf)
-        if ret > 0 then redis.call('EXPIRE', k, ret) end
+        redis.call('HSET', hk, tok, cur .. '|' .. granted .. '|' .. string.format('%.6f', t + lease))
+        if ret > 0 then
+          redis.call('EXPIRE', k, ret)
+          redis.call('EXPIRE', hk, ret)
+        end
       end
     end
   end
@@ -247,22 +290,23 @@ end
 return out
 """
 
-# KEYS[1]: the writer's receipt key; KEYS[2..]: the reservation's client hashes; ARGV[1]: its seq.
-# Takes the receipt's grants back from the period counts while that period lasts, once. Returns 1 if
-# the reservation had run, else 0.
-_LUA_RELEASE = _LUA_RECEIPT + r"""
-local rseq, rper, rg = receipt(redis.call('GET', KEYS[1]))
+# KEYS: as _LUA_RESERVE's; ARGV[1]: its seq, ARGV[2]: its hold token. Releases the reservation's holds
+# (what it added to the period counts leaves them while that period lasts), once. Returns 1 if the
+# reservation had run, else 0.
+_LUA_RELEASE = _LUA_COMMON + _LUA_RECEIPT + r"""
+local rseq = receipt(redis.call('GET', KEYS[1]))
 if rseq ~= tonumber(ARGV[1]) then return 0 end
-for i = 2, #KEYS do
-  local k = KEYS[i]
-  local g = rg[i - 1] or 0
-  local v = redis.call('HMGET', k, 'p', 'pq')
-  if g > 0 and tonumber(v[1]) == rper then
-    redis.call('HSET', k, 'pq', math.max(0, (tonumber(v[2]) or 0) - g))
-  end
-end
+local nc = (#KEYS - 1) / 2
+for i = 2, nc + 1 do unhold(KEYS[i], KEYS[i + nc], ARGV[2], true) end
 redis.call('DEL', KEYS[1])
 return 1
+"""
+
+# KEYS[1]: client hash, KEYS[2]: its hold hash. A read: releases the expired holds, returns the state.
+_LUA_READ = _LUA_COMMON + r"""
+local now = clock()
+sweep(KEYS[1], KEYS[2], tonumber(now))
+return state(KEYS[1])
 """
 
 # KEYS[1]: client hash; ARGV: blocked (0/1), retention_s. Unblocking an unknown client creates nothing.
@@ -340,9 +384,11 @@ class RedisLedger(Ledger):
         ns = quote(namespace, safe="")
         self._base = f"{self.prefix}:{{{ns}}}:"
         self._client_prefix = self._base + "c:"
+        self._hold_prefix = self._base + "h:"
         self._record = self.r.register_script(_LUA_RECORD)
         self._reserve = self.r.register_script(_LUA_RESERVE)
         self._release = self.r.register_script(_LUA_RELEASE)
+        self._read = self.r.register_script(_LUA_READ)
         self._block = self.r.register_script(_LUA_BLOCK)
         self._local = threading.local()
 
@@ -361,6 +407,10 @@ class RedisLedger(Ledger):
     # ----------------------------------------------------------------------------- keys
     def key(self, client_id: str) -> str:
         return self._client_prefix + client_id
+
+    def hold_key(self, client_id: str) -> str:
+        """The client's quota holds (see _LUA_COMMON's unhold)."""
+        return self._hold_prefix + client_id
 
     def _writer(self):
         """This thread's (writer key, next sequence number)."""
@@ -391,28 +441,28 @@ class RedisLedger(Ledger):
         return [self.writer_ttl_s, r.tau, repr(float(r.rho)), r.window, repr(float(r.window_rho)), self.retention_s,
                 r.quota_period_s if r.quotas else 0, r.dist_bins, r.dist_block]
 
-    def _run_record(self, updates: List[tuple], writer: str, seq: int) -> List[ClientState]:
-        keys = [writer] + [self.key(u[0]) for u in updates]
-        args = [seq] + self._argv_rule()
+    def _run_record(self, updates: List[tuple], writer: str, seq: int, commit=()) -> List[ClientState]:
+        keys = [writer] + [self.key(u[0]) for u in updates] + [self.hold_key(c) for c, _ in commit]
+        args = [seq] + self._argv_rule() + [len(commit)]
         for _, q, f, *bins in updates:
             args += [q, f, counts_text(bins[0]) if bins else "-"]
-        out = self._record(keys=keys, args=args)
+        out = self._record(keys=keys, args=args + [tok for _, tok in commit])
         return [self._state(u[0], v) for u, v in zip(updates, out)]
 
-    def _replayable(self, updates: List[tuple], writer: str, seq: int) -> List[ClientState]:
+    def _replayable(self, updates: List[tuple], writer: str, seq: int, commit=()) -> List[ClientState]:
         try:
-            return self._call(self._run_record, updates, writer, seq)
+            return self._call(self._run_record, updates, writer, seq, commit)
         except LedgerUnavailable as err:
-            # the same (writer, seq): applied at most once however often it is replayed
-            err.replay = functools.partial(self._replayable, updates, writer, seq)
+            # the same (writer, seq): applied at most once however often it is replayed (commits included)
+            err.replay = functools.partial(self._replayable, updates, writer, seq, commit)
             err.updates = list(updates)
             raise
 
     # ------------------------------------------------------------------ Ledger operations
-    def _record_many(self, updates) -> List[ClientState]:
+    def _record_many(self, updates, commit) -> List[ClientState]:
         writer, seq = self._writer()
         try:
-            return self._replayable(updates, writer, seq)
+            return self._replayable(updates, writer, seq, commit)
         except LedgerUnavailable:
             self._retire_writer()  # never send a newer sequence number under a writer with one in doubt
             raise
@@ -420,20 +470,31 @@ class RedisLedger(Ledger):
     def _reserve_many(self, requests) -> List[Reservation]:
         r = self.rule
         writer, seq = self._writer()
-        keys = [writer + ":r"] + [self.key(c) for c, _ in requests]
-        args = [r.quota, r.flagged_quota, r.quota_period_s, self.retention_s, seq, self.writer_ttl_s]
+        token = f"{writer.rsplit(':', 1)[-1]}.{seq}"  # the hold: this reservation's (writer, seq)
+        keys = [writer + ":r"] + [self.key(c) for c, _ in requests] + [self.hold_key(c) for c, _ in requests]
+        args = [r.quota, r.flagged_quota, r.quota_period_s, self.retention_s, seq, self.writer_ttl_s, token,
+                r.quota_lease_s]
         try:
             out = self._call(self._reserve, keys, args + [n for _, n in requests])
         except LedgerUnavailable as err:
             self._retire_writer()  # never send a newer sequence number under a writer with one in doubt
-            err.release = functools.partial(self._call, self._release, keys, [seq])
+            err.release = functools.partial(self._call, self._release, keys, [seq, token])
             raise
-        return [Reservation(self._state(c, v), int(v[13]), int(v[14]) or None) for (c, _), v in zip(requests, out)]
+        return [Reservation(self._state(c, v), int(v[13]), int(v[14]) or None, token if int(v[13]) else None)
+                for (c, _), v in zip(requests, out)]
 
     def _get(self, client_id: str) -> ClientState:
-        return self._hash_state(client_id, self.r.hmget(self.key(client_id), *_FIELDS))
+        return self._state(client_id, self._read(keys=[self.key(client_id), self.hold_key(client_id)]))
+
+    def _sweep_all(self) -> None:
+        """Release every expired hold of the namespace (a read of all clients does this first)."""
+        prefix = self._hold_prefix
+        for hk in set(self.r.scan_iter(match=_glob_escape(prefix) + "*", count=1000)):
+            c = hk.decode("utf-8", "surrogateescape")[len(prefix):]
+            self._read(keys=[self.key(c), hk])
 
     def _clients(self) -> List[ClientState]:
+        self._sweep_all()
         pattern = _glob_escape(self._client_prefix) + "*"
         keys = sorted(set(self.r.scan_iter(match=pattern, count=1000)))
         out = []
@@ -449,10 +510,13 @@ class RedisLedger(Ledger):
         return sorted(out, key=lambda s: s.client_id)
 
     def _reset(self, client_id: str) -> None:
-        self.r.delete(self.key(client_id))
+        self.r.delete(self.key(client_id), self.hold_key(client_id))
 
     def _reset_quota(self, client_id: str) -> None:
-        self.r.hdel(self.key(client_id), "p", "pq", "pf")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(self.key(client_id), "p", "pq", "pf")
+        pipe.delete(self.hold_key(client_id))
+        pipe.execute()
 
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         v = self._block(keys=[self.key(client_id)], args=["1" if blocked else "0", self.retention_s])

@@ -18,7 +18,8 @@ store is down loses what only it held.
 
 In closed mode a batch whose update failed is answered 503, yet its queries did reach the model and
 were inspected, so they are counted as well once the store returns: the store then holds every query
-that passed the refusal check.
+that passed the refusal check. The quota holds such an update commits are kept with its counts and
+committed with them (a replay carries its own); holds whose lease ended meanwhile were released.
 
 Quotas (:meth:`Ledger.reserve_many`): while the store is up reservations go to it. While it is down,
 closed mode raises LedgerUnavailable (nothing is granted) and open mode grants every query asked for,
@@ -75,6 +76,7 @@ class ResilientLedger(Ledger):
         self._pending: "OrderedDict[str, list]" = OrderedDict()
         self._replays: List[_Replay] = []  # updates that may or may not be in the store
         self._releases: List[Callable[[], object]] = []  # reservations to take back (fate unknown)
+        self._commits: List[Tuple[str, str]] = []  # (client, hold token): holds to commit with _pending
         self._known: "OrderedDict[str, ClientState]" = OrderedDict()  # open mode: last state per client
         self._known_cap = known_clients
         self._local_refused: Dict[str, int] = {}  # open mode: refused here while the store was down
@@ -100,7 +102,7 @@ class ResilientLedger(Ledger):
             return q, f
 
     def _has_pending(self) -> bool:
-        return bool(self._pending) or bool(self._replays) or bool(self._releases)
+        return bool(self._pending) or bool(self._replays) or bool(self._releases) or bool(self._commits)
 
     # ------------------------------------------------------------------- failure handling
     def _mark_down(self, err: BaseException) -> None:
@@ -133,9 +135,10 @@ class ResilientLedger(Ledger):
     def _due(self) -> bool:
         return self._down_since is None or time.monotonic() >= self._retry_at
 
-    def _keep(self, updates: Iterable[tuple]) -> None:
+    def _keep(self, updates: Iterable[tuple], commit: Iterable[Tuple[str, str]] = ()) -> None:
         with self._lock:
             self._merge_pending(updates)
+            self._commits.extend(p for p in commit if p not in self._commits)
         self._ensure_flusher()
 
     def _merge_pending(self, updates: Iterable[tuple]) -> None:
@@ -162,12 +165,13 @@ class ResilientLedger(Ledger):
                 self._releases.append(err.release)
             self._ensure_flusher()
 
-    def _absorb_failure(self, err: LedgerUnavailable, updates: List[tuple]) -> None:
-        """Keep the counts of a failed update: as a replay if its fate is unknown, else as counts."""
+    def _absorb_failure(self, err: LedgerUnavailable, updates: List[tuple], commit=()) -> None:
+        """Keep the counts of a failed update (and the holds it commits): as a replay if its fate is
+        unknown (the replay commits them too), else as counts."""
         if getattr(err, "replay", None) is not None:
             self._keep_replay(err, updates)
         else:
-            self._keep(updates)
+            self._keep(updates, commit)
 
     def flush(self) -> bool:
         """Write everything held here into the store; True when nothing is left. Safe to call anytime."""
@@ -178,6 +182,7 @@ class ResilientLedger(Ledger):
                 replays, self._replays = self._replays, []
                 pending, self._pending = self._pending, OrderedDict()
                 releases, self._releases = self._releases, []
+                commits, self._commits = self._commits, []
             done = 0
             try:
                 while releases:
@@ -189,21 +194,22 @@ class ResilientLedger(Ledger):
                     self._remember(states)
                     replays.pop(0)
                     done += 1
-                if pending:
+                if pending or commits:
                     batch = self._as_updates(pending)
                     try:
-                        self._remember(self.inner.record_many(batch))
+                        self._remember(self.inner.record_many(batch, commit=commits))
                     except LedgerUnavailable as e:
-                        pending = OrderedDict()  # handed over to the replay or kept again below
-                        self._absorb_failure(e, batch)
+                        held, pending, commits = commits, OrderedDict(), []  # handed over to the replay or kept
+                        self._absorb_failure(e, batch, held)
                         raise
                     done += 1
-                    pending = OrderedDict()
+                    pending, commits = OrderedDict(), []
             except LedgerUnavailable as e:
                 with self._lock:
                     self._releases[:0] = releases
                     self._replays[:0] = replays  # a failed replay keeps its token: retry it as it was
                     self._merge_pending(self._as_updates(pending))
+                    self._commits[:0] = [p for p in commits if p not in self._commits]
                 self.stats["flushed_updates"] += done
                 self._mark_down(e)
                 return False
@@ -295,9 +301,9 @@ class ResilientLedger(Ledger):
             raise err
         return None, err
 
-    def _record_many(self, updates: List[tuple]) -> List[ClientState]:
-        states, err = self._attempt(lambda: self.inner.record_many(updates),
-                                    lambda e: self._absorb_failure(e, updates))
+    def _record_many(self, updates: List[tuple], commit: List[Tuple[str, str]]) -> List[ClientState]:
+        states, err = self._attempt(lambda: self.inner.record_many(updates, commit),
+                                    lambda e: self._absorb_failure(e, updates, commit))
         if err is None:
             self._remember(states)
             return states

@@ -22,8 +22,8 @@ from urllib.parse import parse_qsl
 
 from guardian_plugin.errors import ConfigError
 from guardian_plugin.ledger.base import (DEFAULT_RETENTION_S, ClientState, Ledger, RefusalRule, Reservation,
-                                         counts_text, dist_push, now, parse_duration, register_ledger, stored_state,
-                                         text_counts, window_push)
+                                         counts_text, dist_push, new_hold_token, now, parse_duration, register_ledger,
+                                         stored_state, text_counts, window_push)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -49,6 +49,19 @@ _ADDED_COLUMNS = {
     "dprev": "TEXT",  # distribution test: the last complete block's
 }
 _INDEX = "CREATE INDEX IF NOT EXISTS clients_last_seen ON clients(namespace, last_seen)"  # for pruning
+# quota holds (base.Ledger.reserve_many): one row per (reservation, client) until committed or released
+_HOLDS = """
+CREATE TABLE IF NOT EXISTS holds (
+    namespace TEXT NOT NULL,
+    token TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    period INTEGER NOT NULL,
+    granted INTEGER NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (namespace, token, client_id)
+)
+"""
+_HOLDS_INDEX = "CREATE INDEX IF NOT EXISTS holds_expires ON holds(namespace, expires, client_id)"
 PRUNE_INTERVAL_S = 60.0
 
 
@@ -110,6 +123,8 @@ class SQLiteLedger(Ledger):
                 if col not in have:
                     con.execute(f"ALTER TABLE clients ADD COLUMN {col} {typ}")
             con.execute(_INDEX)
+            con.execute(_HOLDS)
+            con.execute(_HOLDS_INDEX)
 
     def _unavailable(self, e: Exception) -> bool:
         """A locked, unreadable, unwritable or corrupt file, or one that is not a database (the
@@ -217,17 +232,53 @@ class SQLiteLedger(Ledger):
             row.update(new)
         return self._row_to_state(client_id, tuple(row.values()))
 
-    def _record_many(self, updates) -> List[ClientState]:
+    def _record_many(self, updates, commit) -> List[ClientState]:
         with self._tx() as con:
             self._prune(con)
+            con.executemany("DELETE FROM holds WHERE namespace=? AND token=? AND client_id=?",
+                            [(self.namespace, tok, c) for c, tok in commit])  # final: the queries stay counted
             return [self._apply(con, *u) for u in updates]
 
     def _reserve_many(self, requests) -> List[Reservation]:
         with self._tx() as con:  # one write transaction: no other process reserves in between
             t = now()
-            return [self._admit(self._row_to_state(c, self._select(con, c)), n, t,
+            self._sweep(con, t)
+            token = new_hold_token()
+            out = []
+            for c, n in requests:
+                r = self._admit(self._row_to_state(c, self._select(con, c)), n, t,
                                 lambda period, pq, pf, c=c: self._set_period(con, c, t, period, pq, pf))
-                    for c, n in requests]
+                if r.granted:
+                    con.execute("INSERT INTO holds VALUES (?,?,?,?,?,?)", (self.namespace, token, c, r.state.period,
+                                                                           r.granted, t + self.rule.quota_lease_s))
+                    r.hold = token
+                out.append(r)
+            return out
+
+    _EXPIRED = "FROM holds WHERE namespace=? AND expires<=?"
+
+    def _sweep(self, con, t: float, client_id=None) -> None:
+        """Release the holds whose lease has passed (of one client, or of the namespace): their queries
+        leave the period count they were added to. Inside the caller's write transaction."""
+        where, args = self._EXPIRED, (self.namespace, t)
+        if client_id is not None:
+            where, args = where + " AND client_id=?", args + (client_id,)
+        expired = con.execute(f"SELECT client_id, period, SUM(granted) {where} GROUP BY client_id, period",
+                              args).fetchall()
+        for c, period, granted in expired:
+            con.execute("UPDATE clients SET pq = MAX(0, pq - ?) WHERE namespace=? AND client_id=? AND period=?",
+                        (granted, self.namespace, c, period))
+        if expired:
+            con.execute(f"DELETE {where}", args)
+
+    def _sweep_if_due(self, client_id=None) -> None:
+        """A read releases expired holds first (a write transaction only when there are some)."""
+        where, args = self._EXPIRED, (self.namespace, now())
+        if client_id is not None:
+            where, args = where + " AND client_id=?", args + (client_id,)
+        if self._con().execute(f"SELECT 1 {where} LIMIT 1", args).fetchone() is not None:
+            with self._tx() as con:
+                self._sweep(con, now(), client_id)
 
     def _ensure_row(self, con, client_id: str, t: float) -> None:
         con.execute("INSERT INTO clients(namespace, client_id, first_seen, last_seen) VALUES (?,?,?,?)"
@@ -239,9 +290,11 @@ class SQLiteLedger(Ledger):
         return self._row_to_state(client_id, self._select(con, client_id))
 
     def _get(self, client_id: str) -> ClientState:
+        self._sweep_if_due(client_id)
         return self._row_to_state(client_id, self._select(self._con(), client_id))
 
     def _clients(self) -> List[ClientState]:
+        self._sweep_if_due()
         rows = self._con().execute(
             f"SELECT client_id, {self._COLS} FROM clients WHERE namespace=? ORDER BY client_id",
             (self.namespace,),
@@ -251,10 +304,12 @@ class SQLiteLedger(Ledger):
     def _reset(self, client_id: str) -> None:
         with self._tx() as con:
             con.execute("DELETE FROM clients WHERE namespace=? AND client_id=?", (self.namespace, client_id))
+            con.execute("DELETE FROM holds WHERE namespace=? AND client_id=?", (self.namespace, client_id))
 
     def _reset_quota(self, client_id: str) -> None:
         with self._tx() as con:
             self._update(con, client_id, period=None, pq=0, pf=0)
+            con.execute("DELETE FROM holds WHERE namespace=? AND client_id=?", (self.namespace, client_id))
 
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         key = (self.namespace, client_id)
