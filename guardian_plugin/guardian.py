@@ -411,17 +411,28 @@ class Guardian:
         cut: Dict[int, Denial] = {}
         start_q = {c: known[c].queries for c in per_client}
         while pending:
-            plan = {}
+            plan, refuse_at = {}, {}
             for c, rows in pending.items():
                 k = first_crossing(rule, known[c], [counted[i] for i in rows])
                 n = len(rows) if k is None else k[0] + 1
+                if k is not None and k[1] == "rule":
+                    # the cumulative rule, predicted exactly: crossed inside a request of several rows (before
+                    # its last one), that request is not answered, so it is not counted either: the rows
+                    # before it are recorded and the client is refused as it stands
+                    start = next(j for j, i in enumerate(rows) if adm[i] is adm[rows[k[0]]])
+                    if any(adm[i] is adm[rows[k[0]]] for i in rows[k[0] + 1:]):
+                        n = refuse_at[c] = start
                 if seg_cap:
                     n = min(n, seg_cap)
                 plan[c] = rows[:n]
-            updates = [self._update(c, [counted[i] for i in rows], [bins[i] for i in rows]) for c, rows in plan.items()]
+            updates = [self._update(c, [counted[i] for i in rows], [bins[i] for i in rows])
+                       for c, rows in plan.items() if rows]
             commit, holds = holds, ()
-            for st in self.ledger.record_many(updates, commit=commit):
-                c = st.client_id
+            recorded = {st.client_id: st for st in self.ledger.record_many(updates, commit=commit)}
+            for c in plan:
+                st = recorded.get(c) or known[c]
+                if refuse_at.get(c) == len(plan[c]) and not st.denied:  # reached the request that crosses
+                    st = self.ledger.refuse(c)
                 done, rest = plan[c], pending[c][len(plan[c]):]
                 states[c] = st
                 stop = self._stop(st)
@@ -456,7 +467,7 @@ class Guardian:
         for c, rows in per_client.items():
             k = first_crossing(rule, known[c], [counted[i] for i in rows])
             if k is not None and k[0] + 1 < len(rows):
-                denial = REFUSED if k[1] == "refused" else quota_exceeded(rule.retry_after(time.time()))
+                denial = quota_exceeded(rule.retry_after(time.time())) if k[1] == "quota" else REFUSED
                 for i in rows[k[0] + 1:]:
                     cut[i] = denial
         whole_requests(adm, per_client, cut)
@@ -514,8 +525,9 @@ def holds_of(admissions: Sequence[Admission]) -> List[tuple]:
 
 def first_crossing(rule, state, counted: Sequence[bool]) -> Optional[Tuple[int, str]]:
     """The index of the first of ``counted`` (one bool per row, in order: counted as flagged) after which
-    ``rule`` would deny a client that starts in ``state``, and why (``refused``: the refusal rule or the
-    sliding window; ``quota``: the flagged quota); None when it would not within these rows. The sliding window is predicted
+    ``rule`` would deny a client that starts in ``state``, and why (``rule``: the cumulative refusal
+    rule; ``window``: the sliding window; ``quota``: the flagged quota); None when it would not within
+    these rows. The sliding window is predicted
     conservatively (rows leaving a full window are taken to have been unflagged), so the prediction is
     never later than the store's own decision."""
     q, f = state.queries, state.flagged
@@ -529,9 +541,9 @@ def first_crossing(rule, state, counted: Sequence[bool]) -> Optional[Tuple[int, 
             wl = min(wl + 1, rule.window)
             wf = min(wf + int(c), wl)
             if rule.window_triggered("1" * wf + "0" * (wl - wf)):
-                return k, "refused"
+                return k, "window"
         if rule.triggered(q, f):
-            return k, "refused"
+            return k, "rule"
         if rule.flagged_quota:
             pf += int(c)
             if pf >= rule.flagged_quota:

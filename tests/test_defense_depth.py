@@ -346,5 +346,6 @@ def test_one_big_request_buys_no_more_answers_than_single_image_requests(victim,
     assert singles < 2000, "the single-image client was never refused: the test shows nothing"
     assert at_once <= singles, (at_once, singles)
     assert g.ledger.get("all-at-once").refused
-    # what the ledger counted is what the rule needed to refuse, never more than the single-image client's
-    assert g.ledger.get("all-at-once").queries <= singles
+    # the request was not answered, so none of it is counted; the BatchNorm-eval client's first 200 rows are
+    # (its distribution-test block had to complete before its crossing could be known)
+    assert g.ledger.get("all-at-once").queries == (0 if kind == "dfme-like" else 200)

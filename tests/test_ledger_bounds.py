@@ -17,7 +17,7 @@ from guardian_plugin.ledger.base import RefusalRule, default_tau
 from guardian_plugin.ledger.resilient import ResilientLedger
 from ledger_fixtures import fresh_namespace, open_backend, redis_uri, redis_url  # noqa: F401
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "resilient"]
 
 
 def test_one_default_tau():
@@ -64,6 +64,22 @@ def test_unblocking_an_unknown_client_creates_nothing(kind, tmp_path):
     s = led.set_blocked("ghost", False)
     assert not s.known and not s.denied and led.clients() == []
     assert led.set_blocked("ghost", True).known and [c.client_id for c in led.clients()] == ["ghost"]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_refuse_is_sticky_and_adds_no_counts(kind, tmp_path):
+    """Ledger.refuse (a client that crossed the rule inside a request that was not answered): refused
+    at its current count, nothing added, the first refusal kept, unblock lifts it as it lifts the rule's."""
+    led = open_backend(kind, RefusalRule(tau=4), fresh_namespace("ref"), tmp_path)
+    led.record_many([("c", 3, 2)])
+    s = led.refuse("c")
+    assert (s.queries, s.flagged, s.refused, s.refused_at_query, s.blocked) == (3, 2, True, 3, False)
+    led.record_many([("c", 2, 0)])
+    s = led.refuse("c")
+    assert (s.queries, s.refused, s.refused_at_query) == (5, True, 3)
+    assert led.get("c").refused and led.reserve_many([("c", 1)])[0].granted == 0
+    assert led.refuse("new").refused and led.get("new").queries == 0
+    assert not led.set_blocked("c", False).refused
 
 
 def test_sqlite_failures_become_ledger_unavailable(tmp_path):

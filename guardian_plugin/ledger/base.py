@@ -435,6 +435,12 @@ class Ledger(ABC):
         the counts; unblocking an unknown client changes nothing (no row is created)."""
         return self._call(self._set_blocked, check_client_id(client_id), bool(blocked))
 
+    def refuse(self, client_id: str) -> ClientState:
+        """Refuse the client now (sticky, as the rule does) without adding to its counts:
+        ``refused_at_query`` is its query count. Guardian.inspect uses it when a client crosses the rule
+        inside a request of several images, which is then not answered, so none of it is counted."""
+        return self._call(self._refuse, check_client_id(client_id))
+
     def close(self) -> None:
         pass
 
@@ -500,6 +506,9 @@ class Ledger(ABC):
 
     @abstractmethod
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState: ...
+
+    @abstractmethod
+    def _refuse(self, client_id: str) -> ClientState: ...
 
     @abstractmethod
     def _reset_quota(self, client_id: str) -> None: ...

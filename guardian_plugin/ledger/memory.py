@@ -129,6 +129,13 @@ class MemoryLedger(Ledger):
                 s.period, s.period_queries, s.period_flagged = None, 0, 0
             self._holds.pop(client_id, None)
 
+    def _refuse(self, client_id: str) -> ClientState:
+        with self._lock:
+            s = self._new(client_id, now())
+            if not s.refused:
+                s.refused, s.refused_at_query = True, s.queries
+            return self._copy(s)
+
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         with self._lock:
             s = self._states.get(client_id)

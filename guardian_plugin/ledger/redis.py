@@ -309,14 +309,20 @@ sweep(KEYS[1], KEYS[2], tonumber(now))
 return state(KEYS[1])
 """
 
-# KEYS[1]: client hash; ARGV: blocked (0/1), retention_s. Unblocking an unknown client creates nothing.
+# KEYS[1]: client hash; ARGV: blocked (0/1, or 'r': refused by the rule, counts unchanged), retention_s.
+# Unblocking an unknown client creates nothing.
 _LUA_BLOCK = _LUA_COMMON + r"""
-if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then return state(KEYS[1]) end
+if ARGV[1] == '0' and redis.call('EXISTS', KEYS[1]) == 0 then return state(KEYS[1]) end
 local now = clock()
 local k = KEYS[1]
 ensure(k, now)
 if ARGV[1] == '1' then
   redis.call('HSET', k, 'b', '1')
+  redis.call('PERSIST', k)
+elseif ARGV[1] == 'r' then
+  if redis.call('HGET', k, 'r') ~= '1' then
+    redis.call('HSET', k, 'r', '1', 'at', redis.call('HGET', k, 'q') or '0')
+  end
   redis.call('PERSIST', k)
 else
   redis.call('HSET', k, 'b', '0', 'r', '0')
@@ -517,6 +523,9 @@ class RedisLedger(Ledger):
         pipe.hdel(self.key(client_id), "p", "pq", "pf")
         pipe.delete(self.hold_key(client_id))
         pipe.execute()
+
+    def _refuse(self, client_id: str) -> ClientState:
+        return self._state(client_id, self._block(keys=[self.key(client_id)], args=["r", self.retention_s]))
 
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         v = self._block(keys=[self.key(client_id)], args=["1" if blocked else "0", self.retention_s])

@@ -351,6 +351,15 @@ class ResilientLedger(Ledger):
                 self._known[client_id] = replace(self._known[client_id], period=None, period_queries=0,
                                                  period_flagged=0)
 
+    def _refuse(self, client_id: str) -> ClientState:
+        s, err = self._attempt(lambda: self.inner.refuse(client_id))
+        if err is None:
+            self._remember([s])
+            return s
+        with self._lock:  # open mode, store down: refused here until the store is back
+            self._local_refused.setdefault(client_id, self._local_state(client_id).queries)
+        return self._local_state(client_id)
+
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         s = self.inner.set_blocked(client_id, blocked)
         self._remember([s])

@@ -311,6 +311,13 @@ class SQLiteLedger(Ledger):
             self._update(con, client_id, period=None, pq=0, pf=0)
             con.execute("DELETE FROM holds WHERE namespace=? AND client_id=?", (self.namespace, client_id))
 
+    def _refuse(self, client_id: str) -> ClientState:
+        with self._tx() as con:
+            self._ensure_row(con, client_id, now())
+            con.execute("UPDATE clients SET refused=1, refused_at_query=queries WHERE namespace=? AND client_id=?"
+                        " AND refused=0", (self.namespace, client_id))
+            return self._row_to_state(client_id, self._select(con, client_id))
+
     def _set_blocked(self, client_id: str, blocked: bool) -> ClientState:
         key = (self.namespace, client_id)
         with self._tx() as con:
