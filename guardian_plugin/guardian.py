@@ -234,6 +234,8 @@ class Guardian:
         this check the model would answer an input the detector never saw. Both adapters call it on every
         row before inference. (The evaluation harness's in-process targets send tensors, not images, and
         do not: see guardian_plugin.attacks.target.)"""
+        if inputs.dim() != 4:  # not an image batch: the model's own checks answer it (400 BadInput)
+            return [None] * inputs.shape[0]
         lo, hi = (v.float().cpu() for v in self.detector.pixel_range(inputs.to(self.device)))
         out: List[Optional[Denial]] = []
         for a, b in zip(lo.tolist(), hi.tolist()):
@@ -487,8 +489,18 @@ class Guardian:
         known = {}
         for c, rows in per_client.items():
             seen = [adm[i].state for i in rows if adm[i].state is not None]
-            known[c] = max(seen, key=lambda st: st.queries) if seen else self.ledger.get(c)
+            known[c] = max(seen, key=lambda st: st.queries) if seen else self._read_state(c)
         return known
+
+    def _read_state(self, client: str):
+        """A client's state read from the ledger; with the store down, a blank one (the prediction then
+        says nothing, and recording meets the store's failure as it always did)."""
+        try:
+            return self.ledger.get(client)
+        except LedgerUnavailable:
+            from guardian_plugin.ledger.base import ClientState
+
+            return ClientState(client)
 
     def _stop(self, st) -> Optional[Denial]:
         """Why a client's further rows in a batch are not answered after the store returned ``st``."""
