@@ -233,6 +233,19 @@ def parse_config(raw: Any, source: str = "<config>", base_dir: str | None = None
     return cfg
 
 
+def operator_config(config: Optional[str] = None, archive: Optional[str] = None) -> Optional[GuardConfig]:
+    """The guard config the operator tools (``guardian clients``, ``guardian keys``) take their ledger,
+    namespace and rule from: ``--config guard.yaml``, or ``--archive MAR``, the config a protected
+    archive embeds (its namespace is the model's name); None when neither is given."""
+    if config and archive:
+        raise ConfigError("give --config or --archive, not both")
+    if archive:
+        from guardian_plugin.handlers.archive import archive_guard_config
+
+        return archive_guard_config(archive)
+    return load_config(config) if config else None
+
+
 def load_config(path: str) -> GuardConfig:
     """Read a guard YAML file; relative ``detector`` paths are taken relative to the file."""
     return parse_config(read_yaml(path), path, base_dir=os.path.dirname(os.path.abspath(path)))

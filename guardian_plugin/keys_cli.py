@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     common.add_argument("--ledger", help="ledger URI: sqlite:///path.db, redis://host:6379/0")
     common.add_argument("--namespace", default=None, help="protected model's namespace (default: 'default')")
     common.add_argument("--config", help="guard YAML: ledger, namespace and key secret from there")
+    common.add_argument("--archive", help="a `guardian protect`ed .mar: its embedded guard config (the namespace is "
+                                          "the model's name)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = command_group(subparsers, "keys", "issue, list and revoke API keys", __doc__)
     ip = sub.add_parser("issue", parents=[common], help="a new key (printed once)")
@@ -51,14 +53,14 @@ def register(subparsers) -> None:
 
 
 def _settings(args):
-    uri, ns, cfg = args.ledger, args.namespace, None
-    if args.config:
-        from guardian_plugin.config import load_config
+    from guardian_plugin.config import operator_config
 
-        cfg = load_config(args.config)
+    uri, ns = args.ledger, args.namespace
+    cfg = operator_config(args.config, args.archive)
+    if cfg is not None:
         uri, ns = uri or cfg.ledger, ns or cfg.namespace
     if not uri:
-        raise ConfigError("give the ledger: --ledger URI or --config guard.yaml")
+        raise ConfigError("give the ledger: --ledger URI, --config guard.yaml or --archive PROTECTED.mar")
     return uri, ns or "default", cfg
 
 

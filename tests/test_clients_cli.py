@@ -204,3 +204,30 @@ def test_console_script(populated):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert {c["client_id"] for c in json.loads(r.stdout)["clients"]} == {"alice", "mallory", "eve"}
+
+
+def test_archive_supplies_the_protected_models_namespace(tmp_path, capsys):
+    """`guardian protect` writes the ledger under the model's name: `clients list --archive MAR` (and `keys
+    list --archive MAR`) read the embedded guard config, so they find the clients a worker counted; a
+    plain --ledger without a namespace says where to look."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    from examples.mnist import serving as ex
+    from guardian_plugin.devserver.torchserve import build_archive
+    from guardian_plugin.handlers.archive import protect
+
+    uri = f"sqlite:///{tmp_path}/ledger.db"
+    guard = ex.guard_yaml(str(tmp_path / "guard.yaml"), uri, tau=4)
+    mar = build_archive("digits", ex.VICTIM_TS, ex.MNIST_HANDLER, str(tmp_path / "build"))
+    out = str(tmp_path / "digits_g.mar")
+    protect(mar, ex.DETECTOR, out, config=guard)
+    open_ledger(uri, RefusalRule(tau=4), "digits").record("alice", 3, 0)  # what a worker of it counts
+    rc, text, _ = run(capsys, "clients", "list", "--archive", out, "--json")
+    doc = json.loads(text)
+    assert rc == 0 and doc["namespace"] == "digits" and [c["client_id"] for c in doc["clients"]] == ["alice"]
+    rc, text, err = run(capsys, "clients", "list", "--ledger", uri)
+    assert rc == 0 and "alice" not in text and "--archive" in err and "'default' has no clients" in err
+    rc, text, _ = run(capsys, "keys", "list", "--archive", out, "--json")
+    assert rc == 0 and "namespace=digits" in json.loads(text)["store"]
+    rc, _, err = run(capsys, "clients", "list", "--archive", out, "--config", guard)
+    assert rc == 2 and "not both" in err

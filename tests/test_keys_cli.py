@@ -112,7 +112,7 @@ def test_config_gives_ledger_namespace_and_secret(tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize("argv,message", [
     (["issue", "--owner", "o", "--ledger", "memory://"], "GUARDIAN_KEY_SECRET"),
     (["issue", "--owner", "o", "--client-id", "no spaces", "--ledger", "memory://"], "1-64 characters"),
-    (["issue", "--owner", "o"], "--ledger URI or --config"),
+    (["issue", "--owner", "o"], "--ledger URI, --config guard.yaml or --archive"),
     (["list", "--ledger", "sqlite:////nonexistent/dir/x.db"], "no such SQLite file"),
     (["revoke", "c1", "--ledger", "redis://127.0.0.1:1/0"], "redis key store"),
 ])

@@ -55,6 +55,17 @@ def read_archive(path: str) -> Tuple[dict, Dict[str, bytes]]:
     return manifest, files
 
 
+def archive_guard_config(path: str):
+    """The guard config (GuardConfig) a `guardian protect`ed archive embeds: its ledger, namespace (the
+    model's name unless the config gave one), rule and identity, for the operator tools
+    (``guardian clients|keys ... --archive MAR``)."""
+    from guardian_plugin.handlers.settings import read_settings
+
+    manifest, files = read_archive(path)
+    name, cfg = model_config(manifest, files)
+    return read_settings(cfg, os.path.dirname(os.path.abspath(path)), source=f"{path}: {name}")[1]
+
+
 def write_archive(path: str, manifest: dict, files: Dict[str, bytes]) -> str:
     files = dict(files)
     files[MANIFEST] = json.dumps(manifest, indent=2).encode()

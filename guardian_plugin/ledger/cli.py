@@ -7,7 +7,9 @@
     guardian clients block   CLIENT [CLIENT ...] --ledger URL [--create]  # refuse by hand
     guardian clients unblock CLIENT [CLIENT ...] --ledger URL      # lift a block or a rule refusal
 
-``--config guard.yaml`` takes the ledger, namespace and rule from a guard config instead; ``--window``,
+``--config guard.yaml`` takes the ledger, namespace and rule from a guard config instead, ``--archive
+PROTECTED.mar`` from the config a `guardian protect`ed archive embeds (whose namespace is the model's
+name unless its config gave one: without either, the namespace is 'default'); ``--window``,
 ``--quota``, ``--flagged-quota`` and ``--quota-period`` override the rule's. With quotas (or once a
 client has quota counts) the tables show the current quota period's counts (``PERIOD_Q``, ``PERIOD_F``,
 as used/quota when a quota is set): give the period the guard uses (``--quota-period``, default 1d).
@@ -37,6 +39,8 @@ def register(subparsers) -> None:
     common.add_argument("--ledger", help="ledger URI: sqlite:///path.db, redis://host:6379/0, memory://")
     common.add_argument("--namespace", default=None, help="protected model's namespace (default: 'default')")
     common.add_argument("--config", help="guard YAML: ledger, namespace and rule from there")
+    common.add_argument("--archive", help="a `guardian protect`ed .mar: its embedded guard config (the namespace is "
+                                          "the model's name)")
     common.add_argument("--window", type=int, default=None,
                         help="sliding-window size to report window counts for (default: the config's, else 0)")
     common.add_argument("--quota", type=int, default=None, help="queries per client and period (default: the config's)")
@@ -75,16 +79,16 @@ _RULE_FIELD = {"--window": "window", "--quota": "quota", "--flagged-quota": "fla
 
 
 def _open(args) -> Ledger:
-    uri, ns, rule = args.ledger, args.namespace, None
-    if args.config:
-        from guardian_plugin.config import load_config
+    from guardian_plugin.config import operator_config
 
-        cfg = load_config(args.config)
+    uri, ns, rule = args.ledger, args.namespace, None
+    cfg = operator_config(args.config, args.archive)
+    if cfg is not None:
         uri = uri or cfg.ledger
         ns = ns or cfg.namespace
         rule = cfg.rule.to_rule(cfg.quota)
     if not uri:
-        raise ConfigError("give the ledger: --ledger URI or --config guard.yaml")
+        raise ConfigError("give the ledger: --ledger URI, --config guard.yaml or --archive PROTECTED.mar")
     if rule is None:
         rule = RefusalRule()
     given = {o: v for o, v in (("--window", args.window), ("--quota", args.quota),
@@ -205,6 +209,9 @@ def _list(args) -> int:
         key, rev = _SORT[args.sort]
         states.sort(key=key, reverse=rev)
         _emit(args, ledger, states, "clients")
+        if not states and ledger.namespace == "default" and not (args.namespace or args.config or args.archive):
+            print("guardian clients list: namespace 'default' has no clients; `guardian protect` writes under the "
+                  "model's name: give --namespace NAME, or --archive PROTECTED.mar", file=sys.stderr)
     return 0
 
 
