@@ -130,7 +130,10 @@ def test_protect_with_the_override_writes_it_into_the_guard_settings(tmp_path, a
 
     out = str(tmp_path / "r.mar")
     assert main(["protect", archives["resnet"], "--detector", ex.DETECTOR, "-o", out, "--allow-mismatch"]) == 0
-    assert "MISMATCH, allowed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "MISMATCH, allowed" in printed
+    # protect says which victim the detector was trained against (the example's LeNet-5), not this ResNet
+    assert "trained against the victim lenet5, 10 classes" in printed and "--calibrate" in printed
     manifest, files = read_archive(out)
     mc = yaml.safe_load(files[manifest["model"]["configFile"]])
     assert mc["handler"]["guardian"]["guard"]["allow_mismatch"] is True

@@ -361,7 +361,26 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
             "models_arg": load, "models_line": models_line,
             "wraps": original, "ledger": cfg.ledger, "namespace": cfg.namespace, "input_fit": spec.input.fit,
             "fit": model.describe() if model else "not probed", "mismatch": problems, "label_only": label_only,
-            "calibration": calibration, "distribution": distribution}
+            "calibration": calibration, "distribution": distribution, "trained_against": trained_against(detector_dir)}
+
+
+def trained_against(detector_dir: str) -> str:
+    """Which victim the detector artifact was trained against (its report.json's training config), and
+    what reusing it for another model means; what `guardian protect` prints."""
+    try:
+        with open(os.path.join(detector_dir, "report.json")) as f:
+            victim = (json.load(f).get("config") or {}).get("victim") or {}
+    except (OSError, ValueError):
+        victim = {}
+    if not victim.get("arch"):
+        return (f"{detector_dir} records no victim (no report.json from `guardian train-detector`): its figures "
+                "cannot be checked against this model")
+    what = f"{victim['arch']}" + (f", {victim['num_classes']} classes" if victim.get("num_classes") else "")
+    return (f"the detector was trained against the victim {what} (weights {victim.get('weights', '?')}): its sources "
+            "that query a victim (dfme) and its figures in report.json (FPR, DAcc) are that model's; for another "
+            "model they are not measured: check them on this archive with `--calibrate DIR` (the served FPR) "
+            "and the evaluation harness, or train a detector whose config's `victim:` is this model "
+            "(docs/detector.md)")
 
 
 def _reference_block(cfg, detector_dir: str) -> Optional[int]:

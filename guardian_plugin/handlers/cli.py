@@ -29,6 +29,7 @@ def _protect(args) -> int:
 
         print(summary(s["calibration"], "the archive's own preprocess"))
     print(f"distribution test: {s['distribution']}")
+    print(s["trained_against"])
     if s["label_only"]:
         print(f"WARNING: {s['label_only']}", file=sys.stderr)
     return 0
