@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-cifar10 demo-imagenet test train-example train-cifar10 imagenet-example clean
+.PHONY: setup demo demo-cifar10 demo-imagenet test train-example train-cifar10 imagenet-example imagenet-victim clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ train-cifar10: setup
 # instead of training (INPUT_FIT=area for one trained below 224 px, e.g. examples.imagenet.standin's).
 imagenet-example: setup
 	$(BIN)/python -m examples.imagenet.build $(if $(DETECTOR),--detector $(DETECTOR),) $(if $(INPUT_FIT),--input-fit $(INPUT_FIT),)
+
+# Only the victim's files the detector config reads (artifacts/victim.pt, artifacts/foolbox-imagenet): under a minute.
+imagenet-victim: setup
+	$(BIN)/python -m examples.imagenet.build --victim-only
 
 # Both ImageNet archives served by TorchServe, natural photos and synthetic images sent (same options).
 demo-imagenet: setup

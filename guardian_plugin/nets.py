@@ -7,6 +7,7 @@ through :func:`build_classifier`.
 from __future__ import annotations
 
 import os
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -126,12 +127,13 @@ class LeNet5(nn.Module):
 
 @CLASSIFIERS.register("small_resnet")
 def _small_resnet(in_channels=1, num_classes=10, width=16, blocks=1, **_):
+    """A small ResNet (``width``, ``blocks`` per stage), any channels and size: the detectors' default."""
     return SmallResNet(in_channels, num_classes, width, blocks)
 
 
 def _cifar_resnet(depth):
     def make(in_channels=3, num_classes=10, pretrained=False, **_):
-        """``pretrained``: the shared checkpoint (CIFAR-10 trained, inputs normalised with ImageNet's
+        """The CIFAR ResNet of that depth (32 px inputs); ``pretrained``: the shared checkpoint (CIFAR-10 trained, inputs normalised with ImageNet's
         mean and std)."""
         m = CifarResNet(depth, in_channels, num_classes)
         return load_cifar_resnet_checkpoint(m, depth) if pretrained else m
@@ -145,6 +147,7 @@ for _depth in (20, 32, 44, 56):
 
 @CLASSIFIERS.register("lenet5")
 def _lenet(in_channels=1, num_classes=10, image_size=28, **_):
+    """LeNet-5 (the MNIST example's victim), any channels and size."""
     m = LeNet5(in_channels, num_classes)
     m(torch.zeros(1, in_channels, image_size, image_size))  # materialise the lazy layer
     return m
@@ -152,7 +155,7 @@ def _lenet(in_channels=1, num_classes=10, image_size=28, **_):
 
 def _torchvision(arch):
     def make(in_channels=3, num_classes=10, cifar_stem=False, **_):
-        """torchvision's ResNet; ``cifar_stem`` swaps the ImageNet stem (7x7 stride-2 conv, max-pool) for
+        """torchvision's ResNet of that depth, untrained; ``cifar_stem`` swaps the ImageNet stem (7x7 stride-2 conv, max-pool) for
         one 3x3 stride-1 conv, the CIFAR variant DFME and the paper use for 32x32 inputs."""
         import torchvision
 
@@ -194,6 +197,25 @@ def _effnet_lite0_imagenet(in_channels=3, num_classes=1000, **_):
 
 def build_classifier(arch: str, **kw) -> nn.Module:
     return CLASSIFIERS.get(arch)(**kw)
+
+
+def architectures() -> List[Tuple[str, str]]:
+    """(name, first sentence of its factory's docstring) for every registered classifier architecture,
+    what a detector config's ``victim.arch`` and ``detector.arch`` may name (the `--check` error and
+    docs/detector.md are generated from it: ``python -m guardian_plugin.nets``)."""
+    out = []
+    for name in CLASSIFIERS:
+        doc = " ".join((CLASSIFIERS.get(name).__doc__ or "").split())
+        out.append((name, doc.split(". ")[0].rstrip(".") if doc else "(no description)"))
+    return out
+
+
+def architectures_markdown() -> str:
+    """The table of :func:`architectures` docs/detector.md holds (a test compares the two)."""
+    trunk = set(trunk_archs())
+    rows = ["| `arch` | what it is | shared trunk |", "|---|---|---|"]
+    rows += [f"| `{n}` | {d.replace('|', '/').replace('``', '`')} | {'yes' if n in trunk else ''} |" for n, d in architectures()]
+    return "\n".join(rows) + "\n"
 
 
 # A shared trunk (the detector's ``trunks``): the classifier without its last linear layer, which each
@@ -419,3 +441,7 @@ class GeneratorA(nn.Module):
         x = F.leaky_relu(self.bn2(self.conv2(x)), 0.2)
         x = self.bn3(self.conv3(x))
         return x if pre_x else torch.tanh(x)
+
+
+if __name__ == "__main__":  # the architecture table of docs/detector.md
+    print(architectures_markdown(), end="")

@@ -143,6 +143,77 @@ def test_example_configs_pass_the_check(path, no_data):
     assert set(plan.sources) == {"dfme", "gan", "diffusion"} and 0 < plan.peak_bytes < 4 * 1024 ** 3
 
 
+@pytest.mark.parametrize("path", EXAMPLES)
+def test_example_configs_get_a_time_estimate_from_their_own_committed_run(path, no_data, tmp_path):
+    """Nothing cached: each source costs what its committed run recorded building it (report.json
+    sources.*.seconds); the sub-detectors what that run's took, scaled by epochs x training images."""
+    cfg, base = load_train_config(path)
+    cfg.cache = str(tmp_path / "empty-cache")
+    times = check_config(cfg, base, path).times
+    report = os.path.join(os.path.dirname(path), "artifacts", "detector", "report.json")
+    assert times.reference == report
+    rep = json.load(open(report))
+    by = {s.stage: s for s in times.stages}
+    for name, info in rep["sources"].items():
+        assert by[f"source_{name}"].low_s == pytest.approx(info["seconds"]) and "recorded build time" in by[f"source_{name}"].how
+    nets = [v for k, v in rep["timings_s"].items() if k.startswith(("subdetector_", "trunk_"))]
+    assert by[[s for s in by if s.startswith(("subdetector_", "trunk_"))][0]].low_s == pytest.approx(sum(nets) / len(nets))
+    # sizes scale it: twice the DFME queries and twice the detector epochs, twice the time
+    cfg.sources["dfme"].params["budget"] *= 2
+    cfg.detector.epochs *= 2
+    by2 = {s.stage: s for s in check_config(cfg, base, path).times.stages}
+    assert by2["source_dfme"].low_s == pytest.approx(2 * rep["sources"]["dfme"]["seconds"])
+    assert "queries (budget x variants x runs) (x2.00)" in by2["source_dfme"].how
+    net = next(s for s in by if s.startswith(("subdetector_", "trunk_")))
+    assert by2[net].low_s == pytest.approx(2 * by[net].low_s)
+    # diffusion: training steps and sampling scale differently, so both bounds are given
+    cfg.sources["diffusion"].params["steps"] //= 2
+    d = {s.stage: s for s in check_config(cfg, base, path).times.stages}["source_diffusion"]
+    assert d.low_s == pytest.approx(rep["sources"]["diffusion"]["seconds"] / 2, rel=0.01)
+    assert d.high_s == pytest.approx(rep["sources"]["diffusion"]["seconds"])
+
+
+def test_imagenet_config_on_a_fresh_checkout_names_the_one_command_and_prints_times(tmp_path, no_data, capsys):
+    """The victim weights and the foolbox folder are not committed: the check names the command that
+    writes them (the config's prepared_by, an option of examples/imagenet/build.py), and still prints the
+    plan with each stage's time from the committed ImageNet run."""
+    src = os.path.join(ROOT, "examples", "imagenet", "detector-config.yaml")
+    cfg_path = tmp_path / "detector-config.yaml"  # artifacts/ next to it is missing, as on a fresh checkout
+    cfg_path.write_text(open(src).read())
+    assert main(["train-detector", "--config", str(cfg_path), "--out", str(tmp_path / "out"), "--check"]) == 2
+    cap = capsys.readouterr()
+    cmd = "run `python -m examples.imagenet.build --victim-only` first"
+    problems = [line for line in cap.err.splitlines() if line.strip().startswith(("victim.weights", "real.evaluate.1"))]
+    assert len(problems) == 2 and all(cmd in line for line in problems), cap.err
+    assert "train the victim first" not in cap.err
+    assert '"--victim-only"' in open(os.path.join(ROOT, "examples", "imagenet", "build.py")).read()
+    assert "time estimate per stage (from " in cap.out and "imagenet/artifacts/detector/report.json" in cap.out
+    dfme = next(line for line in cap.out.splitlines() if line.strip().startswith("source_dfme"))
+    assert "15 min" in dfme  # 896.6 s recorded building it
+    assert "pipeline-timing.json" in cap.out and "total, one stage after another" in cap.out
+
+
+def test_no_time_estimate_without_a_committed_run_at_that_size(tmp_path, no_data):
+    from guardian_plugin.training.estimate import estimate_times
+
+    cfg, base = load_train_config(write_config(tmp_path))
+    cfg.size = 48
+    est = estimate_times(cfg, str(tmp_path), ["real_data"], {}, {}, examples_dir=str(tmp_path))
+    assert est.reference is None and "no committed detector run at 1 x 48 x 48" in est.lines()[0]
+
+
+def test_unknown_architecture_lists_the_registry_and_docs_hold_the_same_table(tmp_path, no_data):
+    from guardian_plugin.nets import CLASSIFIERS, architectures_markdown
+
+    path = write_config(tmp_path, lambda raw: raw["victim"].update(arch="resnet5O"))
+    with pytest.raises(ConfigError) as e:
+        check_config(*load_train_config(path), path)
+    line = next(x for x in str(e.value).splitlines() if x.strip().startswith("victim.arch"))
+    assert all(f"{n} (" in line for n in CLASSIFIERS) and "LeNet-5" in line
+    assert architectures_markdown() in open(os.path.join(ROOT, "docs", "detector.md")).read(), \
+        "docs/detector.md's architecture table is stale: paste `python -m guardian_plugin.nets`"
+
+
 def test_check_prints_the_plan_and_exits_0(tmp_path, no_data, capsys):
     cfg = write_config(tmp_path)
     out = tmp_path / "out"

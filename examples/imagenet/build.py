@@ -3,6 +3,7 @@ archive, with the time of each stage in examples/imagenet/artifacts/pipeline-tim
 the detector is not trained here).
 
     python -m examples.imagenet.build [--detector PATH] [--input-fit area] [--device auto] [--jobs 2] [--cache DIR]
+    python -m examples.imagenet.build --victim-only   # step 1 alone (under a minute): what the detector config reads
 
 1. victim: the pretrained EfficientNet-Lite0 behind the ImageNet normalisation (serving.py), written to
    artifacts/victim.pt (state dict, for the detector config), victim.torchscript.pt (traced at 224, what
@@ -97,7 +98,15 @@ def main(argv=None) -> int:
                                                    "one times the pipeline from scratch")
     ap.add_argument("--timing", default=None, help="default: artifacts/pipeline-timing.json (committed) when the "
                     "detector is trained here, artifacts/build-timing.json (not committed) with --detector")
+    ap.add_argument("--victim-only", action="store_true",
+                    help="step 1 alone: write artifacts/victim.pt and artifacts/foolbox-imagenet, the files the "
+                         "detector config names that a checkout does not hold (its prepared_by)")
     a = ap.parse_args(argv)
+    if a.victim_only:
+        victim_step()
+        print(f"      wrote {os.path.relpath(ix.ARTIFACTS, pl.ROOT)}/victim.pt and foolbox-imagenet; next: guardian "
+              "train-detector --config examples/imagenet/detector-config.yaml --check", flush=True)
+        return 0
     if a.detector and not os.path.exists(os.path.join(a.detector, "detector.yaml")):
         sys.exit(f"--detector {a.detector}: no detector artifact there (detector.yaml missing)")
     if not a.detector:  # before any work: a config that cannot train fails here, not after the victim export

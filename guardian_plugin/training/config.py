@@ -158,6 +158,9 @@ class TrainConfig(_Strict):
     # every image of every split (real and synthetic) first goes through the served model's own
     # preprocessing, e.g. {resize: 256, crop: 224} for TorchServe's image_classifier handler; crop = size
     served_view: Optional[ServedView] = None
+    # the one command that writes the files this config names but a checkout does not hold (victim weights,
+    # image folders), e.g. `python -m examples.imagenet.build --victim-only`: `--check` names it when one is missing
+    prepared_by: Optional[str] = None
 
     @model_validator(mode="after")
     def _names(self):

@@ -40,6 +40,7 @@ class Plan:
     available_bytes: Optional[int] = None
     notes: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    times: Optional[object] = None                  # estimate.TimeEstimate (None: not worked out)
 
     def lines(self) -> List[str]:
         c, s = self.image
@@ -54,6 +55,8 @@ class Plan:
         mem = f"{_gb(self.total_bytes)} total, {_gb(self.available_bytes)} available now" if self.total_bytes else "unknown"
         out.append(f"memory (rough peak {_gb(self.peak_bytes)}; this machine: {mem}):")
         out += [f"  {_gb(b):>9}  {what}" for _, what, b in sorted(self.memory, key=lambda m: -m[2]) if b]
+        if self.times is not None:
+            out += self.times.lines()
         out += [f"note: {n}" for n in self.notes] + [f"warning: {w}" for w in self.warnings]
         return out
 
@@ -117,7 +120,8 @@ def _check_real(cfg, base_dir: str, problems: list) -> None:
             elif e.kind == "folder":
                 path = e.path if not e.path or os.path.isabs(e.path) else os.path.join(base_dir, e.path)
                 if not path or not os.path.isdir(path):
-                    problems.append((f"{where}.path", f"{path or '(none)'} is not a directory of images"))
+                    problems.append((f"{where}.path", f"{path or '(none)'} is not a directory of images"
+                                     + _missing_hint(cfg)))
             elif e.kind == "cifar10":
                 from guardian_plugin.training.data import CIFAR10_SPLITS, data_path
 
@@ -134,7 +138,10 @@ def _arch_problem(arch: str, channels: int, size: int, params: dict, num_classes
     from guardian_plugin.nets import CLASSIFIERS, build_classifier
 
     if arch not in CLASSIFIERS:
-        return f"unknown architecture {arch!r}; known: {', '.join(CLASSIFIERS)}", None
+        from guardian_plugin.nets import architectures
+
+        return (f"unknown architecture {arch!r}; the registered ones (guardian_plugin/nets.py, docs/detector.md): "
+                + "; ".join(f"{n} ({d})" for n, d in architectures())), None
     why = CLASSIFIERS.unsupported(arch, size, channels, **params)
     if why or not getattr(CLASSIFIERS.get(arch), "dry_build", True):
         return why, None
@@ -178,7 +185,9 @@ def check_config(cfg, base_dir: str, config_path: Optional[str] = None, out_dir:
             problems.append(("victim.arch", why))
         path = v.weights if os.path.isabs(v.weights) else os.path.join(base_dir, v.weights)
         if not os.path.exists(path):
-            problems.append(("victim.weights", f"{path} does not exist (train the victim first)"))
+            problems.append(("victim.weights", f"{path} does not exist: the victim's weights (a state dict of "
+                                               f"{v.arch}, or a TorchScript file) are read from there"
+                             + _missing_hint(cfg)))
     elif cfg.reference_group is not None:
         problems.append(("reference_group", "the distribution test's reference needs `victim:`"))
 
@@ -301,18 +310,34 @@ def check_config(cfg, base_dir: str, config_path: Optional[str] = None, out_dir:
     if not prepare_only:
         stages += ([f"trunk_{t}" for t in dict.fromkeys(names[n] for n in cfg.sources)] if d.shared_trunk
                    else [f"subdetector_{n}" for n in cfg.sources]) + ["calibration", "evaluation", "artifact"]
+    caches = {n: _cache_state(cfg, base_dir, n) for n in cfg.sources}
+    from guardian_plugin.training.estimate import estimate_times
+
+    try:
+        times = estimate_times(cfg, base_dir, stages, {n: st == "cached" for n, st in caches.items()}, counts)
+    except Exception as e:  # noqa: BLE001  an estimate never blocks a run
+        from guardian_plugin.training.estimate import TimeEstimate
+
+        times = TimeEstimate(None, None, notes=[f"could not be worked out ({type(e).__name__}: {e})"])
     plan = Plan(config=where, image=(c, s), device=str(dev or "auto"), stages=stages,
                 sources={n: {"kind": src.kind, "n": src.n, "transform": names.get(n, default),
-                             "cache": _cache_state(cfg, base_dir, n)} for n, src in cfg.sources.items()},
+                             "cache": caches[n]} for n, src in cfg.sources.items()},
                 subdetector={"arch": d.arch, "params": d.arch_params, "parameters": sub_params},
                 memory=memory, peak_bytes=peak, total_bytes=total, available_bytes=available, notes=notes,
-                warnings=warnings)
+                warnings=warnings, times=times)
     if problems:
         err = ConfigError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''} found before loading "
                           "data or training anything:\n" + "\n".join(f"  {fld}: {msg}" for fld, msg in problems))
         err.plan = plan  # what could be worked out (--check prints it above the problems)
         raise err
     return plan
+
+
+def _missing_hint(cfg) -> str:
+    if cfg.prepared_by:
+        return f"; run `{cfg.prepared_by}` first (the config's prepared_by: it writes it)"
+    return ("; write it there first (the config names no command that makes it: add `prepared_by: COMMAND` to the "
+            "config to have --check name it)")
 
 
 def _source_fn(cfg, fld: str):
