@@ -35,7 +35,6 @@ from guardian_plugin.nets import FusedSmallResNets, build_classifier, build_trun
 from guardian_plugin.transform import TransformContext, TransformModel, build_transform
 from guardian_plugin.weights import load_into
 
-FORMAT_VERSION = 2          # what this version writes when `patches` or `trunks` are used
 READS_VERSIONS = (1, 2)     # version 1: neither key (every artifact written before them)
 DETECTOR_YAML = "detector.yaml"
 HEAD_ARCH = "linear"        # the `arch` of a sub-detector that is a head on a shared trunk

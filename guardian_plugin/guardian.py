@@ -1,4 +1,4 @@
-"""Guardian: one request's whole way through Model-Guardian, nothing framework-specific (DESIGN.md).
+"""Guardian: one request's whole way through Model-Guardian, nothing framework-specific (docs/request-path.md).
 
     admissions = guardian.admit_batch(headers_per_request)   # before inference
         identity (guardian_plugin.identity)      -> 401 no identity / untrusted gateway / API key not

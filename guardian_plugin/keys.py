@@ -31,6 +31,7 @@ The CLI is ``guardian keys issue|list|revoke`` (guardian_plugin.keys_cli).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import hmac
 import json
@@ -113,24 +114,26 @@ class KeyRecord:
     revoked_at: Optional[float] = None
 
 
-class KeyStore:
+class KeyStore(abc.ABC):
     """Where issued keys' records live (never the keys). ``where`` names it in messages."""
 
     where = "key store"
 
+    @abc.abstractmethod
     def add(self, rec: KeyRecord) -> None:
-        raise NotImplementedError
+        """Store ``rec``."""
 
+    @abc.abstractmethod
     def records(self) -> List[KeyRecord]:
-        raise NotImplementedError
+        """Every stored record."""
 
+    @abc.abstractmethod
     def revoke(self, client_id: str, t: float) -> List[KeyRecord]:
         """Mark every unrevoked key of ``client_id`` revoked at ``t``; the records so marked."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def revoked_ids(self) -> Set[str]:
         """The key ids that are revoked (what each process refreshes)."""
-        raise NotImplementedError
 
     def close(self) -> None:
         if getattr(self, "ledger", None) is not None:

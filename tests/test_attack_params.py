@@ -28,6 +28,19 @@ def test_the_seven_attacks_are_registered_under_their_own_names():
         assert ATTACKS.get(name).name == name
 
 
+def test_the_bases_are_abstract_and_every_registered_attack_is_concrete():
+    """Attack.step and GeneratorAttack's builders are abstract methods: a subclass that forgets one
+    fails when it is built, naming the method, not at its first step."""
+    import inspect
+
+    from guardian_plugin.attacks.generator import GeneratorAttack
+
+    assert {"step"} <= Attack.__abstractmethods__
+    assert {"build_generator", "build_generator_optimizer", "initial_clone_lr", "build_clone_optimizer",
+            "to_input"} <= GeneratorAttack.__abstractmethods__
+    assert [n for n in NAMES if inspect.isabstract(ATTACKS.get(n))] == []
+
+
 def test_an_attack_class_may_not_name_itself():
     with pytest.raises(TypeError, match="registry gives an attack its name"):
         @ATTACKS.register("self-named")

@@ -132,3 +132,14 @@ def test_installed_command(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1].startswith("gk_c-")
+
+
+def test_key_store_base_is_abstract_and_the_three_stores_are_not():
+    import inspect
+
+    from guardian_plugin.keys import KeyStore, MemoryKeyStore, RedisKeyStore, SQLiteKeyStore
+
+    with pytest.raises(TypeError, match="abstract"):
+        KeyStore()
+    assert KeyStore.__abstractmethods__ == {"add", "records", "revoke", "revoked_ids"}
+    assert not any(inspect.isabstract(c) for c in (MemoryKeyStore, SQLiteKeyStore, RedisKeyStore))

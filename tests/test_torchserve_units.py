@@ -84,13 +84,13 @@ def _png(a):
 def test_precheck_and_diagnose():
     digit = _png((np.random.RandomState(0).rand(28, 28) * 255).astype(np.uint8))
     for row in ({"body": b""}, {"data": None, "body": None}, {"body": ""}):
-        with pytest.raises(g.RequestError) as e:
+        with pytest.raises(g.InputError) as e:
             g.precheck(row, 1000)
         assert e.value.status == 400 and e.value.kind == "EmptyInput"
     big = io.BytesIO()
     Image.new("L", (2000, 1000)).save(big, "PNG")
     for body in (big.getvalue(), base64.b64encode(big.getvalue()).decode()):
-        with pytest.raises(g.RequestError) as e:
+        with pytest.raises(g.InputError) as e:
             g.precheck({"body": body}, 1_000_000)
         assert e.value.kind == "ImageTooLarge" and "2000x1000" in e.value.message
     g.precheck({"body": digit}, 1000)  # 784 px: fine

@@ -17,6 +17,7 @@ it is given against it. A key the attack does not declare, or a value of the wro
 
 from __future__ import annotations
 
+import abc
 import difflib
 import math
 import time
@@ -218,7 +219,7 @@ class AttackResult:
     extra: dict = field(default_factory=dict)
 
 
-class Attack:
+class Attack(abc.ABC):
     """One data-free attack against a :class:`QueryTarget` with a query budget.
 
     ``**params`` are the attack's parameters, validated against its :attr:`Params` (see the module doc).
@@ -268,9 +269,9 @@ class Attack:
     def setup(self) -> None:
         """Build generators and optimisers (subclasses)."""
 
+    @abc.abstractmethod
     def step(self) -> None:
         """One iteration (subclasses). Raise BudgetExhausted / QueryRefused through query()."""
-        raise NotImplementedError
 
     def received(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """What the attacker makes of an answer before using it (identity; defense-aware attackers)."""

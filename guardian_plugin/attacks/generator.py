@@ -12,6 +12,7 @@ alone), so a run with the same seed sends the same queries as before this base e
 
 from __future__ import annotations
 
+import abc
 from typing import List, Literal, Optional, Sequence
 
 import torch
@@ -68,21 +69,25 @@ class GeneratorAttack(Attack):
         self.milestones = [int(self.budget * float(f)) for f in self.milestone_fractions()]
 
     # ----------------------------------------------------------------------------- subclasses
+    @abc.abstractmethod
     def build_generator(self, channels: int, size: int) -> nn.Module:
-        raise NotImplementedError
+        """(subclasses)"""
 
+    @abc.abstractmethod
     def build_generator_optimizer(self) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """(subclasses)"""
 
+    @abc.abstractmethod
     def initial_clone_lr(self) -> float:
-        raise NotImplementedError
+        """(subclasses)"""
 
+    @abc.abstractmethod
     def build_clone_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """(subclasses)"""
 
+    @abc.abstractmethod
     def to_input(self, out: torch.Tensor) -> torch.Tensor:
         """A generator output -> the victim's (normalised) input."""
-        raise NotImplementedError
 
     def milestone_fractions(self) -> Sequence[float]:
         return self.lr_milestones

@@ -295,7 +295,7 @@ class BentoTarget(QueryTarget):
         self.batch_field, self.field = batch_field, field
         self.concurrency = concurrency
 
-    def _refused(self, n: int):
+    def _refused(self):
         if self.refused_at is None:
             self.refused_at = self.queries
         raise QueryRefused(self.headers.get("X-Client-Id", "client"))
@@ -312,7 +312,7 @@ class BentoTarget(QueryTarget):
                                    files=[(self.batch_field, (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)])
             self._count(r)
             if r.status_code == 403:
-                self._refused(len(pngs))
+                self._refused()
             if r.status_code != 200:
                 raise RuntimeError(f"{self.endpoint}: HTTP {r.status_code} {r.text[:200]}")
             self.queries += len(pngs)
@@ -328,7 +328,7 @@ class BentoTarget(QueryTarget):
         for r in resps:
             self._count(r)
             if r.status_code == 403:
-                self._refused(1)
+                self._refused()
             if r.status_code != 200:
                 raise RuntimeError(f"{self.endpoint}: HTTP {r.status_code} {r.text[:200]}")
             self.queries += 1

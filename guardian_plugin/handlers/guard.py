@@ -63,9 +63,6 @@ PROB_TOLERANCE = 1e-3
 GAUGE_INTERVAL_S = 1.0  # GuardianGuardTime: at most one line per worker per second (HandlerGuard._metrics)
 
 
-RequestError = InputError  # one request's 400, with its Denial
-
-
 GRPC_NOT_SERVED = "GrpcNotServed"
 
 
@@ -108,21 +105,21 @@ def precheck(row, max_pixels: int) -> None:
     """Reject, before any decoding, an empty request and an image with too many pixels."""
     payload = _payload(row)
     if payload is None or (isinstance(payload, (bytes, bytearray, str, list, dict)) and len(payload) == 0):
-        raise RequestError(400, "EmptyInput", "the request carries no input: send an image in the body")
+        raise InputError(400, "EmptyInput", "the request carries no input: send an image in the body")
     raw = _image_bytes(payload)
     if raw is not None:
         image_size(raw, max_pixels)
 
 
-def diagnose(row, exc: BaseException) -> RequestError:
+def diagnose(row, exc: BaseException) -> InputError:
     """A clear 400 for a row the handler's own preprocess could not turn into a tensor."""
     payload = _payload(row)
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(payload, str) and _image_bytes(payload, strict=True) is None:
-        return RequestError(400, "BadBase64", f"the body is text but not valid base64 ({detail})")
+        return InputError(400, "BadBase64", f"the body is text but not valid base64 ({detail})")
     raw = _image_bytes(payload)
     err = decode_error(raw, exc) if raw is not None else None
-    return err or RequestError(400, "BadInput", f"the input could not be preprocessed ({detail})")
+    return err or InputError(400, "BadInput", f"the input could not be preprocessed ({detail})")
 
 
 # ------------------------------------------------------------------------------------ output kind
@@ -257,20 +254,20 @@ class HandlerGuard:
             admissions[i] = a
         return admissions
 
-    def _check_row(self, x: torch.Tensor) -> Optional[RequestError]:
+    def _check_row(self, x: torch.Tensor) -> Optional[InputError]:
         if self.max_input_elements is not None and x.numel() > self.max_input_elements:
-            return RequestError(400, "InputTooLarge", f"the model takes {self.model_input} inputs; this request "
+            return InputError(400, "InputTooLarge", f"the model takes {self.model_input} inputs; this request "
                                                       f"gives {'x'.join(map(str, x.shape))}")
         # the sum of finite values is finite (barring overflow past ~3e38): one reduction instead of a
         # boolean copy of the input; the exact test only when the sum is not finite
         if x.is_floating_point() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-            return RequestError(400, "NonFiniteInput", "the input contains NaN or infinite values")
+            return InputError(400, "NonFiniteInput", "the input contains NaN or infinite values")
         d = self.guardian.check_inputs(x[None])[0]  # the model answers only what the detector scores
-        return RequestError(d.status, d.kind, d.message) if d is not None else None
+        return InputError(d.status, d.kind, d.message) if d is not None else None
 
-    def _preprocess(self, rows: List[int], data) -> Tuple[List[Tuple[List[int], torch.Tensor]], Dict[int, RequestError]]:
+    def _preprocess(self, rows: List[int], data) -> Tuple[List[Tuple[List[int], torch.Tensor]], Dict[int, InputError]]:
         """Groups (row indices, preprocessed batch) of same-shaped valid rows, and per-row errors."""
-        errors: Dict[int, RequestError] = {}
+        errors: Dict[int, InputError] = {}
         x = None
         try:
             x = self.inner.preprocess([data[i] for i in rows])
@@ -287,7 +284,7 @@ class HandlerGuard:
                     errors[i] = diagnose(data[i], e)
                     continue
                 if not isinstance(xi, torch.Tensor) or xi.dim() == 0 or xi.shape[0] != 1:
-                    errors[i] = RequestError(400, "BadInput", "the input could not be turned into one model input")
+                    errors[i] = InputError(400, "BadInput", "the input could not be turned into one model input")
                     continue
                 items.append((i, xi))
         by_shape: Dict[tuple, List[Tuple[int, torch.Tensor]]] = {}
@@ -341,7 +338,7 @@ class HandlerGuard:
             else:
                 try:
                     precheck(data[i], self.max_image_pixels)
-                except RequestError as e:
+                except InputError as e:
                     errors[i] = e.denial
         live = [i for i in range(n) if i not in errors]
 
