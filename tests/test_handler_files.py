@@ -24,7 +24,43 @@ def test_handler_file_prints_an_absolute_path_inside_the_package(name, capsys):
     assert main(["handler-file", name]) == 0
     path = capsys.readouterr().out.strip()
     assert os.path.isabs(path) and os.path.isfile(path)
-    assert os.path.dirname(path) == os.path.join(ROOT, "guardian_plugin", "handlers", "files")
+    assert os.path.dirname(path) == os.path.join(ROOT, "handlers")  # the checkout's one copy
+
+
+def test_the_top_level_handlers_folder_is_the_one_copy():
+    shipped = sorted(FILES.values())
+    assert sorted(f for f in os.listdir(os.path.join(ROOT, "handlers")) if f.endswith(".py")) == shipped
+    copies = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "guardian_plugin")) for f in fs if f in shipped]
+    assert copies == []
+
+
+def test_the_wheel_ships_them_and_handler_file_finds_them_when_installed(tmp_path):
+    """Built from this checkout, installed (no dependencies: they are this venv's) under a fresh prefix,
+    and run from elsewhere: the printed paths are the installed data files, byte for byte the checkout's."""
+    import glob
+    import subprocess
+    import sysconfig
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "-w", str(tmp_path / "whl"), "--no-deps",
+                    "--no-build-isolation", "-q"], check=True, cwd=tmp_path)
+    wheel = glob.glob(str(tmp_path / "whl" / "guardian_plugin-*.whl"))[0]
+    names = zipfile.ZipFile(wheel).namelist()
+    for f in FILES.values():
+        assert any(n.endswith(f".data/data/share/guardian-plugin/handlers/{f}") for n in names), names
+    assert not [n for n in names if n.startswith("handlers/")]  # not a top-level Python package
+    prefix = tmp_path / "prefix"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--prefix", str(prefix), "-q", wheel],
+                   check=True, cwd=tmp_path)
+    site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
+    env = {**os.environ, "PYTHONPATH": site}
+    for name, f in FILES.items():
+        out = subprocess.run([sys.executable, "-c", "import sys, guardian_plugin; from guardian_plugin.cli import main; "
+                              "print(guardian_plugin.__file__); sys.exit(main(['handler-file', sys.argv[1]]))", name],
+                             check=True, cwd=tmp_path, env=env, capture_output=True, text=True).stdout.split()
+        assert out[0].startswith(site), out  # the installed package, not this checkout
+        assert out[1] == str(prefix / "share" / "guardian-plugin" / "handlers" / f)
+        assert open(out[1]).read() == open(os.path.join(ROOT, "handlers", f)).read()
 
 
 def test_archive_built_with_the_printed_path_loads_as_a_worker_would(tmp_path, capsys, monkeypatch):
