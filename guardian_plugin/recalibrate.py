@@ -43,12 +43,76 @@ def image_files(path: str) -> List[Tuple[str, bytes]]:
     return out
 
 
-def check_count(images: list, target_fpr: float, where: str) -> None:
-    """At least 2 / target FPR images (half calibrate, half check), else a ConfigError."""
-    need = 2 * math.ceil(1.0 / target_fpr)
-    if len(images) < need:
-        raise ConfigError(f"calibration images {where}: {len(images)} files, but a target false-positive rate "
-                          f"of {target_fpr:g} needs at least {need} (half calibrate, half check)")
+def needed(target_fpr: float) -> int:
+    """2 / target FPR: the threshold is the (1 - FPR) quantile of the calibrating half's scores, which
+    needs at least 1 / FPR images to exist at all (100 at 1%: the top one is the 1% tail), and the
+    held-out half measures the flagged share on as many again."""
+    return 2 * math.ceil(1.0 / target_fpr)
+
+
+def check_count(images: list, target_fpr: float, where: str, crops_option: str = "--calibrate-crops",
+                crops: int = 1) -> None:
+    """At least :func:`needed` images (after ``crops`` per file), else a ConfigError saying how to get them."""
+    need = needed(target_fpr)
+    n = len(images) * crops
+    if n < need:
+        what = f"{len(images)} files" + (f" x {crops} crops = {n} images" if crops > 1 else "")
+        more = math.ceil(need / max(1, len(images)))
+        raise ConfigError(
+            f"calibration images {where}: {what}, but a target false-positive rate of {target_fpr:g} needs at least "
+            f"{need}: the threshold is the {1 - target_fpr:.0%} quantile of the calibrating half's scores, which "
+            f"needs {need // 2} images to exist, and the other half checks it. Add benign images, or take several "
+            f"crops of each: {crops_option} {more} ({len(images)} x {more} = {len(images) * more}; each crop is "
+            "sent as a client upload, and each file's crops stay in one half so the check is on other files; "
+            "crops of one photo are not independent images: the rate then describes these photos)"
+            if len(images) >= 2 else
+            f"calibration images {where}: {what}, but a target false-positive rate of {target_fpr:g} needs at least "
+            f"{need} images, from at least 2 files (one half calibrates, the other checks): add benign images")
+
+
+def photo_crops(images: List[Tuple[str, bytes]], crops: int, seed: int = 0, min_frac: float = 0.5
+                ) -> Tuple[List[Tuple[str, bytes]], np.ndarray]:
+    """(``crops`` uploads per file, held-out mask): crop 0 is the file itself, the others random crops
+    (each side a fraction ``min_frac``-1 of the image's, anywhere in it) scaled back to the file's own
+    width and height (a handler that takes one input size takes them too) and encoded as PNG: a zoom
+    into the picture, as a client might send. The mask puts every crop of a file in the same half (every
+    other file held out), so the held-out share is measured on files the thresholds never saw."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out, held = [], []
+    for i, (name, body) in enumerate(images):
+        try:
+            img = Image.open(io.BytesIO(body))
+            img.load()
+        except Exception as e:  # noqa: BLE001 - name the file
+            raise ConfigError(f"calibration image {name}: cannot be opened to crop ({type(e).__name__}: {e})") from None
+        out.append((name, body))
+        w, h = img.size
+        for k in range(1, crops):
+            f = rng.uniform(min_frac, 1.0)
+            cw, ch = max(1, int(round(w * f))), max(1, int(round(h * f)))
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            buf = io.BytesIO()
+            img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC).save(buf, "PNG")
+            out.append((f"{name}#crop{k}", buf.getvalue()))
+        held += [i % 2 == 1] * crops
+    return out, np.asarray(held)
+
+
+def alternate(n: int) -> np.ndarray:
+    """The default held-out mask: every other image (sorted by name)."""
+    return np.arange(n) % 2 == 1
+
+
+def calibration_set(image_dir: str, target_fpr: float, crops: int = 1, crops_option: str = "--calibrate-crops"
+                    ) -> Tuple[List[Tuple[str, bytes]], np.ndarray]:
+    """(uploads, held-out mask) of ``image_dir``: its files, with ``crops`` > 1 each file and crops of it."""
+    if crops < 1:
+        raise ConfigError(f"{crops_option} {crops}: must be at least 1 (1: the files as they are)")
+    images = image_files(image_dir)
+    check_count(images, target_fpr, image_dir, crops_option, crops)
+    return photo_crops(images, crops) if crops > 1 else (images, alternate(len(images)))
 
 
 def served_scores(detector, preprocess: Callable[[bytes], torch.Tensor], images: List[Tuple[str, bytes]],
@@ -97,7 +161,7 @@ def served_features(detector, preprocess: Callable[[bytes], torch.Tensor], image
 
 
 def served_reference(scores: np.ndarray, probs: torch.Tensor, thresholds, sizes: List[List[int]], block: int,
-                     source: str) -> Tuple[object, dict]:
+                     source: str, held: np.ndarray | None = None) -> Tuple[object, dict]:
     """(reference, report): the distribution test's reference (guardian_plugin.distribution) built on the
     served path, from the calibration rows (every other image, as for the thresholds) at the new
     ``thresholds``, recording the served input ``sizes``; the held-out rows, in consecutive blocks of
@@ -106,9 +170,10 @@ def served_reference(scores: np.ndarray, probs: torch.Tensor, thresholds, sizes:
 
     thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float32))
     s = torch.from_numpy(scores)
-    ref = build_reference(probs[0::2], s[0::2], thr, source, input_sizes=sizes)
+    h = torch.from_numpy(alternate(len(scores)) if held is None else held)
+    ref = build_reference(probs[~h], s[~h], thr, source, input_sizes=sizes)
     test = DistributionTest(ref, block)
-    bins = ref.bin_of(probs[1::2], s[1::2], thr)
+    bins = ref.bin_of(probs[h], s[h], thr)
     n = min(block, len(bins))
     kls = [test.evaluate(ref.counts(bins[i:i + n]))[1:] for i in range(0, len(bins) - n + 1, n)] if n else []
     report = {"built_on": ref.n, "input_sizes": sizes, "bins": ref.bins, "held_out_block": n,
@@ -118,12 +183,15 @@ def served_reference(scores: np.ndarray, probs: torch.Tensor, thresholds, sizes:
     return ref, report
 
 
-def recalibrate(detector, scores: np.ndarray, target_fpr: float, **about) -> Tuple[np.ndarray, dict]:
-    """(new thresholds, report) from served scores: every other row calibrates (detector.calibrate),
-    the rest are held out; ``about`` goes into the report as it is (where the images came from...)."""
+def recalibrate(detector, scores: np.ndarray, target_fpr: float, held_out: np.ndarray | None = None,
+                **about) -> Tuple[np.ndarray, dict]:
+    """(new thresholds, report) from served scores: the rows not in ``held_out`` (default: every other
+    row) calibrate (detector.calibrate), the rest are held out; ``about`` goes into the report as it is
+    (where the images came from...)."""
     from guardian_plugin.detector import calibrate
 
-    cal, held = scores[0::2], scores[1::2]
+    mask = alternate(len(scores)) if held_out is None else held_out
+    cal, held = scores[~mask], scores[mask]
     before = detector.thresholds.cpu().numpy().astype(np.float32)
     after, level, _ = calibrate({"served": cal}, target_fpr)
     share = lambda s, thr: float((s >= thr).any(1).mean())  # noqa: E731
@@ -183,7 +251,7 @@ def load_function(spec: str) -> Callable:
 
 
 def calibrate_artifact(detector_dir: str, image_dir: str, preprocess: Callable, out_dir: str,
-                       input_fit: str | None = None, about: Dict | None = None) -> dict:
+                       input_fit: str | None = None, about: Dict | None = None, crops: int = 1) -> dict:
     """Copy the artifact ``detector_dir`` to ``out_dir`` (which must not exist or be empty) with its
     thresholds re-set on ``preprocess(PIL image)`` of the images in ``image_dir`` (and ``input.fit``
     replaced by ``input_fit``, if given). Returns the report, also written to out_dir."""
@@ -195,11 +263,10 @@ def calibrate_artifact(detector_dir: str, image_dir: str, preprocess: Callable, 
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"{out_dir} exists and is not empty: pass a new directory for the calibrated artifact")
     detector = load_fitted(detector_dir, input_fit)
-    images = image_files(image_dir)
-    check_count(images, detector.spec.target_fpr, image_dir)
+    images, held = calibration_set(image_dir, float(detector.spec.target_fpr), crops, "--crops")
     scores = served_scores(detector, lambda body: preprocess(Image.open(io.BytesIO(body))), images)
-    thresholds, report = recalibrate(detector, scores, float(detector.spec.target_fpr),
-                                     image_dir=os.path.abspath(image_dir), **(about or {}))
+    thresholds, report = recalibrate(detector, scores, float(detector.spec.target_fpr), held,
+                                     image_dir=os.path.abspath(image_dir), crops_per_file=crops, **(about or {}))
     shutil.copytree(detector_dir, out_dir, dirs_exist_ok=True)
     path = os.path.join(out_dir, DETECTOR_YAML)
     with open(path) as f:
@@ -216,7 +283,7 @@ def calibrate_artifact(detector_dir: str, image_dir: str, preprocess: Callable, 
 
 def _calibrate(args) -> int:
     fn = load_function(args.preprocess)
-    report = calibrate_artifact(args.detector, args.images, fn, args.output, args.input_fit,
+    report = calibrate_artifact(args.detector, args.images, fn, args.output, args.input_fit, crops=args.crops,
                                 about={"preprocess": args.preprocess, "source_artifact": os.path.abspath(args.detector)})
     print(f"wrote {args.output}: " + summary(report, args.preprocess))
     return 0
@@ -241,5 +308,8 @@ def register(subparsers) -> None:
                    help="function(PIL.Image) -> the model's input tensor, (C, H, W) or (1, C, H, W), normalised "
                         "as the detector's input mapping expects")
     p.add_argument("--input-fit", choices=INPUT_FITS, help="replace the artifact's input.fit (as protect --input-fit)")
+    p.add_argument("--crops", type=int, default=1, metavar="N",
+                   help="with fewer images than 2 / target FPR: N uploads per file (the file and N - 1 random "
+                        "crops of it, as PNG), every crop of a file in the same half (default 1: the files only)")
     p.add_argument("-o", "--output", required=True, help="directory for the calibrated artifact (new or empty)")
     p.set_defaults(func=_calibrate)

@@ -102,3 +102,41 @@ def test_calibrate_errors_name_the_problem(tmp_path, setup, capsys):
     assert "10 files, but a target false-positive rate of 0.01 needs at least 200" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d"))
     assert yaml.safe_load((full / "x").read_text()) == "taken"
+
+
+def test_few_images_error_says_how_many_crops_and_crops_calibrate(tmp_path, setup, capsys):
+    """40 files at a 1% target: the error gives the statistical reason and the option that makes 200
+    uploads of them; with it, each file's crops stay in one half (the held-out share is on other files)."""
+    from PIL import Image
+    import io
+
+    from guardian_plugin.recalibrate import photo_crops
+
+    detector, images, _ = setup
+    few = tmp_path / "forty"
+    few.mkdir()
+    for p in sorted(images.iterdir())[:40]:
+        (few / p.name).write_bytes(p.read_bytes())
+    args = ["calibrate", "--detector", detector, "--images", str(few), "--preprocess", "user_pre:preprocess",
+            "--input-fit", "area"]
+    assert main(args + ["-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "40 files, but a target false-positive rate of 0.01 needs at least 200" in err
+    assert "99% quantile of the calibrating half's scores, which needs 100 images" in err
+    assert "--crops 5 (40 x 5 = 200" in err and not (tmp_path / "a").exists()
+    assert main(args + ["--crops", "4", "-o", str(tmp_path / "b")]) == 2
+    assert "40 files x 4 crops = 160 images" in capsys.readouterr().err
+    assert main(args + ["--crops", "5", "-o", str(tmp_path / "c")]) == 0
+    report = json.loads((tmp_path / "c" / CALIBRATION_FILE).read_text())
+    assert (report["images"], report["calibrated_on"], report["held_out"], report["crops_per_file"]) == (200, 100, 100, 5)
+    # the uploads: the file itself, then crops of it as PNG, every one of a file in the same half
+    files = [(p.name, p.read_bytes()) for p in sorted(few.iterdir())]
+    uploads, held = photo_crops(files, 5)
+    assert [n for n, _ in uploads[:5]] == ["0000.png"] + [f"0000.png#crop{k}" for k in range(1, 5)]
+    assert uploads[0][1] == files[0][1]
+    crops = [Image.open(io.BytesIO(b)) for _, b in uploads[1:5]]
+    assert all(c.format == "PNG" and c.size == (28, 28) for c in crops)  # zooms, at the file's own size
+    original = np.asarray(Image.open(io.BytesIO(files[0][1])))
+    assert all(not np.array_equal(np.asarray(c), original) for c in crops)
+    for i in range(40):
+        assert len(set(held[5 * i:5 * i + 5])) == 1 and held[5 * i] == (i % 2 == 1)

@@ -313,10 +313,26 @@ def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, c
         (few / f"{i}.png").write_bytes(b)
     assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "f.mar"), "--calibrate", str(few)]) == 2
     assert "150 files, but a target false-positive rate of 0.01 needs at least 200" in capsys.readouterr().err
+    # what the error suggests: 40 files, 5 uploads each (the file and 4 crops), each file's in one half
+    forty = tmp_path / "forty"
+    forty.mkdir()
+    for i, b in enumerate(bodies[:40]):
+        (forty / f"{i:02d}.png").write_bytes(b)
+    assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "g.mar"), "--calibrate",
+                 str(forty)]) == 2
+    assert "--calibrate-crops 5 (40 x 5 = 200" in capsys.readouterr().err
+    assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "h.mar"), "--calibrate",
+                 str(forty), "--calibrate-crops", "5"]) == 0
+    assert "served calibration on 200 images" in capsys.readouterr().out
+    crops = json.loads(read_archive(str(tmp_path / "h.mar"))[1][f"{DETECTOR_DIR}/{CALIBRATION_FILE}"])
+    assert (crops["images"], crops["held_out"], crops["crops_per_file"]) == (200, 100, 5)
+    assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "i.mar"),
+                 "--calibrate-crops", "5"]) == 2
+    assert "pass --calibrate DIR too" in capsys.readouterr().err
     (cal / "notes.txt").write_text("not an image")
     assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "n.mar"), "--calibrate", str(cal)]) == 2
     assert "calibration image notes.txt: the preprocess cannot take it" in capsys.readouterr().err
     assert main(["protect", mnist_mar, "--detector", ex.DETECTOR, "-o", str(tmp_path / "m.mar"),
                  "--calibrate", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
-    assert not any((tmp_path / n).exists() for n in ("f.mar", "n.mar", "m.mar"))
+    assert not any((tmp_path / n).exists() for n in ("f.mar", "g.mar", "i.mar", "n.mar", "m.mar"))

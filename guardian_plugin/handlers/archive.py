@@ -257,7 +257,7 @@ def _with_input_fit(spec, detector_files: Dict[str, bytes], input_fit: str):
 
 def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: str, spec,
                        detector_files: Dict[str, bytes], image_dir: str, output: str = "auto",
-                       reference_block: Optional[int] = None) -> Tuple[Dict[str, bytes], dict]:
+                       reference_block: Optional[int] = None, crops: int = 1) -> Tuple[Dict[str, bytes], dict]:
     """(detector files with new thresholds, report): guardian_plugin.recalibrate on the archive's own
     preprocess (``preprocess([{"body": bytes}])``, as a worker calls it) and the artifact as embedded
     (``spec``'s input fit), exactly what the guard scores; the report is embedded beside detector.yaml.
@@ -268,11 +268,10 @@ def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: st
     a worker's guard sees them (``output``), and replaces the embedded reference.json: it then
     describes the served inputs (their size recorded), and matches the new thresholds."""
     from guardian_plugin.handlers.guard import output_kind, to_probabilities
-    from guardian_plugin.recalibrate import (CALIBRATION_FILE, check_count, image_files, load_fitted, recalibrate,
+    from guardian_plugin.recalibrate import (CALIBRATION_FILE, calibration_set, load_fitted, recalibrate,
                                              served_features, served_reference, set_thresholds)
 
-    images = image_files(image_dir)
-    check_count(images, float(spec.target_fpr), image_dir)
+    images, held = calibration_set(image_dir, float(spec.target_fpr), crops, "--calibrate-crops")
     detector = load_fitted(detector_dir, spec.input.fit)
     with archive_handler(manifest, files) as handler:
         def infer(x):
@@ -281,13 +280,15 @@ def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: st
 
         scores, probs, sizes = served_features(detector, lambda body: handler.preprocess([{"body": body}]), images,
                                                infer=infer if reference_block else None)
-    thresholds, report = recalibrate(detector, scores, float(spec.target_fpr), image_dir=os.path.abspath(image_dir))
+    thresholds, report = recalibrate(detector, scores, float(spec.target_fpr), held,
+                                     image_dir=os.path.abspath(image_dir), crops_per_file=crops)
     out = _edit_detector_yaml(detector_files, lambda raw: set_thresholds(raw, thresholds))
     if reference_block:
         from guardian_plugin.distribution import REFERENCE_FILE
 
         ref, report["distribution_reference"] = served_reference(
-            scores, probs, thresholds, sizes, reference_block, f"served:{os.path.basename(os.path.abspath(image_dir))}")
+            scores, probs, thresholds, sizes, reference_block, f"served:{os.path.basename(os.path.abspath(image_dir))}",
+            held)
         out[f"{DETECTOR_DIR}/{REFERENCE_FILE}"] = (json.dumps(dataclasses.asdict(ref), indent=1) + "\n").encode()
     out[f"{DETECTOR_DIR}/{CALIBRATION_FILE}"] = (json.dumps(report, indent=1) + "\n").encode()
     return out, report
@@ -295,7 +296,8 @@ def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: st
 
 def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] = None, ledger: Optional[str] = None,
             namespace: Optional[str] = None, output: str = "auto", max_image_pixels: Optional[int] = None,
-            allow_mismatch: bool = False, input_fit: Optional[str] = None, calibrate: Optional[str] = None) -> dict:
+            allow_mismatch: bool = False, input_fit: Optional[str] = None, calibrate: Optional[str] = None,
+            calibrate_crops: int = 1) -> dict:
     """Rewrite ``in_mar`` into a guarded ``out_mar`` (see the module docstring). Returns a summary.
     The archive's model is probed first (guardian_plugin.fit): a detector trained for other inputs or
     another class count raises ModelMismatch unless ``allow_mismatch`` (then written into the guard
@@ -347,9 +349,13 @@ def protect(in_mar: str, detector_dir: str, out_mar: str, config: Optional[str] 
         k = spec.num_classes or (model.num_classes if model is not None else None) or 10
         label_only = label_only_message(labels, label_response(cfg, k))
     calibration = None
+    if calibrate_crops != 1 and not calibrate:
+        raise ConfigError(f"--calibrate-crops {calibrate_crops}: it sets how many uploads each file of --calibrate "
+                          "DIR gives; pass --calibrate DIR too")
     if calibrate:
         detector_files, calibration = served_calibration(manifest, files, detector_dir, spec, detector_files,
-                                                          calibrate, output, _reference_block(cfg, detector_dir))
+                                                          calibrate, output, _reference_block(cfg, detector_dir),
+                                                          crops=calibrate_crops)
     distribution = _distribution_summary(cfg, detector_dir, spec, model, calibration)
     settings = {"guard": cfg.model_dump(), "wrap": original, "output": output}
     settings["guard"]["detector"] = DETECTOR_DIR  # relative to the extracted archive

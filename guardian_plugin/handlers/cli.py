@@ -11,7 +11,8 @@ def _protect(args) -> int:
 
     s = protect(args.archive, args.detector, args.output, config=args.config, ledger=args.ledger,
                 namespace=args.namespace, output=args.model_output, max_image_pixels=args.max_image_pixels,
-                allow_mismatch=args.allow_mismatch, input_fit=args.input_fit, calibrate=args.calibrate)
+                allow_mismatch=args.allow_mismatch, input_fit=args.input_fit, calibrate=args.calibrate,
+                calibrate_crops=args.calibrate_crops)
     print(f"wrote {s['archive']}: model {s['model']}, handler {s['handler']} wrapping {s['wraps']!r}; "
           f"ledger {s['ledger']} (relative paths: under $GUARDIAN_STATE_DIR), namespace {s['namespace']}; "
           f"{s['fit']}; detector input fit {s['input_fit']}" + (f" (MISMATCH, allowed: {'; '.join(s['mismatch'])})" if s["mismatch"] else ""))
@@ -77,6 +78,10 @@ def register(subparsers) -> None:
                         "resizing differs from the detector's training images (docs/torchserve.md); the "
                         "distribution test's reference (when the artifact has one) is rebuilt on the same path "
                         "with the archive's own inference, so the test applies behind a resizing handler too")
+    p.add_argument("--calibrate-crops", type=int, default=1, metavar="N",
+                   help="with fewer benign images than 2/target FPR: N uploads per file in DIR (the file and N - 1 "
+                        "random crops of it, as PNG; e.g. 40 photos x 5 = 200), every crop of a file in the same "
+                        "half so the held-out share is measured on other files (default 1: the files only)")
     p.set_defaults(func=_protect)
 
     from guardian_plugin.handlers.files import FILES
