@@ -50,8 +50,12 @@ def test_the_wheel_ships_them_and_handler_file_finds_them_when_installed(tmp_pat
         assert any(n.endswith(f".data/data/share/guardian-plugin/handlers/{f}") for n in names), names
     assert not [n for n in names if n.startswith("handlers/")]  # not a top-level Python package
     prefix = tmp_path / "prefix"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--prefix", str(prefix), "-q", wheel],
-                   check=True, cwd=tmp_path)
+    from importlib import metadata
+
+    # --ignore-installed: without it pip uninstalls this environment's guardian-plugin before installing under --prefix
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "--prefix", str(prefix),
+                    "-q", wheel], check=True, cwd=tmp_path)
+    metadata.distribution("guardian-plugin")  # this environment's install is still there (else PackageNotFoundError)
     site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
     env = {**os.environ, "PYTHONPATH": site}
     for name, f in FILES.items():
