@@ -34,8 +34,10 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars and no per-stage lines either")
     p.add_argument("--check", "--dry-run", dest="check", action="store_true",
                    help="only check the config (sizes, sources, transforms, architectures, files, a memory "
-                        "estimate) and print the plan; exit 0 when it would run, 2 otherwise. Every run does "
-                        "this check first")
+                        "estimate) and print the plan with each stage's estimated time (from a committed run's "
+                        "report.json at that image size, scaled by the configured sizes); exit 0 when it would "
+                        "run, 2 otherwise, naming the config's prepared_by command when files it reads are "
+                        "missing. Every run does this check first")
     p.set_defaults(func=_run)
 
     r = sub.add_parser("reference", help="(re)build a detector artifact's distribution-test reference",
