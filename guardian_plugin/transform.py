@@ -27,7 +27,7 @@ Registry names (the ``transform`` field of a detector config):
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -428,7 +428,3 @@ def check_transform(name: str, spec: dict, ctx: TransformContext) -> int:
         raise ConfigError(f"transform {name!r}: scale must be a positive number, got {scale!r}")
     channels = getattr(TRANSFORMS.get(name), "representation_channels", None) if name in TRANSFORMS else None
     return channels(spec, ctx) if channels else ctx.channels
-
-
-def transform_names() -> Dict[str, str]:
-    return {n: (TRANSFORMS.get(n).__doc__ or "").strip() for n in TRANSFORMS}
