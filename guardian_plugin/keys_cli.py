@@ -19,7 +19,6 @@ has no unrevoked key; 2 for errors (unreachable store, no secret, bad option), a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,19 +26,13 @@ import time
 from guardian_plugin.errors import ConfigError
 from guardian_plugin.identity import KEY_PREFIX
 from guardian_plugin.keys import KeyStore, key_secrets, open_key_store
-from guardian_plugin.ledger.cli import _time
+from guardian_plugin.ledger.cli import _time, store_options
 
 
 def register(subparsers) -> None:
     from guardian_plugin.cli import command_group
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ledger", help="ledger URI: sqlite:///path.db, redis://host:6379/0")
-    common.add_argument("--namespace", default=None, help="protected model's namespace (default: 'default')")
-    common.add_argument("--config", help="guard YAML: ledger, namespace and key secret from there")
-    common.add_argument("--archive", help="a `guardian protect`ed .mar: its embedded guard config (the namespace is "
-                                          "the model's name)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common = store_options("ledger, namespace and key secret")
     sub = command_group(subparsers, "keys", "issue, list and revoke API keys", __doc__)
     ip = sub.add_parser("issue", parents=[common], help="a new key (printed once)")
     ip.add_argument("--owner", required=True, help="who the key is for (stored beside its client id)")

@@ -34,13 +34,22 @@ from guardian_plugin.ledger import open_ledger
 from guardian_plugin.ledger.base import ClientState, Ledger, RefusalRule, check_client_id, now, parse_duration
 
 
-def register(subparsers) -> None:
+def store_options(from_config: str) -> argparse.ArgumentParser:
+    """The options every operator command (``guardian clients``, ``guardian keys``) takes to find a
+    ledger's store: --ledger, --namespace, --config, --archive (``from_config``: what they take from a
+    guard config) and --json."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ledger", help="ledger URI: sqlite:///path.db, redis://host:6379/0, memory://")
     common.add_argument("--namespace", default=None, help="protected model's namespace (default: 'default')")
-    common.add_argument("--config", help="guard YAML: ledger, namespace and rule from there")
+    common.add_argument("--config", help=f"guard YAML: {from_config} from there")
     common.add_argument("--archive", help="a `guardian protect`ed .mar: its embedded guard config (the namespace is "
                                           "the model's name)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    return common
+
+
+def register(subparsers) -> None:
+    common = store_options("ledger, namespace and rule")
     common.add_argument("--window", type=int, default=None,
                         help="sliding-window size to report window counts for (default: the config's, else 0)")
     common.add_argument("--quota", type=int, default=None, help="queries per client and period (default: the config's)")
@@ -48,7 +57,6 @@ def register(subparsers) -> None:
                         help="flagged queries per client and period (default: the config's)")
     common.add_argument("--quota-period", default=None,
                         help="quota period: 3600, 90s, 30m, 12h, 1d (default: the config's, else 1d)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = subparsers.add_parser("clients", help="list, inspect, reset, block and unblock clients of a ledger",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
