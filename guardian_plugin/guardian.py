@@ -351,7 +351,9 @@ class Guardian:
         self.counters["suspect"] += int(suspect.sum())
         self.counters["probation"] += int(on_probation.sum())
         self.counters["refused"] += b - answered
-        pending = [] if record else [(adm[i].client, bool(counted[i]), bins[i]) for i in live if i not in cut]
+        # (client, counted as flagged, bin, a row enforce mode would not answer: observe mode's cut rows)
+        pending = [] if record else [(adm[i].client, bool(counted[i]), bins[i], bool(would and would[i]))
+                                     for i in live if i not in cut]
         ms = (time.perf_counter() - t0) * 1000.0
         if self.observe:  # decided, recorded, not applied: the model's own answer on every row
             self.counters["would_deny"] += sum(w is not None for w in would)
@@ -369,13 +371,19 @@ class Guardian:
         they leave. Raises LedgerUnavailable like ``inspect``."""
         per_client: "OrderedDict[str, list]" = OrderedDict()
         for res in results:
-            for c, is_flagged, b in res.pending:
+            for c, is_flagged, b, would_cut in res.pending:
                 if c is not None:
-                    per_client.setdefault(c, []).append((is_flagged, b))
+                    per_client.setdefault(c, []).append((is_flagged, b, would_cut))
         holds = holds_of(admissions)
         states = {}
         if per_client or holds:
-            updates = [self._update(c, [f for f, _ in rows], [b for _, b in rows]) for c, rows in per_client.items()]
+            updates = []
+            for c, rows in per_client.items():
+                # observe mode: the rows enforce mode would not answer in an update of their own, so that the
+                # store refuses the client at the query enforce mode would (refused_at_query)
+                k = next((j for j, r in enumerate(rows) if r[2]), len(rows))
+                updates += [self._update(c, [f for f, *_ in part], [b for _, b, _ in part])
+                            for part in (rows[:k], rows[k:]) if part]
             try:
                 recorded = self.ledger.record_many(updates, commit=holds)
             except LedgerUnavailable:
