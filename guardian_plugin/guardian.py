@@ -219,8 +219,8 @@ class Guardian:
             if adm.ok:
                 if left[c] <= 0:
                     self.counters["quota"] += 1
-                    adm = Admission(client=c, denial=quota_exceeded(res[c].retry_after or 1), state=adm.state,
-                                    probation=adm.probation, suspect=adm.suspect, holds=adm.holds)
+                    q = quota_exceeded(res[c].retry_after or 1)
+                    adm = replace(adm, would=q) if self.observe else Admission(client=c, denial=q)
                 left[c] -= 1
             out.append(self._observed(adm))
         return out
