@@ -193,7 +193,7 @@ def _client_report(guardian, client: str, rows: list, bad: list) -> dict:
     would = None
     if first is not None:
         q, d = first
-        why = {403: "refused", 429: "quota"}.get(d.status, d.kind)
+        why = {403: "blocked" if d.kind == "ClientBlocked" else "refused", 429: "quota"}.get(d.status, d.kind)
         if d.status == 403 and d.kind != "ClientBlocked" and st.refused_at_query is not None:
             why = _mechanism(rule, counted, st.refused_at_query)
         elif d.status == 429 and rule.flagged_quota and st.period_flagged >= rule.flagged_quota:

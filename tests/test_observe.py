@@ -101,6 +101,25 @@ def test_observe_quota_probation_and_missing_identity_are_would_be_only(victim):
     assert _guardian("enforce").admit({}).denial.status == 401
 
 
+def test_observe_with_the_store_down_answers_and_keeps_the_503_as_would_be(victim):
+    """ledger_failure: closed answers 503 while the store is down; observe mode answers, unrecorded."""
+    from guardian_plugin.devserver.redis import RedisServer
+
+    digits, _ = ex.real_digits(1)
+    x = ex.as_input(ex.decode_pngs(digits))
+    p = torch.softmax(victim(x), -1).detach()
+    with RedisServer(durable=False) as srv:
+        g = _guardian("observe", ledger=srv.url, ledger_failure="closed")
+        srv.kill()
+        a = g.admit({"X-Client-Id": "c"})
+        assert a.ok and a.client == "c" and a.would.status == 503
+        for record in (True, False):
+            r = g.inspect(x, p, [a], record=record)
+            assert torch.equal(r.probs, p) and r.would[0].status == 503
+        g.commit([r], [a])  # the deferred write fails quietly too (logged)
+        g.ledger.close()
+
+
 def test_mode_is_validated():
     from guardian_plugin.errors import ConfigError
 
