@@ -23,7 +23,6 @@ answer in either mode). docs/rollout.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 from guardian_plugin.devserver.bentoml import BentoServer  # noqa: E402
 from guardian_plugin.ledger import open_ledger  # noqa: E402
 from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
-from serving_fixtures import bento_oracle  # noqa: E402
+from serving_fixtures import bento_oracle, bento_serve_env  # noqa: E402
 
 DETECTOR = os.environ.get("GUARDIAN_TEST_DETECTOR") or os.path.join(ROOT, "examples", "mnist", "artifacts", "detector")
 SERVICE = "bento.service:MNISTGuarded"
@@ -39,12 +39,7 @@ def observed(tmp_path_factory):
              "identity": {"headers": ["X-Client-Id"]}}
     cfg = tmp / "guard.yaml"
     cfg.write_text(yaml.safe_dump({**guard, "mode": "observe"}))
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GUARDIAN_TORCH_THREADS": "1",
-                "BENTOML_HOME": str(tmp / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
-                "GUARDIAN_CONFIG": str(cfg), "MNIST_BENTO_WORKERS": "1"})
-    env.pop("GUARDIAN_LEDGER", None)
-    env.pop("GUARDIAN_KEY_SECRET", None)
+    env = bento_serve_env(tmp, cfg)
     server = BentoServer(SERVICE, env, str(tmp / "serve.log"), ROOT)
     yield {"server": server, "guard": guard}
     server.stop()
