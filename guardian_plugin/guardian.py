@@ -393,6 +393,7 @@ class Guardian:
                 recorded = []
             for st in recorded:
                 states[st.client_id] = st
+            for st in states.values():
                 if crossed(st, len(per_client.get(st.client_id, ()))):
                     log.warning("guardian: client %r refused at query %d (flagged %d)", st.client_id,
                                 st.refused_at_query, st.flagged)

@@ -120,6 +120,30 @@ def test_observe_with_the_store_down_answers_and_keeps_the_503_as_would_be(victi
         g.ledger.close()
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "resilient"])
+def test_observe_deferred_commit_refuses_at_the_query_enforce_does_on_every_backend(victim, fakes, kind, tmp_path):
+    """TorchServe's path (inspect(record=False), then commit): a batch whose later rows enforce mode would
+    not answer is recorded as two updates of one client in one record_many call; every backend applies
+    them in order, so refused_at_query is the query enforce mode refuses at, not the batch's last."""
+    from ledger_fixtures import fresh_namespace, open_backend
+
+    x = ex.as_input(ex.decode_pngs(fakes))
+    p = torch.softmax(victim(x), -1).detach()
+    enforce = _guardian("enforce")
+    _send(enforce, victim, fakes, "gen")
+    at = enforce.ledger.get("gen").refused_at_query
+    g = _guardian("observe")
+    g.ledger = open_backend(kind, g.ledger.rule, fresh_namespace("observe"), tmp_path)
+    for s in range(0, N_FAKES, 8):  # batches of 8 one-image requests
+        adm = g.admit_batch([{"X-Client-Id": "gen"}] * len(x[s:s + 8]))
+        r = g.inspect(x[s:s + 8], p[s:s + 8], adm, record=False)
+        assert torch.equal(r.probs, p[s:s + 8])
+        g.commit([r], adm)
+    st = g.ledger.get("gen")
+    assert st.refused and st.refused_at_query == at and st.queries == N_FAKES, (st, at)
+    assert at % 8 != 0  # the crossing lies inside a batch
+
+
 def test_mode_is_validated():
     from guardian_plugin.errors import ConfigError
 
