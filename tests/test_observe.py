@@ -200,15 +200,15 @@ def test_replay_reports_the_generator_refused_where_enforce_refuses_it_and_digit
     ({"alice": []}, "the client folder is empty"),
     ({"": ["x.png"]}, "outside client folders"),
 ])
-def test_replay_errors_name_what_to_do(protected, tmp_path, layout, message):
+def test_replay_errors_name_what_to_do(protected, tmp_path, capsys, layout, message):
+    from guardian_plugin.cli import main
+
     _, mar = protected
     for client, names in layout.items():
         (tmp_path / client).mkdir(exist_ok=True)
         for n in names:
             (tmp_path / client / n).write_bytes(b"x")
-    r = subprocess.run([GUARDIAN, "replay", "--archive", mar, str(tmp_path), "--quiet"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    r = subprocess.run([GUARDIAN, "replay", "--archive", ex.VICTIM_TS, str(tmp_path)], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "not a TorchServe model archive" in r.stderr, r.stderr
+    assert main(["replay", "--archive", mar, str(tmp_path), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["replay", "--archive", ex.VICTIM_TS, str(tmp_path)]) == 2
+    assert "not a TorchServe model archive" in capsys.readouterr().err
