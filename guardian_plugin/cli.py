@@ -17,6 +17,7 @@ FEATURES = [
     "guardian_plugin.ledger.cli",  # clients list|show|reset|reset-quota|block|unblock
     "guardian_plugin.keys_cli",  # keys issue|list|revoke (issued API keys)
     "guardian_plugin.training.cli",  # train-detector
+    "guardian_plugin.replay",  # replay (recorded traffic through a protected archive's guard, observe mode)
     "guardian_plugin.recalibrate",  # calibrate (thresholds re-set on a deployment's preprocess)
     "guardian_plugin.evaluation.cli",  # evaluate (attack suite, paper tables)
 ]

@@ -6,6 +6,8 @@ Example (every key optional but ``detector``)::
     ledger: sqlite:///var/lib/guardian/ledger.db  # memory:// | sqlite:///path | redis://host:6379/0
     namespace: mnist                               # separates protected models in one store
     ledger_failure: closed                         # store down: closed (HTTP 503) | open (serve, log, keep counts)
+    mode: enforce                                  # observe: decide and record everything, change no answer
+                                                   # (docs/rollout.md: roll out in observe, replay, then enforce)
     rule: {tau: auto, rho: 0.5}                    # auto: the binomial bound in docs/refusal-rule.md
                                                    # sliding window (default window: 200, window_rho: 0.3; 0 = off)
     quota: {queries: 10000, flagged: 1000, period: 1d, lease: 150s}  # per client and period: HTTP 429 + Retry-After; 0 = off
@@ -189,6 +191,9 @@ class GuardConfig(_Strict):
     ledger: str = "sqlite://guardian-ledger.db"
     namespace: str = "default"
     ledger_failure: Literal["closed", "open"] = "closed"  # see guardian_plugin.ledger.resilient
+    # observe: every mechanism decides and the ledger and metrics record it, but every admitted request gets
+    # the unprotected model's answer (Guardian.observe; docs/rollout.md)
+    mode: Literal["enforce", "observe"] = "enforce"
     rule: RuleConfig = RuleConfig()
     quota: QuotaConfig = QuotaConfig()
     probation: ProbationConfig = ProbationConfig()

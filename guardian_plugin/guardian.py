@@ -19,6 +19,14 @@
     result.probs      what to return
     result.verdicts   one Verdict per row
 
+Observe mode (``mode: observe``, ``Guardian.observe``): every step above decides as always and the ledger
+records it, but nothing is applied: a denial of admission (401/400 identity, 403, 429, 503) becomes
+``Admission.would`` and the request is served (without a usable identity: as an anonymous row, counted for
+no client), the rows the rule cuts are answered and counted, and ``result.probs`` is the model's own
+answer. ``result.would`` (the denial each row would have got), ``result.would_deceived`` and
+``result.would_probation`` say what enforce mode would have done; the refusal rule's ``refused`` /
+``refused_at_query`` in the ledger keep working. docs/rollout.md.
+
 Adapters (TorchServe handler, BentoML decorator) only translate between their framework and these two
 calls; a :class:`~guardian_plugin.responses.Denial` carries the HTTP status and the JSON body, so the
 same situation gets the same answer in both. ``inputs`` is the served model's preprocessed batch; the
@@ -78,6 +86,11 @@ class InspectResult:
     # rows admitted but not answered: the client crossed the rule (or its flagged quota) earlier in this
     # batch, or inside the same request; the Denial to answer them with (None for the other rows)
     cut: List[Optional[Denial]] = field(default_factory=list)
+    # observe mode: what enforce mode would have done with each row (the denial it would have answered,
+    # admission or cut; DPreds or the probation response); in enforce mode these lists are empty
+    would: List[Optional[Denial]] = field(default_factory=list)
+    would_deceived: List[bool] = field(default_factory=list)
+    would_probation: List[bool] = field(default_factory=list)
 
     @property
     def flagged(self) -> List[bool]:
@@ -105,11 +118,12 @@ class Guardian:
     """``probation``: every answer of a new identity gets the probation response until it has that
     many unflagged answered queries (off when None or 0 queries). ``distribution``: the per-client
     distribution test; the ledger's rule must then keep ``distribution.reference.bins`` bins in blocks
-    of ``distribution.block`` (``RefusalRule(dist_bins=..., dist_block=...)``)."""
+    of ``distribution.block`` (``RefusalRule(dist_bins=..., dist_block=...)``). ``observe``: decide and
+    record, change no answer (the module docstring; docs/rollout.md)."""
 
     def __init__(self, detector: Detector, ledger: Ledger, policy=None, device: str | torch.device = "cpu",
                  identity: Identity | IdentityConfig | None = None, probation: ProbationConfig | None = None,
-                 distribution: DistributionTest | None = None):
+                 distribution: DistributionTest | None = None, observe: bool = False):
         self.detector = detector.to(device)
         self.ledger = ledger
         self.policy = policy if policy is not None else build_policy("dpreds", d=0.5)
@@ -121,13 +135,15 @@ class Guardian:
             self.identity.use_key_store(key_store_for(ledger), getattr(ledger, "mode", "closed"))
         self.probation = probation if probation is not None and probation.queries > 0 else None
         self.distribution = distribution
+        self.observe = bool(observe)
         self._dist_warned = False
         if distribution is not None and (ledger.rule.dist_bins != distribution.reference.bins
                                          or ledger.rule.dist_block != distribution.block):
             raise ConfigError(f"the ledger's rule keeps {ledger.rule.dist_bins} bins in blocks of "
                               f"{ledger.rule.dist_block}; the distribution test needs {distribution.reference.bins} "
                               f"in blocks of {distribution.block}")
-        self.counters = {"queries": 0, "flagged": 0, "refused": 0, "quota": 0, "suspect": 0, "probation": 0}
+        self.counters = {"queries": 0, "flagged": 0, "refused": 0, "quota": 0, "suspect": 0, "probation": 0,
+                         "would_deny": 0}
 
     # ------------------------------------------------------------------------- construction
     @classmethod
@@ -145,7 +161,7 @@ class Guardian:
             rule = cfg.rule.to_rule(cfg.quota, dist.reference.bins if dist else 0, dist.block if dist else 0)
             ledger = ResilientLedger(open_ledger(cfg.ledger, rule, cfg.namespace), cfg.ledger_failure)
         policy = build_policy(cfg.response.policy, **cfg.response.params())
-        return cls(detector, ledger, policy, cfg.device, identity, cfg.probation, dist)
+        return cls(detector, ledger, policy, cfg.device, identity, cfg.probation, dist, observe=cfg.mode == "observe")
 
     @classmethod
     def from_artifact(cls, path: str, ledger: Ledger | str = "memory://", rule: RefusalRule | None = None,
@@ -174,7 +190,8 @@ class Guardian:
                 out.append(None)
             except IdentityError as e:
                 ids.append(None)
-                out.append(Admission(denial=Denial(e.status, e.kind, str(e), e.retry_after)))
+                denial = Denial(e.status, e.kind, str(e), e.retry_after)
+                out.append(Admission(would=denial) if self.observe else Admission(denial=denial))
         rows = [i for i, a in enumerate(out) if a is None]
         for i, a in zip(rows, self.admit_clients([ids[i] for i in rows])):
             out[i] = replace(a)  # each request its own Admission: rows sharing one are one request (inspect)
@@ -189,7 +206,8 @@ class Guardian:
         try:
             res = dict(zip(wanted, self.ledger.reserve_many(list(wanted.items())))) if wanted else {}
         except LedgerUnavailable:
-            return [Admission(denial=UNAVAILABLE) if c is not None else Admission() for c in clients]
+            return [self._observed(Admission(client=c, denial=UNAVAILABLE)) if c is not None else Admission()
+                    for c in clients]
         standing = {c: self._standing(r) for c, r in res.items()}
         left = {c: r.granted for c, r in res.items()}
         out = []
@@ -201,17 +219,24 @@ class Guardian:
             if adm.ok:
                 if left[c] <= 0:
                     self.counters["quota"] += 1
-                    adm = Admission(client=c, denial=quota_exceeded(res[c].retry_after or 1))
+                    q = quota_exceeded(res[c].retry_after or 1)
+                    adm = replace(adm, would=q) if self.observe else Admission(client=c, denial=q)
                 left[c] -= 1
-            out.append(adm)
+            out.append(self._observed(adm))
         return out
+
+    def _observed(self, adm: Admission) -> Admission:
+        """In observe mode, a denied admission served all the same: its denial kept as ``would``."""
+        if not self.observe or adm.denial is None:
+            return adm
+        return replace(adm, denial=None, would=adm.denial)
 
     def _standing(self, r) -> Admission:
         st = r.state
         if st.blocked:
-            return Admission(client=st.client_id, denial=BLOCKED)
+            return Admission(client=st.client_id, denial=BLOCKED, state=st)
         if st.refused:
-            return Admission(client=st.client_id, denial=REFUSED)
+            return Admission(client=st.client_id, denial=REFUSED, state=st)
         probation = self.probation is not None and st.queries - st.flagged < self.probation.queries
         suspect = self.distribution is not None and self.distribution.fails(st.dist_counts)
         return Admission(client=st.client_id, probation=probation, suspect=suspect, state=st,
@@ -291,10 +316,19 @@ class Guardian:
                 for i, v in zip(live, self.distribution.reference.bin_of(probs[live], s, self.detector.thresholds)):
                     bins[i] = int(v)
         suspect = torch.tensor([adm[i].suspect and not denied[i] for i in range(b)], dtype=torch.bool)
-        if record:
-            states, cut = self._record(adm, live, flagged, suspect, bins, holds_of(adm))
-        else:
-            states, cut = {}, self._plan(adm, live, (flagged | suspect).tolist())
+        try:
+            if record:
+                states, cut = self._record(adm, live, flagged, suspect, bins, holds_of(adm))
+            else:
+                states, cut = {}, self._plan(adm, live, (flagged | suspect).tolist())
+        except LedgerUnavailable:
+            if not self.observe:
+                raise
+            log.warning("guardian: observe mode: the ledger is down; the batch is answered and not recorded")
+            states, cut = {}, {}
+        would = [adm[i].would or cut.get(i) for i in range(b)] if self.observe else []
+        if self.observe:  # the rows the rule cuts are answered (and recorded: _record, pending below)
+            cut = {}
         for i in cut:
             denied[i] = True
         suspect &= ~torch.tensor(denied, dtype=torch.bool)
@@ -309,17 +343,26 @@ class Guardian:
             rows = on_probation.to(probs.device)
             out = out.clone()
             out[rows] = label_only(probs[rows]) if self.probation.response == "label" else dpreds(probs[rows], getattr(self.policy, "d", 0.5))
-        verdicts = [Verdict.REFUSED if denied[i] else Verdict.FLAGGED if counted[i] else Verdict.BENIGN for i in range(b)]
+        shown = [d or w is not None for d, w in zip(denied, would)] if would else denied  # observe: would-be verdicts
+        verdicts = [Verdict.REFUSED if shown[i] else Verdict.FLAGGED if counted[i] else Verdict.BENIGN for i in range(b)]
         answered = b - sum(denied)
         self.counters["queries"] += answered
         self.counters["flagged"] += int((flagged & ~torch.tensor(denied, dtype=torch.bool)).sum())
         self.counters["suspect"] += int(suspect.sum())
         self.counters["probation"] += int(on_probation.sum())
         self.counters["refused"] += b - answered
-        pending = [] if record else [(adm[i].client, bool(counted[i]), bins[i]) for i in live if i not in cut]
-        return InspectResult(out, verdicts, scores, (time.perf_counter() - t0) * 1000.0, states,
-                             (deceive | on_probation).tolist(), flagged.tolist(), on_probation.tolist(), pending,
-                             [cut.get(i) for i in range(b)])
+        # (client, counted as flagged, bin, a row enforce mode would not answer: observe mode's cut rows)
+        pending = [] if record else [(adm[i].client, bool(counted[i]), bins[i], bool(would and would[i]))
+                                     for i in live if i not in cut]
+        ms = (time.perf_counter() - t0) * 1000.0
+        if self.observe:  # decided, recorded, not applied: the model's own answer on every row
+            self.counters["would_deny"] += sum(w is not None for w in would)
+            return InspectResult(probs, verdicts, scores, ms, states, [False] * b, flagged.tolist(), [False] * b,
+                                 pending, [None] * b, would,
+                                 [bool(d) and w is None for d, w in zip((deceive | on_probation).tolist(), would)],
+                                 [bool(p) and w is None for p, w in zip(on_probation.tolist(), would)])
+        return InspectResult(out, verdicts, scores, ms, states, (deceive | on_probation).tolist(), flagged.tolist(),
+                             on_probation.tolist(), pending, [cut.get(i) for i in range(b)])
 
     def commit(self, results: Sequence[InspectResult], admissions: Sequence[Admission]) -> dict:
         """The ledger update of answers about to be sent: the rows of ``results`` (from
@@ -328,15 +371,29 @@ class Guardian:
         they leave. Raises LedgerUnavailable like ``inspect``."""
         per_client: "OrderedDict[str, list]" = OrderedDict()
         for res in results:
-            for c, is_flagged, b in res.pending:
+            for c, is_flagged, b, would_cut in res.pending:
                 if c is not None:
-                    per_client.setdefault(c, []).append((is_flagged, b))
+                    per_client.setdefault(c, []).append((is_flagged, b, would_cut))
         holds = holds_of(admissions)
         states = {}
         if per_client or holds:
-            updates = [self._update(c, [f for f, _ in rows], [b for _, b in rows]) for c, rows in per_client.items()]
-            for st in self.ledger.record_many(updates, commit=holds):
+            updates = []
+            for c, rows in per_client.items():
+                # observe mode: the rows enforce mode would not answer in an update of their own, so that the
+                # store refuses the client at the query enforce mode would (refused_at_query)
+                k = next((j for j, r in enumerate(rows) if r[2]), len(rows))
+                updates += [self._update(c, [f for f, *_ in part], [b for _, b, _ in part])
+                            for part in (rows[:k], rows[k:]) if part]
+            try:
+                recorded = self.ledger.record_many(updates, commit=holds)
+            except LedgerUnavailable:
+                if not self.observe:
+                    raise
+                log.warning("guardian: observe mode: the ledger is down; answers sent without their ledger update")
+                recorded = []
+            for st in recorded:
                 states[st.client_id] = st
+            for st in states.values():
                 if crossed(st, len(per_client.get(st.client_id, ()))):
                     log.warning("guardian: client %r refused at query %d (flagged %d)", st.client_id,
                                 st.refused_at_query, st.flagged)
@@ -412,10 +469,13 @@ class Guardian:
         states: Dict[str, object] = {}
         cut: Dict[int, Denial] = {}
         start_q = {c: known[c].queries for c in per_client}
+        stopped = set()
         while pending:
             plan, refuse_at = {}, {}
             for c, rows in pending.items():
-                k = first_crossing(rule, known[c], [counted[i] for i in rows])
+                # observe mode: a client already stopped has its rows recorded all the same, in one segment
+                k = None if self.observe and (known[c].denied or c in stopped) else \
+                    first_crossing(rule, known[c], [counted[i] for i in rows])
                 n = len(rows) if k is None else k[0] + 1
                 if k is not None and k[1] == "rule":
                     # the cumulative rule, predicted exactly: crossed inside a request of several rows (before
@@ -446,8 +506,10 @@ class Guardian:
                 known[c] = st
                 if stop is not None:
                     for i in rest:
-                        cut[i] = stop
-                    rest = []
+                        cut.setdefault(i, stop)
+                    stopped.add(c)
+                    if not self.observe:  # observe mode records the cut rows too (answered all the same)
+                        rest = []
                 if rest:
                     pending[c] = rest
                 else:

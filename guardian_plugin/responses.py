@@ -165,13 +165,16 @@ class Admission:
     anonymous request), or a denial. ``probation``: a new identity without a benign history yet;
     ``suspect``: the client's last block of queries failed the distribution test (guardian_plugin.
     distribution), so its queries are treated as flagged. ``holds``: the tokens of the quota holds its
-    queries were granted under (docs/ledger.md: committed with the answer, else released after their lease)."""
+    queries were granted under (docs/ledger.md: committed with the answer, else released after their lease).
+    ``would``: in observe mode, the denial that was decided and not applied (the request is served)."""
 
     client: Optional[str] = None
     denial: Optional[Denial] = None
     probation: bool = False
     suspect: bool = False
     holds: Tuple[str, ...] = ()
+    # observe mode (Guardian.observe): the denial enforce mode would have answered with, not applied
+    would: Optional[Denial] = None
     # the client's ledger state at admission (a guardian_plugin.ledger.ClientState): where
     # Guardian.inspect starts applying the rule row by row
     state: Optional[object] = field(default=None, compare=False, hash=False, repr=False)

@@ -34,6 +34,20 @@ def bento_oracle(detector: str):
     return answer
 
 
+def bento_serve_env(tmp, config, workers: int = 1) -> dict:
+    """The environment of a test's `bentoml serve` of the example service: one thread, BentoML's home under
+    ``tmp``, the guard config ``config`` (GUARDIAN_CONFIG), ``workers`` workers, no ledger or key override."""
+    import os
+
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GUARDIAN_TORCH_THREADS": "1",
+                "BENTOML_HOME": os.path.join(str(tmp), "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
+                "GUARDIAN_CONFIG": str(config), "MNIST_BENTO_WORKERS": str(workers)})
+    env.pop("GUARDIAN_LEDGER", None)
+    env.pop("GUARDIAN_KEY_SECRET", None)
+    return env
+
+
 def start_torchserve(store: str, workdir: str, models: dict, batch_size: int, max_batch_delay_ms: int):
     """A started TorchServe on ``store`` with ``models`` ({name: workers}, each ``name.mar``) registered;
     on a failed registration its log tail is printed and the server stopped before the error is raised."""

@@ -28,7 +28,7 @@ from guardian_plugin.devserver.bentoml import BentoServer  # noqa: E402
 from guardian_plugin.ledger import open_ledger  # noqa: E402
 from guardian_plugin.ledger.base import RefusalRule  # noqa: E402
 from ledger_fixtures import fresh_namespace, redis_url  # noqa: E402
-from serving_fixtures import bento_oracle  # noqa: E402
+from serving_fixtures import bento_oracle, bento_serve_env  # noqa: E402
 
 DETECTOR = os.environ.get("GUARDIAN_TEST_DETECTOR") or os.path.join(ROOT, "examples", "mnist", "artifacts", "detector")
 SERVICE = "bento.service:MNISTGuarded"
@@ -45,12 +45,7 @@ def replicas(tmp_path_factory):
     cfg.write_text(yaml.safe_dump({
         "detector": DETECTOR, "ledger": url, "namespace": ns, "identity": {"headers": ["X-Client-Id"]},
         "quota": {"queries": QUOTA, "period": "1d"}, "probation": {"queries": PROBATION}}))
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GUARDIAN_TORCH_THREADS": "1",
-                "BENTOML_HOME": str(tmp / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "True",
-                "GUARDIAN_CONFIG": str(cfg), "MNIST_BENTO_WORKERS": "1"})
-    env.pop("GUARDIAN_LEDGER", None)
-    env.pop("GUARDIAN_KEY_SECRET", None)
+    env = bento_serve_env(tmp, cfg)
     with ThreadPoolExecutor(2) as pool:  # start both at once: each waits for its own /readyz
         futs = [pool.submit(BentoServer, SERVICE, env, str(tmp / f"serve-{k}.log"), ROOT) for k in "ab"]
         servers = []

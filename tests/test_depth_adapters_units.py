@@ -283,6 +283,11 @@ def test_label_only_archive_is_detected_warned_and_flagged_rows_drawn_from_the_t
     keep = g.HandlerGuard(inner, guardian, label_response=LabelOnlyResponse("top1"))
     out, _ = _handle(keep, bodies, [f"d{i}" for i in range(40)])
     assert out == [t2[0] for t2 in top2]
+    # observe mode (docs/rollout.md): every flagged row decided, none drawn: the model's own label
+    observer = Guardian(load_detector(detectors["all"]), MemoryLedger(RefusalRule(tau=1000)), observe=True)
+    out, ctx = _handle(g.HandlerGuard(inner, observer, label_response=resp), bodies, [f"e{i}" for i in range(40)])
+    assert ctx.status == {} and out == [t2[0] for t2 in top2]
+    assert ctx.counters["GuardianWouldDPreds"] == 40 and ctx.counters["GuardianWouldRefuse"] == 0
 
 
 # ------------------------------------------------------------------------------------------ BentoML

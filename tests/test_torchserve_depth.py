@@ -6,7 +6,8 @@ One server for the module: the unprotected example archive (top-10 probabilities
 queries, with the distribution test in blocks of 40 (the artifact's reference.json), and with the
 shipped defense_in_depth settings (guard-config defaults + probation 200; 2 workers); TorchServe's
 MNIST-example style label-only archive (postprocess: argmax label) and its protected copy with
-``response: {label_only: topk, k: 2}``.
+``response: {label_only: topk, k: 2}``; and a protected copy in observe-only mode (``mode: observe``,
+2 workers, docs/rollout.md).
 """
 
 from __future__ import annotations
@@ -60,12 +61,15 @@ def served(tmp_path_factory):
             config=_guard(w / "dist.yaml", ledger, "dist", distribution={"enabled": True, "block": DIST_BLOCK}))
     protect(soft, ex.DETECTOR, os.path.join(store, "depth_g.mar"),
             config=_guard(w / "depth.yaml", ledger, "depth", probation={"queries": 200}))
+    protect(soft, ex.DETECTOR, os.path.join(store, "observe_g.mar"),
+            config=_guard(w / "observe.yaml", ledger, "observe", mode="observe", probation={"queries": 3}))
     labels = build_archive("labels", ex.VICTIM_TS, ex.MNIST_LABEL_HANDLER, store)
     protect(labels, ex.DETECTOR, os.path.join(store, "labels_g.mar"),
             config=_guard(w / "labels.yaml", ledger, "labels", rule={"tau": 1000},
                           response={"label_only": "topk", "k": K_TOP}))
     ts = start_torchserve(store, str(w / "server"), {"mnist": 1, "quota_g": WORKERS, "prob_g": 1, "dist_g": 1,
-                                                     "depth_g": WORKERS, "labels": 1, "labels_g": 1}, BATCH, DELAY_MS)
+                                                     "depth_g": WORKERS, "labels": 1, "labels_g": 1,
+                                                     "observe_g": WORKERS}, BATCH, DELAY_MS)
     digits, _ = ex.real_digits(24)
     yield {"ts": ts, "w": w, "ledger": ledger, "digits": digits, "fakes": ex.generator_images(16, seed=5)}
     ts.stop()
@@ -275,3 +279,49 @@ def test_label_only_archive_warns_at_load_and_flagged_labels_stay_in_the_top_k(s
     # real digits the detector does not flag: exactly the unprotected label archive's answer
     for i in _unflagged(served["digits"][:8]):
         assert post(ts, "labels_g", served["digits"][i], "l-benign").text == post(ts, "labels", served["digits"][i], "x").text
+
+
+def test_observe_mode_serves_the_unprotected_answers_and_records_the_would_be_refusal(served):
+    """Issue #26: a generator client of an observe-mode archive (2 workers, batching, 8 requests in flight)
+    gets the unprotected model's answers on every query, also beyond the query where enforce mode refuses
+    it (measured in process with the same settings); the ledger holds that refusal (refused,
+    refused_at_query) and the metrics the would-be 403s and probation answers."""
+    from guardian_plugin.config import parse_config
+    from guardian_plugin.guardian import Guardian
+
+    import torch
+
+    n = 48
+    fakes = ex.generator_images(n, seed=7)
+    enforce = Guardian.from_config(parse_config({"detector": ex.DETECTOR, "ledger": "memory://",
+                                                 "probation": {"queries": 3}}))
+    victim = torch.jit.load(ex.VICTIM_TS, map_location="cpu").eval()
+    ex.stream(enforce, victim, ex.as_input(ex.decode_pngs(fakes)), "gen", batch=1)
+    at = enforce.ledger.get("gen").refused_at_query
+    assert at is not None and at < n - 8, at
+    ts = served["ts"]
+    plain = [ex.topk(post(ts, "mnist", f, "o-plain")) for f in fakes]
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda f: post(ts, "observe_g", f, "o-generator"), fakes))
+    assert [r.status_code for r in rs] == [200] * n, [(r.status_code, r.text) for r in rs if r.status_code != 200]
+    for r, want in zip(rs, plain):  # beyond `at` too: no DPreds, no probation label, no 403; the model's
+        got = ex.topk(r)               # batched and one-row float sums differ by ~1e-7 (DPreds: by > 0.05)
+        assert [k for k, _ in got] == [k for k, _ in want], (got, want)
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, want)), (got, want)
+    s = open_ledger(served["ledger"], RefusalRule(), "observe").get("o-generator")
+    assert s.refused and s.queries == n and s.refused_at_query == at, (s, at)
+    anon = ts.predict("observe_g", fakes[0], {})  # no identity: served (anonymous), the 401 a would-be one
+    assert anon.status_code == 200 and ex.topk(anon) == plain[0], anon.text
+    text = ts.metrics()
+
+    def total(name):
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                   if ln.startswith(name + "{") and 'ModelName="observe_g"' in ln)
+
+    # admissions read the ledger as committed: requests in flight when the refusal was committed (at most
+    # 8) were admitted before it
+    assert n - at - 8 <= total("GuardianWouldRefuse") <= n - at, (total("GuardianWouldRefuse"), at)
+    # every query of an all-flagged client is on probation (fewer than 3 unflagged answers, ever): enforce
+    # mode would have answered all it answers with the top-1 label only (the probation response)
+    assert total("GuardianWouldProbation") >= at - 8 and total("GuardianWouldDPreds") == 0
+    assert total("GuardianWouldDeny") >= 1 and total("GuardianRefused") == 0

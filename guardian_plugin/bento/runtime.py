@@ -78,6 +78,10 @@ class _Runtime:
         more = self.guardian.admit_clients([adm.client] * (rows - 1))
         denial = next((a.denial for a in more if a.denial is not None), None)
         holds = tuple(dict.fromkeys(adm.holds + tuple(h for a in more for h in a.holds)))
+        would = next((a.would for a in more if a.would is not None), None)  # observe mode
+        if would is not None and adm.would is None:
+            adm = replace(adm, would=would)
+            self._count_denial(adm)
         if denial is not None:
             # the 429 is this request's answer: what was granted for it is spent (its holds committed)
             try:
@@ -101,6 +105,8 @@ class _Runtime:
                 pass
 
     def _count_denial(self, adm: Admission) -> None:
+        if adm.would is not None:  # observe mode: served, counted as what enforce mode would have done
+            self.metrics.would(adm.would)
         if adm.denial is not None:
             counter = {401: self.metrics.missing, 403: self.metrics.refused,
                        429: self.metrics.quota}.get(adm.denial.status)
@@ -128,6 +134,12 @@ class _Runtime:
         n_flag = sum(f and not c for f, c in zip(res.flagged, cut))
         self.metrics.inspected(api, p.shape[0] - sum(cut), n_flag, res.newly_refused([a.client for a in admissions]),
                                time.perf_counter() - t0)
+        if res.would:  # observe mode: the rows the rule would have cut (admission's denials: _count_denial)
+            for w, a in zip(res.would, admissions):
+                if w is not None and a.would is None:
+                    self.metrics.would(w)
+            self.metrics.would_answers(api, sum(d and not q for d, q in zip(res.would_deceived, res.would_probation)),
+                                       sum(res.would_probation))
         if any(cut):
             if all(cut):  # the call holds only requests the client crossed the rule in: answered 403 / 429
                 raise denial_exception(next(d for d in res.cut if d is not None))

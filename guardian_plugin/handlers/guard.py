@@ -37,6 +37,10 @@ What the inner inference returns decides how a flagged row is rewritten (setting
 
 Rows the guard did not flag are handed to the postprocess bit for bit as inference returned them, so
 benign clients get exactly the unprotected handler's answer.
+
+Observe mode (guard config ``mode: observe``, docs/rollout.md): the same path decides everything, and no
+row is rewritten, refused or limited (only the 400s of inputs the model cannot answer remain); what would
+have happened goes to the ledger and to the GuardianWould* counters (:func:`would_counts`).
 """
 
 from __future__ import annotations
@@ -362,7 +366,7 @@ class HandlerGuard:
                         continue
                     deceived = torch.tensor(res.deceived, dtype=torch.bool)
                     new_probs, free = res.probs, None
-                    if self.label_response is not None:  # a label-only archive: flagged rows' labels
+                    if self.label_response is not None and not self.guardian.observe:  # a label-only archive
                         free = torch.tensor(res.flagged, dtype=torch.bool)
                         labels = self.label_response(probs, free)
                         if labels is None:
@@ -389,7 +393,8 @@ class HandlerGuard:
         statuses = [d.status for d in errors.values()]
         # the metric lines first: each crosses the worker's stdout, milliseconds of a batch on a busy host
         self._metrics(context, queries, flagged_n, statuses.count(403), statuses.count(400), guard_ms,
-                      (time.perf_counter() - t_start) * 1000.0, statuses.count(429))
+                      (time.perf_counter() - t_start) * 1000.0, statuses.count(429),
+                      would_counts([res for _, res in answered]) if self.guardian.observe else None)
         # then the ledger update, the last step before the answers go back: a worker that dies before it
         # leaves no count (its quota holds lapse after their lease), one that dies after it and before
         # TorchServe has sent the answers does (docs/ledger.md)
@@ -412,12 +417,13 @@ class HandlerGuard:
                 # frontend's GRPCJob throws a NullPointerException and restarts the worker)
                 context.set_response_header(i, "ts_stream_next", "false")
 
-    def _metrics(self, context, queries, flagged, refused, bad, guard_ms, handler_ms, quota=0):
+    def _metrics(self, context, queries, flagged, refused, bad, guard_ms, handler_ms, quota=0, would=None):
         """TorchServe custom metrics for one batch. Every metric line crosses the worker's stdout and is
         parsed and logged by the frontend, a cost per batch (benchmarks/torchserve_overhead.py), so: every
         counter is emitted on the worker's first batch (registered and exported from the start), then
         only when non-zero; the GuardianGuardTime gauge (a scrape sees only its latest value) at most
-        once per GAUGE_INTERVAL_S."""
+        once per GAUGE_INTERVAL_S. ``would``: observe mode's would-be counts (:func:`would_counts`), as
+        GuardianWould* counters."""
         metrics = getattr(context, "metrics", None)
         if metrics is None:
             return
@@ -427,6 +433,9 @@ class HandlerGuard:
                             ("GuardianQuotaExceeded", quota), ("GuardianBadInput", bad)):
                 if v or first:
                     metrics.add_counter(name, v)
+            for name, v in (would or {}).items():
+                if v or first:
+                    metrics.add_counter(name, v)
             now = time.monotonic()
             if queries and (first or now - self._gauge_at >= GAUGE_INTERVAL_S):
                 self._gauge_at = now
@@ -434,6 +443,25 @@ class HandlerGuard:
             metrics.add_time("HandlerTime", round(handler_ms, 2))
         except Exception as e:  # metrics never break a request
             log.debug("guardian: metrics failed: %s", e)
+
+
+WOULD_METRICS = ("GuardianWouldRefuse", "GuardianWouldQuotaExceeded", "GuardianWouldDeny", "GuardianWouldDPreds",
+                 "GuardianWouldProbation")
+
+
+def would_counts(results) -> Dict[str, int]:
+    """Observe mode's answered rows by what enforce mode would have done with them: 403 (refused or
+    blocked), 429 (a quota), another denial (401/400 identity, 503 store down), DPreds, the probation
+    response. Names as TorchServe metrics (WOULD_METRICS)."""
+    n = dict.fromkeys(WOULD_METRICS, 0)
+    for res in results:
+        for w in res.would:
+            if w is not None:
+                n["GuardianWouldRefuse" if w.status == 403 else "GuardianWouldQuotaExceeded" if w.status == 429
+                  else "GuardianWouldDeny"] += 1
+        n["GuardianWouldDPreds"] += sum(d and not p for d, p in zip(res.would_deceived, res.would_probation))
+        n["GuardianWouldProbation"] += sum(res.would_probation)
+    return n
 
 
 def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
@@ -449,6 +477,9 @@ def build_guard(inner, context, model_yaml_config=None) -> HandlerGuard:
         log.info("guardian: detector on %s, model on %s", cfg.device, device)
     log.info("guardian: detector %s, ledger %s (namespace %s), rule tau=%d rho=%.2f", cfg.detector, cfg.ledger,
              cfg.namespace, guardian.ledger.rule.tau, guardian.ledger.rule.rho)
+    if guardian.observe:
+        log.warning("guardian: mode: observe: every request gets the unprotected model's answer; what enforce "
+                    "mode would do is in the ledger and the GuardianWould* metrics (docs/rollout.md)")
     from guardian_plugin.fit import verify_handler_fit  # the detector fits the model, or the worker fails to load
     model = verify_handler_fit(inner, guardian.detector, cfg)
     if model is not None:  # the probe's input size: does the distribution reference describe this path?
