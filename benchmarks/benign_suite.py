@@ -372,7 +372,8 @@ def _git(*a) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Benign-traffic suite ({'quick' if result['quick'] else 'full'})", "",
+    lines = [f"# Benign-traffic suite ({'quick' if result['quick'] else 'full'}"
+             f"{'' if result.get('complete') else '; INTERRUPTED: the runs listed only'})", "",
              f"Command: `{result['command']}`  ", f"Commit: {result['git_commit']}{' (+ uncommitted changes)' if result['dirty'] else ''}  ",
              f"Seed: {result['seed']}; {BATCH} images per request; in process (Guardian.admit_clients + inspect, "
              f"EvalTarget); {result['seconds']:.0f} s on {result['cpus']} CPUs (torch threads 1)", "",
@@ -461,15 +462,24 @@ def main(argv=None) -> int:
                        f"{'REFUSED at ' + str(r['refusal']['at_query']) + ' (' + r['refusal']['mechanism'] + (', via suspicion' if r['refusal']['via_suspicion'] else '') + ')' if r['refused'] else 'never refused'}; "
                        f"flagged {r['detector_flagged_share']}, suspect from {r['first_suspect_query']}, DPreds {r['dpreds_share']}, "
                        f"probation {r['probation_answers']}, top-1 eq {r['top1_equal_share']} ({r['seconds']} s)")
+            write(result, args, t0, done=False)
+    write(result, args, t0, done=True)
+    return 0
+
+
+def write(result: dict, args, t0: float, done: bool) -> None:
+    """The JSON and Markdown reports; rewritten after every run (``complete`` false until the end), so an
+    interrupted run leaves what it measured."""
     result["seconds"] = round(time.time() - t0, 1)
+    result["complete"] = done
     stem = args.name or ("benign_suite_quick" if args.quick else "benign_suite")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out_dir, stem + ".md"), "w") as f:
         f.write(markdown(result))
-    print(f"wrote {os.path.join(args.out_dir, stem)}.json/.md ({result['seconds']:.0f} s)")
-    return 0
+    if done:
+        print(f"wrote {os.path.join(args.out_dir, stem)}.json/.md ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
