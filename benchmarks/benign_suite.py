@@ -1,7 +1,9 @@
 """A benign-traffic suite (issue #26, item 1): ordinary clients through the committed guard, in process.
 
     python benchmarks/benign_suite.py [--datasets mnist,cifar10] [--clients NAME,PREFIX*,...] [--quick]
-        [--queries N] [--seed 0] [--out-dir benchmarks/results/benign_suite]
+        [--queries N] [--seed 0] [--configurations shipped,defense_in_depth] [--name STEM]
+        [--out-dir benchmarks/results/benign_suite]
+    python benchmarks/benign_suite.py --markdown-from benchmarks/results/benign_suite/STEM.json
 
 Every client is one identity sending real images only, 10 images per request, through
 ``Guardian.admit_clients`` + ``Guardian.inspect`` as the evaluation harness's EvalTarget does
@@ -372,6 +374,7 @@ def _git(*a) -> str:
 
 
 def markdown(result: dict) -> str:
+    confs = list(result.get("configurations") or CONFIGURATIONS)
     lines = [f"# Benign-traffic suite ({'quick' if result['quick'] else 'full'}"
              f"{'' if result.get('complete') else '; INTERRUPTED: the runs listed only'})", "",
              f"Command: `{result['command']}`  ", f"Commit: {result['git_commit']}{' (+ uncommitted changes)' if result['dirty'] else ''}  ",
@@ -386,11 +389,11 @@ def markdown(result: dict) -> str:
     for ds_name, d in result["datasets"].items():
         lines += [f"## {ds_name}: {d['split']}, {d['queries']} queries per client", "",
                   "| client | what | " + " | ".join(f"{c}: refused at | flagged | suspect from | DPreds | probation | top-1 eq"
-                                                  for c in CONFIGURATIONS) + " |",
-                  "|---|---|" + "---|" * (6 * len(CONFIGURATIONS))]
+                                                  for c in confs) + " |",
+                  "|---|---|" + "---|" * (6 * len(confs))]
         for name, row in d["clients"].items():
             cells = []
-            for conf in CONFIGURATIONS:
+            for conf in confs:
                 r = row.get(conf)
                 if r is None:
                     cells += ["-"] * 6
@@ -403,6 +406,15 @@ def markdown(result: dict) -> str:
                           str(r["probation_answers"]),
                           f"{100 * r['top1_equal_share']:.1f}%" if r["answered"] else "-"]
             lines.append(f"| {name} | {row['what']} | " + " | ".join(cells) + " |")
+        for conf in confs:
+            runs = [r[conf] for r in d["clients"].values() if conf in r]
+            refused = [f"{r['client']} at {r['refusal']['at_query']} ({r['refusal']['mechanism']}"
+                       f"{', via suspicion' if r['refusal']['via_suspicion'] else ''})" for r in runs if r["refused"]]
+            dp = [f"{r['client']} {100 * r['dpreds_share']:.1f}%" for r in runs
+                  if r["answered"] and r["dpreds_share"] > 0.05]
+            lines += ["", f"**{conf}**: {len(refused)} of {len(runs)} clients refused or limited"
+                      + (": " + "; ".join(refused) if refused else "") + f". DPreds on more than 5% of the answers: "
+                      + (", ".join(dp) if dp else "none") + "."]
         lines.append("")
     return "\n".join(lines)
 
@@ -431,7 +443,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=OUT_DIR)
     ap.add_argument("--name", default=None, help="report file stem (default benign_suite[_quick])")
+    ap.add_argument("--markdown-from", default=None, metavar="JSON",
+                    help="only rewrite the Markdown table of an earlier run's JSON (next to it)")
     args = ap.parse_args(argv)
+    if args.markdown_from:
+        with open(args.markdown_from) as f:
+            result = json.load(f)
+        with open(os.path.splitext(args.markdown_from)[0] + ".md", "w") as f:
+            f.write(markdown(result))
+        return 0
     from tqdm import tqdm
 
     torch.set_num_threads(1)
