@@ -333,12 +333,18 @@ def mechanism(w: Watch, client: str, status: int) -> dict:
     return {"mechanism": k[1] if k else "unknown", "via_suspicion": via}
 
 
-def run_client(ds: Dataset, c: Client, configuration: str, n: int, seed: int) -> dict:
+def client_stream(ds: Dataset, c: Client, n: int, seed: int) -> Replay:
+    """The victim's inputs and outputs for client ``c``'s ``n`` images (one per client, shared by the
+    configurations: the same images in each)."""
+    return Replay(ds.victim, ds.as_input(client_images(ds, c, n, seed)))
+
+
+def run_client(ds: Dataset, c: Client, configuration: str, n: int, seed: int, stream: Optional[Replay] = None) -> dict:
     from guardian_plugin.attacks.target import EvalTarget, QueryRefused
 
-    imgs = client_images(ds, c, n, seed)
-    x = ds.as_input(imgs)
-    victim = Replay(ds.victim, x)
+    victim = stream if stream is not None else client_stream(ds, c, n, seed)
+    victim.pos = 0
+    x = victim.x
     model_top1 = victim.logits.argmax(1)
     w = Watch(make_guardian(ds, configuration))
     t = EvalTarget(victim, int(victim.logits.shape[1]), w, client_id=c.name)
@@ -472,10 +478,13 @@ def main(argv=None) -> int:
         cl = select(every, patterns)
         d = result["datasets"][name] = {"split": ds.split, "images": int(len(ds.y)), "queries": n, "clients": {}}
         jobs = [(c, conf) for c in cl for conf in confs]
-        for ci, (c, conf) in enumerate(tqdm(jobs, desc=name, unit="run")):
+        stream = (None, None)
+        for c, conf in tqdm(jobs, desc=name, unit="run"):
             # one stream per client, the same in both configurations and whatever --clients selects
             seed = args.seed * 1000 + di * 100 + [e.name for e in every].index(c.name)
-            r = run_client(ds, c, conf, n, seed)
+            if stream[0] != c.name:
+                stream = (c.name, client_stream(ds, c, n, seed))
+            r = run_client(ds, c, conf, n, seed, stream[1])
             r["seed"] = seed
             d["clients"].setdefault(c.name, {"what": c.what, "transform": c.transform})[conf] = r
             tqdm.write(f"{name} {c.name:16s} {conf:17s} answered {r['answered']:5d} "
