@@ -284,9 +284,11 @@ class Watch:
     refused a client). Everything else passes through."""
 
     def __init__(self, guardian):
-        self.g, self.admitted, self.result = guardian, None, None
+        self.g, self.admitted, self.result, self.previous = guardian, None, None, (None, None)
 
     def admit_clients(self, clients):
+        if self.result is not None:
+            self.previous = (self.admitted, self.result)
         self.admitted, self.result = self.g.admit_clients(clients), None
         return self.admitted
 
@@ -319,11 +321,16 @@ def mechanism(w: Watch, client: str, status: int) -> dict:
         if rule.flagged_quota and f >= rule.flagged_quota:
             return {"mechanism": "flagged quota", "via_suspicion": None}
         return {"mechanism": "quota", "via_suspicion": None}
-    if w.result is None:  # denied at admission: refused by an earlier request
-        return {"mechanism": "refused earlier", "via_suspicion": None}
-    adm = w.admitted[0]
+    admitted, result = w.admitted, w.result
+    if result is None:
+        # denied at admission: the client crossed the rule at the last row of its previous request, which
+        # was answered (Guardian.inspect cuts a request only when the crossing is before its last row)
+        admitted, result = w.previous
+        if result is None:
+            return {"mechanism": "unknown", "via_suspicion": None}
+    adm = admitted[0]
     state = adm.state if adm.state is not None else st
-    detected = list(w.result.detected)
+    detected = list(result.detected)
     counted = [bool(d) or adm.suspect for d in detected]
     k = first_crossing(rule, state, counted)
     k_det = first_crossing(rule, state, detected)
