@@ -389,7 +389,7 @@ def _git(*a) -> str:
 def markdown(result: dict) -> str:
     confs = list(result.get("configurations") or CONFIGURATIONS)
     lines = [f"# Benign-traffic suite ({'quick' if result['quick'] else 'full'}"
-             f"{'' if result.get('complete') else '; INTERRUPTED: the runs listed only'})", "",
+             f"{'' if result.get('complete', True) else '; INTERRUPTED: the runs listed only'})", "",
              f"Command: `{result['command']}`  ", f"Commit: {result['git_commit']}{' (+ uncommitted changes)' if result['dirty'] else ''}  ",
              f"Seed: {result['seed']}; {BATCH} images per request; in process (Guardian.admit_clients + inspect, "
              f"EvalTarget); {result['seconds']:.0f} s on {result['cpus']} CPUs (torch threads 1)", "",
