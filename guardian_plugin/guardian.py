@@ -481,9 +481,9 @@ class Guardian:
                     # the cumulative rule, predicted exactly: crossed inside a request of several rows (before
                     # its last one), that request is not answered, so it is not counted either: the rows
                     # before it are recorded and the client is refused as it stands
-                    start = next(j for j, i in enumerate(rows) if adm[i] is adm[rows[k[0]]])
-                    if any(adm[i] is adm[rows[k[0]]] for i in rows[k[0] + 1:]):
-                        n = refuse_at[c] = start
+                    request = adm[rows[k[0]]]
+                    if any(adm[i] is request for i in rows[k[0] + 1:]):
+                        n = refuse_at[c] = next(j for j, i in enumerate(rows) if adm[i] is request)
                 if seg_cap:
                     n = min(n, seg_cap)
                 plan[c] = rows[:n]
@@ -495,7 +495,7 @@ class Guardian:
                 st = recorded.get(c) or known[c]
                 if refuse_at.get(c) == len(plan[c]) and not st.denied:  # reached the request that crosses
                     st = self.ledger.refuse(c)
-                done, rest = plan[c], pending[c][len(plan[c]):]
+                rest = pending[c][len(plan[c]):]
                 states[c] = st
                 stop = self._stop(st)
                 if stop is None and rest and self.distribution is not None and not adm[rest[0]].suspect \
@@ -585,9 +585,9 @@ def whole_requests(adm: Sequence[Admission], per_client, cut: Dict[int, Denial])
         cut_rows = [i for i in rows if i in cut]
         if not cut_rows:
             continue
-        denial = cut[cut_rows[0]]
+        denial, requests = cut[cut_rows[0]], {id(adm[j]) for j in cut_rows}  # one set: linear in the rows
         for i in rows:
-            if i not in cut and any(adm[i] is adm[j] for j in cut_rows):
+            if i not in cut and id(adm[i]) in requests:
                 cut[i] = denial
 
 
