@@ -41,7 +41,9 @@ says who is refused.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
+import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
@@ -64,6 +66,10 @@ log = logging.getLogger("guardian_plugin")
 # how far outside [0, 1] a preprocessed input's pixels may lie (float rounding of 8-bit images normalised
 # and mapped back is ~1e-7): a quarter of an 8-bit grey level
 PIXEL_TOLERANCE = 1e-3
+
+# identical queries seen recently, per process: (client, digest of the served input) pairs, least recently
+# seen dropped first (about 100 bytes each: ~20 MB at the cap)
+SEEN_CAP = 200_000
 
 
 class Verdict(str, enum.Enum):
@@ -137,6 +143,8 @@ class Guardian:
         self.distribution = distribution
         self.observe = bool(observe)
         self._dist_warned = False
+        self._seen: "OrderedDict[tuple, None]" = OrderedDict()
+        self._seen_lock = threading.Lock()
         if distribution is not None and (ledger.rule.dist_bins != distribution.reference.bins
                                          or ledger.rule.dist_block != distribution.block):
             raise ConfigError(f"the ledger's rule keeps {ledger.rule.dist_bins} bins in blocks of "
@@ -315,6 +323,7 @@ class Guardian:
             if self.distribution is not None and self._distribution_applies(inputs):
                 for i, v in zip(live, self.distribution.reference.bin_of(probs[live], s, self.detector.thresholds)):
                     bins[i] = int(v)
+                self._count_once(adm, inputs, bins)
         suspect = torch.tensor([adm[i].suspect and not denied[i] for i in range(b)], dtype=torch.bool)
         try:
             if record:
@@ -411,6 +420,30 @@ class Guardian:
             if v is not None:
                 h[v] += 1
         return client, len(counted), sum(map(bool, counted)), tuple(h)
+
+    def _count_once(self, adm: Sequence[Admission], inputs: torch.Tensor, bins: List[Optional[int]]) -> None:
+        """Identical queries count once in the distribution test: a row whose client sent the very same
+        served input before (within this process's last ``SEEN_CAP`` distinct pairs) gets no bin. A cached
+        answer gives an attacker nothing new, and a customer who retries or re-sends one photo is not a
+        distribution; near-duplicates (re-encoded, re-scaled) are distinct queries and count. Per process:
+        behind N workers the same image counts at most N times, and again once it has been dropped."""
+        rows = [i for i, v in enumerate(bins) if v is not None and adm[i].client is not None]
+        if not rows:
+            return
+        x = inputs[rows].detach().cpu().contiguous()
+        if x.dtype == torch.bfloat16:  # (numpy has no bfloat16)
+            x = x.float()
+        keys = [(adm[i].client, hashlib.blake2b(x[j].numpy().tobytes(), digest_size=12).digest())
+                for j, i in enumerate(rows)]
+        with self._seen_lock:
+            for i, key in zip(rows, keys):
+                if key in self._seen:
+                    self._seen.move_to_end(key)
+                    bins[i] = None
+                else:
+                    self._seen[key] = None
+            while len(self._seen) > SEEN_CAP:
+                self._seen.popitem(last=False)
 
     def _distribution_applies(self, inputs: torch.Tensor) -> bool:
         """Whether the distribution test applies to these inputs: at every input size once the served path

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import sys
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -160,26 +160,66 @@ def served_features(detector, preprocess: Callable[[bytes], torch.Tensor], image
     return np.concatenate(out), (torch.cat(probs) if infer is not None else None), sizes
 
 
+def envelope_uploads(images: List[Tuple[str, bytes]], rows: Sequence[int], specs: Sequence[str], limit: int,
+                     seed: int = 0) -> Dict[str, Tuple[List[Tuple[str, bytes]], np.ndarray]]:
+    """spec -> (uploads, their reference rows): the first ``limit`` of the images ``rows`` under each
+    nuisance (guardian_plugin.nuisance), encoded as PNG (lossless: the nuisance is the only change), for
+    the distribution reference's benign envelope on the served path."""
+    from PIL import Image
+
+    from guardian_plugin import nuisance
+
+    picked = list(rows)[:limit]
+    decoded = []
+    for i in picked:
+        name, body = images[i]
+        try:
+            img = Image.open(io.BytesIO(body))
+            img.load()
+        except Exception as e:  # noqa: BLE001 - name the file
+            raise ConfigError(f"calibration image {name}: cannot be opened for the reference envelope "
+                              f"({type(e).__name__}: {e})") from None
+        decoded.append((name, img.convert("L") if img.mode in ("L", "1", "I;16", "I", "F") else img.convert("RGB")))
+    out = {}
+    for k, spec in enumerate(specs):
+        fn, rng, ups = nuisance.parse(spec), np.random.default_rng(seed * 100 + k), []
+        for name, img in decoded:
+            buf = io.BytesIO()
+            fn(img, rng).save(buf, "PNG", compress_level=1)
+            ups.append((f"{name}#{spec}", buf.getvalue()))
+        out[spec] = (ups, np.asarray(picked, dtype=np.int64))
+    return out
+
+
 def served_reference(scores: np.ndarray, probs: torch.Tensor, thresholds, sizes: List[List[int]], block: int,
-                     source: str, held: np.ndarray | None = None) -> Tuple[object, dict]:
+                     source: str, held: np.ndarray | None = None, envelope: Dict[str, tuple] | None = None
+                     ) -> Tuple[object, dict]:
     """(reference, report): the distribution test's reference (guardian_plugin.distribution) built on the
     served path, from the calibration rows (every other image, as for the thresholds) at the new
-    ``thresholds``, recording the served input ``sizes``; the held-out rows, in consecutive blocks of
-    ``block`` (or one block of all of them when fewer), measure what a benign client's blocks give."""
+    ``thresholds``, recording the served input ``sizes``; ``envelope``: spec -> (scores, probs, rows) of
+    the calibration rows ``rows`` (indices into all images) under each nuisance. The held-out rows, in
+    consecutive blocks of ``block`` (or one block of all of them when fewer), measure what a benign
+    client's blocks give."""
     from guardian_plugin.distribution import DistributionTest, build_reference
 
     thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float32))
     s = torch.from_numpy(scores)
     h = torch.from_numpy(alternate(len(scores)) if held is None else held)
-    ref = build_reference(probs[~h], s[~h], thr, source, input_sizes=sizes)
+    ref_rows = np.flatnonzero(~h.numpy())
+    position = {int(r): j for j, r in enumerate(ref_rows)}  # image index -> row of the reference set
+    env = {spec: (p, torch.from_numpy(sc), [position[int(r)] for r in rows])
+           for spec, (sc, p, rows) in (envelope or {}).items()}
+    ref = build_reference(probs[~h], s[~h], thr, source, env, input_sizes=sizes)
     test = DistributionTest(ref, block)
     bins = ref.bin_of(probs[h], s[h], thr)
     n = min(block, len(bins))
-    kls = [test.evaluate(ref.counts(bins[i:i + n]))[1:] for i in range(0, len(bins) - n + 1, n)] if n else []
-    report = {"built_on": ref.n, "input_sizes": sizes, "bins": ref.bins, "held_out_block": n,
-              "held_out_block_kl": [round(k, 4) for k, _ in kls],
-              "kl_threshold": round(kls[0][1], 4) if kls else None,
-              "held_out_blocks_failed": sum(k >= t for k, t in kls)}
+    stats = [test.evaluate(ref.counts(bins[i:i + n]))[1:] for i in range(0, len(bins) - n + 1, n)] if n else []
+    report = {"built_on": ref.n, "input_sizes": sizes, "groups": len(ref.rates), "envelope": ref.envelope,
+              "envelope_images": len(next(iter(env.values()))[2]) if env else 0,
+              "rates": ref.rates, "conf_edge": ref.conf_edge, "held_out_block": n,
+              "held_out_block_statistic": [round(k, 4) for k, _ in stats],
+              "threshold": round(stats[0][1], 4) if stats else None,
+              "held_out_blocks_failed": sum(k >= t for k, t in stats)}
     return ref, report
 
 

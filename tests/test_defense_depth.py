@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from guardian_plugin.config import parse_config
-from guardian_plugin.distribution import (DistributionTest, Reference, block_alpha, build_reference, kl,
-                                          kl_threshold, load_reference)
+from guardian_plugin.distribution import DistributionTest, Reference, block_alpha, build_reference, load_reference
 from guardian_plugin.errors import ArtifactError, ConfigError
 from guardian_plugin.guardian import Guardian, Verdict, distribution_test
 from guardian_plugin.ledger import RefusalRule, open_ledger
@@ -69,17 +68,27 @@ def send(g: Guardian, victim, x: torch.Tensor, client: str):
 
 
 # ------------------------------------------------------------------------------ the bound
-def test_kl_threshold_is_a_valid_bound_by_simulation():
-    """P(KL(p_hat || q) >= t(n)) <= alpha for n draws from q, checked by sampling at a loose alpha."""
+def _reference(rates, conf_edge=1.0, groups=None):
+    return Reference(conf_edge, groups if groups is not None else list(range(len(rates))), list(rates), 100)
+
+
+def test_one_sided_bound_holds_by_simulation_for_any_class_mix():
+    """P(fail) <= alpha for a client whose queries are uncertain at (at most) its groups' envelope rates,
+    whatever its mix of groups (one group only, skewed, balanced): checked by sampling at a loose alpha."""
     rng = np.random.default_rng(0)
-    q = np.array([0.5, 0.3, 0.15, 0.05])
-    for n, alpha in [(40, 0.2), (200, 0.05)]:
-        t = kl_threshold(n, len(q), alpha)
-        draws = rng.multinomial(n, q, size=20_000)
-        rate = np.mean([kl(c, q) >= t for c in draws])
-        assert rate <= alpha, (n, alpha, rate)
-    # it falls with n and rises as alpha shrinks
-    assert kl_threshold(400, 12, 1e-8) < kl_threshold(200, 12, 1e-8) < kl_threshold(200, 12, 1e-12)
+    ref = _reference([0.05, 0.3, 0.6])
+    for mix in ([1.0, 0, 0], [0, 0, 1.0], [0.7, 0.2, 0.1], [1 / 3] * 3):
+        for n, max_false in [(40, 0.2), (200, 0.05)]:
+            test = DistributionTest(ref, block=n, max_false=max_false, horizon=n)
+            assert test.alpha == max_false
+            g = rng.choice(3, size=(20_000, n), p=mix)
+            unc = rng.random((20_000, n)) < np.asarray(ref.rates)[g]
+            counts = np.stack([np.bincount(2 * g[i] + unc[i], minlength=6) for i in range(len(g))])
+            rate = np.mean([test.fails(c.tolist()) for c in counts])
+            assert rate <= max_false, (mix, n, rate)
+    # a block far above its mix's rate fails; the same share in a group whose rate is that high does not
+    t = DistributionTest(ref, block=200)
+    assert t.fails([100, 100, 0, 0, 0, 0]) and not t.fails([0, 0, 0, 0, 80, 120])
 
 
 def test_block_alpha_union_bound_over_the_horizon():
@@ -87,41 +96,38 @@ def test_block_alpha_union_bound_over_the_horizon():
     assert block_alpha(1e-6, 100, 200) == 1e-6  # one block at most
 
 
-def test_reference_round_trip_and_bad_files(tmp_path):
+def test_reference_groups_envelope_round_trip_and_bad_files(tmp_path):
     torch.manual_seed(0)
-    probs = torch.softmax(torch.randn(500, 10) * 4, 1)
-    scores = torch.randn(500, 3)
-    ref = build_reference(probs, scores, torch.zeros(3), "test")
-    assert abs(sum(ref.probs) - 1) < 1e-9 and min(ref.probs) > 0 and ref.n == 500
-    assert ref.bins == (len(ref.conf_edges) + 1) * (len(ref.margin_edges) + 1)
+    probs = torch.softmax(torch.randn(600, 10) * 4, 1)
+    probs[:, 9] = 0  # class 9 is never predicted: pooled with the small classes
+    probs = probs / probs.sum(1, keepdim=True)
+    scores = torch.randn(600, 3)
+    soft = torch.softmax(torch.log(probs + 1e-9) / 3, 1)  # a nuisance that makes the victim less sure
+    ref = build_reference(probs, scores, torch.zeros(3), "test", {"blur:1": (soft, scores)}, min_group=50)
+    assert ref.n == 600 and ref.envelope == ["blur:1"] and len(ref.groups) == 10 and ref.bins == 2 * len(ref.rates)
+    assert ref.groups[9] == len(ref.rates) - 1  # the pooled group
+    by_set = ref.meta["rates_by_set"]
+    assert by_set["blur:1"]["rate"] > by_set["as_is"]["rate"]
+    assert all(r >= max(v["upper_by_group"][g] for v in by_set.values()) for g, r in enumerate(ref.rates))
     ref.save(str(tmp_path))
     assert load_reference(str(tmp_path)) == ref
     assert load_reference(str(tmp_path / "nowhere")) is None
     (tmp_path / "reference.json").write_text('{"conf_edges": [1.0], "margin_edges": [], "probs": [1.0], "n": 1}')
-    with pytest.raises(ArtifactError, match="do not match"):
+    with pytest.raises(ArtifactError, match="format-1 reference.*guardian reference --config"):
+        load_reference(str(tmp_path))
+    (tmp_path / "reference.json").write_text('{"format": 2, "conf_edge": 1.0, "groups": [0, 3], "rates": [0.1], "n": 1}')
+    with pytest.raises(ArtifactError, match="groups must index rates"):
         load_reference(str(tmp_path))
     (tmp_path / "reference.json").write_text("not json")
     with pytest.raises(ArtifactError, match="reference.json"):
         load_reference(str(tmp_path))
 
 
-def test_reference_keeps_its_empty_last_bins(tmp_path):
-    # the most confident rows have the lowest margins: the last joint bin (top confidence, top margin)
-    # is empty; a small calibration set (the ImageNet stand-in's 12 photos) wrote such a reference short
-    n = 50
-    top = torch.linspace(0.55, 0.99, n)  # the top class, so confidence rises with the row
-    probs = torch.stack([top, 1 - top], 1)
-    scores = torch.linspace(1.0, -1.0, n)[:, None]
-    ref = build_reference(probs, scores, torch.zeros(1), "test")
-    assert ref.bins == (len(ref.conf_edges) + 1) * (len(ref.margin_edges) + 1) and ref.probs[-1] > 0
-    ref.save(str(tmp_path))
-    assert load_reference(str(tmp_path)) == ref
-
-
 def test_distribution_test_never_fails_without_a_complete_block():
-    t = DistributionTest(Reference([1.0], [0.0], [0.25] * 4, 100), block=200)
-    assert t.evaluate(None) == (False, 0.0, math.inf) and not t.fails([0, 0, 0, 0])
-    assert t.fails([200, 0, 0, 0]) and not t.fails([50, 50, 50, 50])
+    t = DistributionTest(_reference([0.1, 0.1]), block=200)
+    assert t.evaluate(None)[:2] == (False, 0.0) and not t.fails([0, 0, 0, 0])
+    assert t.fails([0, 200, 0, 0]) and not t.fails([90, 10, 90, 10])
+    assert not t.fails([0, 200] * 6)  # a block of another layout (an earlier reference's) is not judged
 
 
 # ------------------------------------------------------------ the committed MNIST example
@@ -202,7 +208,7 @@ def test_shipped_defaults_and_config_errors(tmp_path):
     test = distribution_test(cfg)  # auto: the example artifact has reference.json
     assert test is not None and test.block == 200
     rule = cfg.rule.to_rule(cfg.quota, test.reference.bins, test.block)
-    assert (rule.quota, rule.flagged_quota, rule.quota_period_s, rule.dist_bins) == (10_000, 1_000, 86_400, 12)
+    assert (rule.quota, rule.flagged_quota, rule.quota_period_s, rule.dist_bins) == (10_000, 1_000, 86_400, 20)
     no_ref = tmp_path / "det"
     no_ref.mkdir()
     assert distribution_test(parse_config({"detector": str(no_ref)})) is None
@@ -224,9 +230,10 @@ def test_the_distribution_test_applies_at_every_input_size(victim):
     """A BatchNorm-eval generator (flagged 0% per sample) sending 29-31 px images (the victim takes 28-31
     px; the detector center-crops them to its 28) is refused as at 28 px: the test no longer depends on
     the served size (it did: at 29 px 600 of 600 answers went out raw). The 1,000 held-out digits
-    padded (centred) to 29-31 px are never refused. Padded 3 px at the top left they are, exactly as
-    at 28 px the same digits shifted 3 px inside the frame: the victim is less sure of off-centre
-    digits, whatever the size. Measured figures: benchmarks/distribution_sizes.py."""
+    padded (centred) to 29-31 px are never refused, nor padded 3 px at the top left, nor at 28 px shifted 3
+    px inside the frame: the victim is less sure of off-centre digits, and the reference's benign envelope
+    (translations up to 8% of the side) covers that (with the earlier two-sided test both were refused).
+    Measured figures: benchmarks/distribution_sizes.py."""
     from examples.mnist import serving as ex
 
     fakes = ex.decode_pngs(ex.generator_images(600, seed=0, bn_eval=True))
@@ -239,8 +246,8 @@ def test_the_distribution_test_applies_at_every_input_size(victim):
         assert ex.stream(depth_guardian(), victim, ex.as_input(ex.pad_to(digits, size, "center")), "benign").refused_at is None
     assert all(abs(at[s] - at[28]) <= 200 for s in at), at
     shifted = np.pad(digits, ((0, 0), (3, 0), (3, 0)))[:, :28, :28]
-    assert ex.stream(depth_guardian(), victim, ex.as_input(ex.pad_to(digits, 31)), "benign").refused_at is not None
-    assert ex.stream(depth_guardian(), victim, ex.as_input(shifted), "benign").refused_at is not None
+    assert ex.stream(depth_guardian(), victim, ex.as_input(ex.pad_to(digits, 31)), "benign").refused_at is None
+    assert ex.stream(depth_guardian(), victim, ex.as_input(shifted), "benign").refused_at is None
     # the test's bins were counted at 29 px: without it, the generator is not refused within 600
     assert ex.stream(depth_guardian(enabled=False), victim, ex.as_input(ex.pad_to(fakes, 29)), "bn-eval").refused_at is None
 

@@ -301,10 +301,14 @@ def test_protect_calibrates_thresholds_on_the_served_path(tmp_path, mnist_mar, c
     assert float(flagged.float().mean()) == pytest.approx(report["flagged_share_calibration_after"])
     # the reference is what the worker's guard sees on the calibration half, at the new thresholds
     from guardian_plugin.distribution import build_reference
+    from guardian_plugin.nuisance import DEFAULT_ENVELOPE
     again = build_reference(probs, scores, det.thresholds)
-    assert again.conf_edges == pytest.approx(embedded["conf_edges"], abs=1e-5)
-    assert again.margin_edges == pytest.approx(embedded["margin_edges"], abs=1e-5)
-    assert again.probs == pytest.approx(embedded["probs"])
+    assert again.conf_edge == pytest.approx(embedded["conf_edge"], abs=1e-5)
+    assert again.groups == embedded["groups"]
+    # the embedded rates cover the envelope too (each nuisance on the first ENVELOPE_IMAGES of the half)
+    as_is = embedded["meta"]["rates_by_set"]["as_is"]["upper_by_group"]
+    assert again.rates == pytest.approx(as_is, abs=1e-4) and all(r >= a - 1e-9 for r, a in zip(embedded["rates"], as_is))
+    assert set(embedded["envelope"]) == set(DEFAULT_ENVELOPE)
     assert read_spec(ex.DETECTOR) == artifact
 
     few = tmp_path / "few"

@@ -14,12 +14,12 @@ archive and writes the guard settings beside it. No code of the original archive
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import zipfile
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import yaml
 
 from guardian_plugin.config import parse_config
@@ -268,8 +268,8 @@ def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: st
     a worker's guard sees them (``output``), and replaces the embedded reference.json: it then
     describes the served inputs (their size recorded), and matches the new thresholds."""
     from guardian_plugin.handlers.guard import output_kind, to_probabilities
-    from guardian_plugin.recalibrate import (CALIBRATION_FILE, calibration_set, load_fitted, recalibrate,
-                                             served_features, served_reference, set_thresholds)
+    from guardian_plugin.recalibrate import (CALIBRATION_FILE, calibration_set, envelope_uploads, load_fitted,
+                                             recalibrate, served_features, served_reference, set_thresholds)
 
     images, held = calibration_set(image_dir, float(spec.target_fpr), crops, "--calibrate-crops")
     detector = load_fitted(detector_dir, spec.input.fit)
@@ -278,8 +278,14 @@ def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: st
             out = handler.inference(x)
             return to_probabilities(out, output_kind(out, output))
 
-        scores, probs, sizes = served_features(detector, lambda body: handler.preprocess([{"body": body}]), images,
-                                               infer=infer if reference_block else None)
+        preprocess = lambda body: handler.preprocess([{"body": body}])  # noqa: E731
+        scores, probs, sizes = served_features(detector, preprocess, images, infer=infer if reference_block else None)
+        envelope = {}
+        if reference_block:  # the reference's benign envelope, through the same preprocess and model
+            for nz, (ups, rows) in envelope_uploads(images, np.flatnonzero(~held), _envelope_of(detector_dir),
+                                                      ENVELOPE_IMAGES).items():
+                sc, pr, _ = served_features(detector, preprocess, ups, infer=infer)
+                envelope[nz] = (sc, pr, rows)
     thresholds, report = recalibrate(detector, scores, float(spec.target_fpr), held,
                                      image_dir=os.path.abspath(image_dir), crops_per_file=crops)
     out = _edit_detector_yaml(detector_files, lambda raw: set_thresholds(raw, thresholds))
@@ -288,8 +294,8 @@ def served_calibration(manifest: dict, files: Dict[str, bytes], detector_dir: st
 
         ref, report["distribution_reference"] = served_reference(
             scores, probs, thresholds, sizes, reference_block, f"served:{os.path.basename(os.path.abspath(image_dir))}",
-            held)
-        out[f"{DETECTOR_DIR}/{REFERENCE_FILE}"] = (json.dumps(dataclasses.asdict(ref), indent=1) + "\n").encode()
+            held, envelope)
+        out[f"{DETECTOR_DIR}/{REFERENCE_FILE}"] = ref.to_json().encode()
     out[f"{DETECTOR_DIR}/{CALIBRATION_FILE}"] = (json.dumps(report, indent=1) + "\n").encode()
     return out, report
 
@@ -389,6 +395,24 @@ def trained_against(detector_dir: str) -> str:
             "(docs/detector.md)")
 
 
+# calibration images (of the reference half) the served reference's envelope is measured on, per nuisance
+ENVELOPE_IMAGES = 300
+
+
+def _envelope_of(detector_dir: str) -> List[str]:
+    """The nuisances the served reference's envelope covers: the artifact's own reference's, else the
+    default (guardian_plugin.nuisance.DEFAULT_ENVELOPE)."""
+    from guardian_plugin.distribution import load_reference
+    from guardian_plugin.errors import ArtifactError
+    from guardian_plugin.nuisance import DEFAULT_ENVELOPE
+
+    try:
+        ref = load_reference(detector_dir)
+    except ArtifactError:  # an earlier format: it is being rebuilt here anyway
+        ref = None
+    return list(ref.envelope) if ref is not None and ref.envelope else list(DEFAULT_ENVELOPE)
+
+
 def _reference_block(cfg, detector_dir: str) -> Optional[int]:
     """The block size to rebuild the distribution reference on the served path with (protect --calibrate):
     the guard's, when the test can be on (the artifact has reference.json, or ``enabled: true``); else None."""
@@ -411,7 +435,8 @@ def _distribution_summary(cfg, detector_dir: str, spec, model, calibration) -> s
         r = calibration["distribution_reference"]
         return (f"on, reference rebuilt on the served path ({r['built_on']} images, inputs "
                 f"{', '.join('x'.join(map(str, v)) for v in r['input_sizes'])}; held-out blocks failed: "
-                f"{r['held_out_blocks_failed']} of {len(r['held_out_block_kl'])})")
+                f"{r['held_out_blocks_failed']} of {len(r['held_out_block_statistic'])}; envelope "
+                f"{', '.join(r['envelope']) or 'none'} on {r['envelope_images']} images)")
     ref = load_reference(detector_dir)
     if ref is None:
         return "off (the detector artifact has no reference.json)"

@@ -41,9 +41,10 @@ def register(sub) -> None:
     p.set_defaults(func=_run)
 
     r = sub.add_parser("reference", help="(re)build a detector artifact's distribution-test reference",
-                       description="Write DETECTOR/reference.json: the bins and benign bin probabilities of the "
+                       description="Write DETECTOR/reference.json: the class groups and benign envelope rates of the "
                                    "per-client distribution test (guardian_plugin.distribution), from the victim and "
-                                   "the calibrate split of the training config the artifact was trained with. "
+                                   "the calibrate split of the training config the artifact was trained with, as they "
+                                   "are and under each nuisance of the config's reference_envelope. "
                                    "`guardian train-detector` writes it already when the config has a victim.")
     r.add_argument("--config", required=True, help="the detector's training config YAML (needs `victim`)")
     r.add_argument("--detector", required=True, help="artifact directory")
@@ -143,8 +144,9 @@ def _reference(args) -> int:
         raise SystemExit(f"--group {group!r}: not a real.calibrate entry of {args.config}")
     det = load_detector(args.detector, device=args.device)
     ref = distribution_reference(det, load_victim(cfg, base, args.device), load_real(entry, cfg, base), cfg,
-                                 args.device, f"calibrate:{group}")
+                                 args.device, f"calibrate:{group}", progress=True)
     path = ref.save(args.detector)
-    print(f"{path}: {ref.bins} bins from {ref.n} images of calibrate:{group}; probabilities "
-          + " ".join(f"{p:.3f}" for p in ref.probs))
+    print(f"{path}: {len(ref.rates)} class groups from {ref.n} images of calibrate:{group}, envelope "
+          f"{', '.join(ref.envelope) or 'none'}; uncertain below confidence {ref.conf_edge:.3f}; envelope rates "
+          + " ".join(f"{r:.3f}" for r in ref.rates))
     return 0

@@ -9,7 +9,10 @@ from typing import Dict, List, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from guardian_plugin.config import read_yaml, validate
+from guardian_plugin import nuisance
 from guardian_plugin.detector import PatchSpec
+from guardian_plugin.errors import ConfigError
+from guardian_plugin.nuisance import DEFAULT_ENVELOPE
 from guardian_plugin.training.augment import AugmentConfig
 from guardian_plugin.training.data import CIFAR10_SPLITS, FOOLBOX_GROUPS
 
@@ -154,6 +157,9 @@ class TrainConfig(_Strict):
     # the real.calibrate entry the distribution test's benign reference is built on (guardian_plugin.
     # distribution; needs `victim`); default: the first calibrate entry
     reference_group: Optional[str] = None
+    # the benign envelope the reference's rates cover: the calibration images as they are and under each of
+    # these nuisances (guardian_plugin.nuisance specs; docs/refusal-rule.md)
+    reference_envelope: List[str] = Field(default_factory=lambda: list(DEFAULT_ENVELOPE))
     cache: str = ".cache/guardian"
     # every image of every split (real and synthetic) first goes through the served model's own
     # preprocessing, e.g. {resize: 256, crop: 224} for TorchServe's image_classifier handler; crop = size
@@ -175,6 +181,10 @@ class TrainConfig(_Strict):
         cal = [e.name for e in self.real.calibrate]
         if self.reference_group is not None and self.reference_group not in cal:
             raise ValueError(f"reference_group {self.reference_group!r} is not a real.calibrate entry ({cal})")
+        try:
+            nuisance.check(self.reference_envelope, self.channels)
+        except ConfigError as e:
+            raise ValueError(f"reference_envelope: {e}") from None
         return self
 
 

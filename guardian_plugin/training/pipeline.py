@@ -623,18 +623,29 @@ def _run_stages(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | Non
 
 
 def distribution_reference(detector: Detector, victim: torch.nn.Module, x: np.ndarray, cfg: TrainConfig, device,
-                           source: str):
+                           source: str, progress: bool = False):
     """The distribution test's reference: the victim's probabilities and the detector's scores on
-    benign uint8 images ``x`` (guardian_plugin.distribution.build_reference)."""
+    benign uint8 images ``x``, as they are and under each nuisance of ``cfg.reference_envelope``
+    (guardian_plugin.distribution.build_reference)."""
+    from tqdm import tqdm
+
+    from guardian_plugin import nuisance
     from guardian_plugin.distribution import build_reference
 
-    probs = []
-    with torch.no_grad():
-        for k in range(0, len(x), 256):
-            xb = normalise(to_float(x[k:k + 256]), cfg.mean, cfg.std).to(device)
-            probs.append(torch.softmax(victim(xb), 1).cpu())
-    scores = torch.from_numpy(scores_of(detector, x, device=device))
-    return build_reference(torch.cat(probs), scores, detector.thresholds.cpu(), source)
+    def features(imgs: np.ndarray):
+        probs = []
+        with torch.no_grad():
+            for k in range(0, len(imgs), 256):
+                xb = normalise(to_float(imgs[k:k + 256]), cfg.mean, cfg.std).to(device)
+                probs.append(torch.softmax(victim(xb), 1).cpu())
+        return torch.cat(probs), torch.from_numpy(scores_of(detector, imgs, device=device))
+
+    probs, scores = features(x)
+    envelope = {}
+    for i, spec in enumerate(tqdm(cfg.reference_envelope, desc="reference envelope", unit="nuisance",
+                                  disable=not progress, leave=False)):
+        envelope[spec] = features(nuisance.apply(spec, x, seed=cfg.seed * 100 + i))
+    return build_reference(probs, scores, detector.thresholds.cpu(), source, envelope)
 
 
 def _train_discriminator(cfg: TrainConfig, data01: torch.Tensor, cache: str, dev, progress: bool) -> str:
