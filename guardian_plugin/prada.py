@@ -197,7 +197,11 @@ class Prada:
         pair = _pairwise(xr).tolist() if len(xr) > 1 else None       # among this batch's rows
         kept_here: List[int] = []
         for k in range(len(xr)):
-            d = min([before[k]] + [pair[k][j] for j in kept_here])
+            d = before[k]
+            if kept_here:
+                j = min(kept_here, key=lambda j: pair[k][j])
+                if pair[k][j] < d:  # nearest: a row of this batch; its distance computed exactly
+                    d = float(torch.linalg.vector_norm(xr[k] - xr[j]))
             d_min[rows[start + k]] = d
             if d > g.threshold:
                 g.add(xr[k], d)
@@ -213,7 +217,10 @@ def _nearest(x: torch.Tensor, g: torch.Tensor) -> List[float]:
 
 
 def _pairwise(x: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    """Distances among a batch's rows, to find each row's nearest: the matrix-product form in float64
+    (the direct form is ~7x slower on a 512-query request of 3,072-pixel inputs)."""
+    x = x.double()
+    return torch.cdist(x, x, compute_mode="use_mm_for_euclid_dist").clamp_min_(0)
 
 
 # ------------------------------------------------------------------------------ the harness's guard
@@ -227,6 +234,7 @@ class PradaGuard:
     def __init__(self, prada: Prada):
         self.prada = prada
         self.counters = {"queries": 0, "refused": 0}
+        self.last_verdicts: Dict[int, PradaVerdict] = {}  # row -> verdict, of the last inspect
 
     @classmethod
     def from_delta_file(cls, path: str, key: str, **kw) -> "PradaGuard":
@@ -255,7 +263,7 @@ class PradaGuard:
         for i in live:
             by_client.setdefault(adm[i].client, []).append(i)
         verdicts = [Verdict.REFUSED] * b
-        self.last_verdicts: Dict[int, PradaVerdict] = {}
+        self.last_verdicts = {}
         for c, rows in by_client.items():
             for i in rows:
                 verdicts[i] = Verdict.BENIGN
