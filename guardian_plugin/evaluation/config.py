@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from guardian_plugin.config import (DEFAULT_WINDOW, DEFAULT_WINDOW_RHO, DistributionConfig, ProbationConfig, QuotaConfig,
                                     read_yaml, validate)
 
-CONFIGURATIONS = ("no_defense", "model_guardian", "dpreds_only", "detector_only", "raw_detector", "defense_in_depth")
+CONFIGURATIONS = ("no_defense", "model_guardian", "dpreds_only", "detector_only", "raw_detector", "defense_in_depth",
+                  "prada")
+BASELINES = ("prada",)  # published defenses measured beside ours, not part of Model-Guardian
 CONFIG_TITLES = {
     "no_defense": "No defense",
     "dpreds_only": "DPreds only (w/o DFMS-Detector)",
@@ -22,6 +24,7 @@ CONFIG_TITLES = {
     "model_guardian": "Model-Guardian",
     "raw_detector": "Raw-image detector (w/o gradient transformation)",
     "defense_in_depth": "Defense in depth (Model-Guardian + window, quotas, probation, distribution test)",
+    "prada": "PRADA (baseline: inter-query distance test, Juuti et al. 2019)",
 }
 
 
@@ -68,6 +71,31 @@ class DepthSpec(_Strict):
                            dist_bins=dist.reference.bins if dist else 0, dist_block=dist.block if dist else 0)
 
 
+class PradaSpec(_Strict):
+    """The prada configuration (guardian_plugin.prada, docs/prada.md): ``delta`` given, or read from
+    ``delta_file`` (the JSON `python -m guardian_plugin.prada calibrate` writes) under ``dataset``."""
+
+    delta: Optional[float] = Field(None, gt=0.0, le=1.0)
+    delta_file: Optional[str] = None
+    dataset: Optional[str] = None        # the key in delta_file: mnist, cifar10
+    min_distances: int = Field(100, ge=3)
+    max_kept: int = Field(5000, ge=1)
+    check_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_delta(self):
+        if self.delta is not None and self.delta_file is not None:
+            raise ValueError("give guard.prada.delta or guard.prada.delta_file (+ dataset), not both")
+        if self.delta_file is not None and not self.dataset:
+            raise ValueError("guard.prada.delta_file needs guard.prada.dataset (its key: mnist, cifar10)")
+        return self
+
+    def resolve_delta(self) -> float:
+        from guardian_plugin.prada import load_delta
+
+        return self.delta if self.delta is not None else load_delta(self.delta_file, self.dataset)
+
+
 class GuardSpec(_Strict):
     detector: Optional[str] = None       # gradient detector artifact (Model-Guardian, detector_only)
     raw_detector: Optional[str] = None   # artifact with `transform: identity` (raw_detector row)
@@ -76,6 +104,7 @@ class GuardSpec(_Strict):
     d: float = Field(0.5, ge=0.0)
     quantize: bool = False               # round queries to 8-bit pixels, as PNGs over HTTP would
     depth: DepthSpec = DepthSpec()       # the defense_in_depth configuration's settings
+    prada: PradaSpec = PradaSpec()       # the prada (baseline) configuration's settings
 
     @field_validator("tau")
     @classmethod
@@ -128,7 +157,8 @@ class EvalConfig(_Strict):
     test_limit: Optional[int] = None
     clone: CloneSpec = CloneSpec()
     guard: GuardSpec = GuardSpec()
-    configurations: List[str] = list(CONFIGURATIONS)
+    # default: every configuration but the baselines (prada needs its calibrated delta: guard.prada)
+    configurations: List[str] = [c for c in CONFIGURATIONS if c not in BASELINES]
     eval_points: int = Field(10, ge=1)   # clone evaluations per run
     benign_batch: int = Field(1, ge=1)   # images per benign request (refusal acts between requests)
     benign_replay: int = Field(0, ge=0)  # queries of one benign identity replaying the test set (0: off)
@@ -186,6 +216,9 @@ class EvalConfig(_Strict):
                              "configurations")
         if "raw_detector" in need and not self.guard.raw_detector:
             raise ValueError("guard.raw_detector is required for the raw_detector configuration")
+        if "prada" in need and self.guard.prada.delta is None and self.guard.prada.delta_file is None:
+            raise ValueError("the prada configuration needs guard.prada.delta, or guard.prada.delta_file + dataset "
+                             "(written by `python -m guardian_plugin.prada calibrate`)")
         return self
 
     def configurations_for(self, a: AttackSpec) -> List[str]:
@@ -209,6 +242,7 @@ def parse_eval_config(raw: Any, source: str = "<config>", base_dir: Optional[str
         cfg.victim.weights = _resolve(base_dir, cfg.victim.weights)
         cfg.guard.detector = _resolve(base_dir, cfg.guard.detector)
         cfg.guard.raw_detector = _resolve(base_dir, cfg.guard.raw_detector)
+        cfg.guard.prada.delta_file = _resolve(base_dir, cfg.guard.prada.delta_file)
         cfg.cache_dir = _resolve(base_dir, cfg.cache_dir)
         if cfg.test_data.startswith("file:"):
             cfg.test_data = "file:" + _resolve(base_dir, cfg.test_data[5:])

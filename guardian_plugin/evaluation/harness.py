@@ -8,6 +8,8 @@ Configurations (the paper's Table I / V / VII rows):
   raw_detector    Model-Guardian with a detector trained on raw images ("w/o gradient transformation")
   defense_in_depth Model-Guardian plus the sliding window, per-client quotas, new-identity probation and
                   the per-client distribution test (docs/refusal-rule.md; settings: guard.depth)
+  prada           the baseline: PRADA's inter-query distance test (guardian_plugin.prada, docs/prada.md;
+                  settings: guard.prada), a detected client refused from its next request, answers unchanged
 
 Metrics, per run (attack x configuration x seed):
   CAcc     the clone's accuracy on the victim's test set, evaluated ``eval_points`` times along the run
@@ -89,6 +91,13 @@ class Defenses:
         self.cfg, self.victim, self.device = cfg, victim, device
         self._detectors = {}
         self.tau = cfg.guard.resolve_tau()
+        self._prada_delta = None
+
+    @property
+    def prada_delta(self) -> float:
+        if self._prada_delta is None:
+            self._prada_delta = self.cfg.guard.prada.resolve_delta()
+        return self._prada_delta
 
     def path(self, which: str) -> Optional[str]:
         return self.cfg.guard.detector if which == "gradient" else self.cfg.guard.raw_detector
@@ -123,6 +132,11 @@ class Defenses:
             else:
                 ledger = open_ledger("memory://", RefusalRule(self.tau, g.rho), f"eval-{client_id}")
                 guardian = Guardian(det, ledger, policy, self.device)
+        elif configuration == "prada":
+            from guardian_plugin.prada import Prada, PradaGuard
+
+            p = g.prada
+            guardian = PradaGuard(Prada(self.prada_delta, p.min_distances, p.max_kept, p.check_every, self.device))
         elif configuration != "no_defense":
             raise ValueError(f"unknown configuration {configuration!r}")
         v = self.cfg.victim
@@ -183,7 +197,7 @@ def benign_metrics(defenses: Defenses, configuration: str, x: torch.Tensor, y: t
             continue
         correct += int((p.argmax(1).cpu() == y[i:i + batch]).sum())
     out = {"bacc": correct / len(x), "n": len(x), "refused": refused}
-    if t.guardian is not None:
+    if t.guardian is not None and t.guardian.detector is not None:
         # FPR over the whole test set, scored by the detector alone (a refusal must not hide any image)
         flags = detect_offline(t.guardian.detector, x, defenses.device)
         out["fpr"] = float(flags.float().mean())
@@ -306,7 +320,11 @@ def run_one(cfg: EvalConfig, spec, configuration: str, seed: int, defenses: Defe
         "cacc": res.clone_accuracy, "history": res.history, "seconds": round(time.time() - t0, 1),
         "extra": {k: v for k, v in res.extra.items() if isinstance(v, (int, float, str, bool, list))},
     }
-    if target.guardian is not None:
+    if target.guardian is not None and target.guardian.detector is None:  # prada: no per-sample detector
+        st = target.guardian.prada.state(target.base_id)
+        out["prada"] = {"detected_at_query": st.detected_at, "w_at_detection": st.w_at_detection,
+                        "last_w": st.last_w, "distances": len(st.distances), "delta": target.guardian.prada.delta}
+    elif target.guardian is not None:
         out["flagged"] = target.flagged
         out["dacc"] = target.flagged / max(target.queries, 1)
         out["probation_answers"] = target.probation_answers

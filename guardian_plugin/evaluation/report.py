@@ -150,7 +150,7 @@ def render_tables(results: dict, summary: dict) -> str:
     # detection during the runs
     rows = []
     for c in confs:
-        if c not in ("model_guardian", "detector_only", "raw_detector"):
+        if c not in ("model_guardian", "detector_only", "raw_detector", "prada"):
             continue
         row = [CONFIG_TITLES[c], _pct({"mean": benign[c]["fpr"], "std": 0, "n": 1}) if "fpr" in benign.get(c, {}) else "n/a"]
         for a in seen + unseen:
@@ -160,7 +160,8 @@ def render_tables(results: dict, summary: dict) -> str:
     if rows:
         lines += ["### Detection and refusal during the attacks", "",
                   "Each cell: DAcc (share of the attack's answered queries flagged) / queries answered before "
-                  "refusal (the budget when never refused). Second column: FPR on the benign test set.", "",
+                  "refusal (the budget when never refused); PRADA has no per-sample detector (DAcc n/a). Second "
+                  "column: FPR on the benign test set.", "",
                   _table(["Method", "FPR"] + [_col(a, meta[a]) for a in seen + unseen], rows), ""]
     # ---------------------------------------------------------------- Table II
     rows = []
