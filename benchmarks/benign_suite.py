@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import io
 import json
 import os
 import subprocess
@@ -49,11 +48,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import ImageEnhance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from guardian_plugin import nuisance  # noqa: E402
 
 OUT_DIR = os.path.join(ROOT, "benchmarks", "results", "benign_suite")
 # on top of GuardConfig defaults; prada: the baseline (guardian_plugin.prada), not a guard config
@@ -108,80 +109,11 @@ def load_dataset(name: str) -> Dataset:
 
 
 # ------------------------------------------------------------------------------ image transforms (PIL, uint8)
-def _pil(a: np.ndarray) -> Image.Image:
-    return Image.fromarray(a[0]) if a.shape[0] == 1 else Image.fromarray(a.transpose(1, 2, 0))
-
-
-def _arr(im: Image.Image, c: int) -> np.ndarray:
-    a = np.asarray(im.convert("L" if c == 1 else "RGB"))
-    return a[None] if c == 1 else a.transpose(2, 0, 1)
-
-
-def _codec(fmt: str, **kw):
-    def f(im, rng):
-        buf = io.BytesIO()
-        im.save(buf, fmt, **kw)
-        return Image.open(io.BytesIO(buf.getvalue()))
-    return f
-
-
-def _down_up(scale: float):
-    def f(im, rng):
-        w, h = im.size
-        small = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-        return small.resize((w, h), Image.BILINEAR)
-    return f
-
-
-def _enhance(kind, lo: float, hi: float):
-    return lambda im, rng: kind(im).enhance(float(rng.uniform(lo, hi)))
-
-
-def _hue(delta: float):
-    def f(im, rng):
-        h, s, v = im.convert("HSV").split()
-        shift = int(round(rng.uniform(-delta, delta) * 255))
-        h = h.point(lambda p: (p + shift) % 256)
-        return Image.merge("HSV", (h, s, v)).convert("RGB")
-    return f
-
-
-def _rotate(deg: float):
-    return lambda im, rng: im.rotate(float(rng.uniform(-deg, deg)), Image.BILINEAR, fillcolor=_edge(im))
-
-
-def _edge(im):
-    """Fill for pixels a rotation or shift uncovers: the mean border colour (black for digits)."""
-    a = np.asarray(im).astype(np.float64)
-    border = np.concatenate([a[0].reshape(-1, *a.shape[2:]), a[-1].reshape(-1, *a.shape[2:]),
-                             a[:, 0].reshape(-1, *a.shape[2:]), a[:, -1].reshape(-1, *a.shape[2:])])
-    m = border.mean(0)
-    return int(round(float(m))) if np.ndim(m) == 0 else tuple(int(round(v)) for v in m)
-
-
-def _zoom(lo: float, hi: float):
-    """A random crop of lo..hi of the side, resized back (a slightly zoomed-in shot)."""
-    def f(im, rng):
-        w, h = im.size
-        s = float(rng.uniform(lo, hi))
-        cw, ch = max(2, round(w * s)), max(2, round(h * s))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        return im.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BILINEAR)
-    return f
-
-
-def _translate(px: int):
-    def f(im, rng):
-        dx, dy = (int(v) for v in rng.integers(-px, px + 1, size=2))
-        return im.transform(im.size, Image.AFFINE, (1, 0, dx, 0, 1, dy), fillcolor=_edge(im))
-    return f
-
-
-def _noise(sigma: float):
-    def f(im, rng):
-        a = np.asarray(im).astype(np.float32)
-        return Image.fromarray(np.clip(a + rng.normal(0, sigma, a.shape), 0, 255).round().astype(np.uint8))
-    return f
+# the changes themselves are guardian_plugin.nuisance's (the distribution reference's envelope is declared
+# with the same functions); the suite's parameters are its own
+_pil, _arr = nuisance.to_pil, nuisance.to_array
+_codec, _down_up, _enhance, _hue, _rotate = nuisance.codec, nuisance.down_up, nuisance.enhance, nuisance.hue, nuisance.rotate
+_zoom, _translate, _noise = nuisance.zoom, nuisance.translate, nuisance.noise
 
 
 TRANSFORMS: Dict[str, Callable] = {
@@ -189,12 +121,12 @@ TRANSFORMS: Dict[str, Callable] = {
     "jpeg95": _codec("JPEG", quality=95), "jpeg75": _codec("JPEG", quality=75),
     "jpeg50": _codec("JPEG", quality=50), "jpeg30": _codec("JPEG", quality=30),
     "downup0.75": _down_up(0.75), "downup0.5": _down_up(0.5),
-    "blur0.5": lambda im, rng: im.filter(ImageFilter.GaussianBlur(0.5)),
+    "blur0.5": nuisance.blur(0.5),
     "brightness": _enhance(ImageEnhance.Brightness, 0.8, 1.2),
     "contrast": _enhance(ImageEnhance.Contrast, 0.8, 1.2),
     "saturation": _enhance(ImageEnhance.Color, 0.7, 1.3),
     "hue": _hue(0.05),
-    "hflip": lambda im, rng: im.transpose(Image.FLIP_LEFT_RIGHT),
+    "hflip": nuisance.hflip(),
     "rotate5": _rotate(5), "rotate10": _rotate(10),
     "zoom": _zoom(0.85, 0.95), "translate2": _translate(2),
     "noise": _noise(3.0),
