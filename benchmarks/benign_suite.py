@@ -447,7 +447,9 @@ def markdown(result: dict) -> str:
                 ref = r["refusal"]
                 suspect = r["first_suspect_query"] or (f"~{r['all_dpreds_from']}" if r.get("all_dpreds_from") else "-")
                 cells += [f"**{ref['at_query']}** ({ref['mechanism']}{'+susp' if ref['via_suspicion'] else ''})" if ref else "never",
-                          _pct(r["detector_flagged_share"]), str(suspect), _pct(r["dpreds_share"]),
+                          # the served suite sees the counted-flagged share only (its columns_text says so)
+                          _pct(r["detector_flagged_share"] if "counted_flagged_share" not in r else r["counted_flagged_share"]),
+                          str(suspect), _pct(r["dpreds_share"]),
                           str(r["probation_answers"]), _pct(r["top1_equal_share"])]
             lines.append(f"| {name} | {row['what']} | " + " | ".join(cells) + " |")
         for conf in confs:

@@ -44,9 +44,11 @@ same file (unprotected: the same top-5 values within float tolerance; probation:
 1.0, the rest 0.0; DPreds: ``(p + d) / (1 + K d)`` of the unprotected top-5; anything else is counted
 ``other_answers``); top-1 equal to the unprotected archive's; the per-sample detector's flagged share
 from the archive's ``GuardianFlagged`` / ``GuardianQueries`` metrics (clients run one at a time, so the
-counter deltas are the client's). Not visible over HTTP: which rule refused (rule, window) and whether
-the distribution test's suspicion tipped it (``mechanism`` is the denial type, ``via_suspicion`` None),
-and when the client became suspect: ``all_dpreds_from`` is the first query of the final unbroken run of
+counter deltas are the client's): ``counted_flagged_share``, the share of answers the refusal rule counted
+as flagged, by the per-sample detector or because the client was suspect (the "flagged" column). Not
+visible over HTTP: the per-sample detector's own share (``detector_flagged_share`` None), which rule
+refused (rule, window) and whether the distribution test's suspicion tipped it (``mechanism`` is the
+denial type, ``via_suspicion`` None), and when the client became suspect: ``all_dpreds_from`` is the first query of the final unbroken run of
 at least 20 DPreds answers (a suspect client gets DPreds on every answer), shown as ``~N`` in the
 "suspect from" column. The JSON and Markdown are rewritten after every client.
 """
@@ -383,8 +385,10 @@ def run_client(ts, ex: Served, setup: dict, c: bs.Client, n: int, seed: int, con
             "client": c.name, "configuration": conf, "sent": len(status[conf]), "answered": a,
             "refused": refusal is not None, "refusal": refusal,
             "answered_after_refusal": sum(1 for i in answered if first is not None and i > first),
-            "detector_flagged": flagged if counted == a else None,
-            "detector_flagged_share": round(flagged / a, 4) if a and counted == a else None,
+            # GuardianFlagged counts the rows the refusal rule counted: the detector's or a suspect client's
+            "detector_flagged": None, "detector_flagged_share": None,
+            "counted_flagged": flagged if counted == a else None,
+            "counted_flagged_share": round(flagged / a, 4) if a and counted == a else None,
             "metrics_queries": counted,
             "first_suspect_query": None, "all_dpreds_from": run_from + 1 if run_from is not None else None,
             "suspect_answers": None,
@@ -448,8 +452,9 @@ def main(argv=None) -> int:
                                      "with the reference rebuilt on the served path, probation off); `defense_in_depth` = the "
                                      "same + probation 200.",
               "columns_text": "refused at query (the first query not answered, in send order; the denial type: which rule "
-                              "and whether suspicion tipped it is not visible over HTTP), detector-flagged share (the "
-                              "archive's GuardianFlagged / GuardianQueries metrics), suspect from (`~N`: the final unbroken "
+                              "and whether suspicion tipped it is not visible over HTTP), flagged (the share of answers "
+                              "counted as flagged, by the detector or the distribution test's suspicion: the archive's "
+                              "GuardianFlagged / GuardianQueries metrics; the detector's own share is not visible over HTTP), suspect from (`~N`: the final unbroken "
                               "run of DPreds answers starts at N), DPreds share, probation answers (both read from the "
                               "answers against the unprotected archive's), top-1 equal to the unprotected archive's.",
               "torch": torch.__version__, "cpus": os.cpu_count(), "datasets": {}}
@@ -480,7 +485,7 @@ def main(argv=None) -> int:
                     entry[conf] = r
                     tqdm.write(f"{name} {c.name:16s} {conf:17s} answered {r['answered']:5d} "
                                f"{'REFUSED at ' + str(r['refusal']['at_query']) + ' (' + str(r['refusal']['status']) + ' ' + r['refusal']['mechanism'] + ')' if r['refused'] else 'never refused'}; "
-                               f"flagged {r['detector_flagged_share']}, all DPreds from {r['all_dpreds_from']}, DPreds {r['dpreds_share']}, "
+                               f"counted flagged {r['counted_flagged_share']}, all DPreds from {r['all_dpreds_from']}, DPreds {r['dpreds_share']}, "
                                f"probation {r['probation_answers']}, other {r['other_answers']}, top-1 eq {r['top1_equal_share']} "
                                f"({r['seconds']} s, {r['client_queries_per_s']} client queries/s)")
                 bs.write(result, args, t0, done=False, default_stem=STEM)

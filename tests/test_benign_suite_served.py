@@ -55,11 +55,13 @@ def test_served_suite_on_cifar10(tmp_path):
     assert set(d["clients"]) == {"all", "repeat_one"}
     for name, row in d["clients"].items():
         r = row["shipped"]
-        for k in ("client", "configuration", "sent", "answered", "refused", "refusal", "detector_flagged_share",
+        for k in ("client", "configuration", "sent", "answered", "refused", "refusal", "counted_flagged_share",
                   "dpreds_share", "probation_answers", "top1_equal_share", "other_answers", "seed"):
             assert k in r, (name, k)
         assert r["other_answers"] == 0, r  # every answer is the unprotected one, DPreds of it, or a probation label
-        assert r["detector_flagged_share"] is not None, r  # the metrics counted every answered query
+        assert r["counted_flagged_share"] is not None, r  # the metrics counted every answered query
+        if r["configuration"] == "shipped":  # every counted row gets DPreds, nothing else does
+            assert r["counted_flagged"] == r["dpreds_answers"], r
         assert r["answered"] + (r["refusal"] is not None) <= r["sent"] <= QUERIES
         assert r["top1_equal_share"] == 1.0  # DPreds keep the top-1
     control = d["clients"]["all"]["shipped"]
