@@ -116,12 +116,18 @@ _codec, _down_up, _enhance, _hue, _rotate = nuisance.codec, nuisance.down_up, nu
 _zoom, _translate, _noise = nuisance.zoom, nuisance.translate, nuisance.noise
 
 
+# the compression clients: (PIL format, save options); the served suite sends these files as they are
+CODECS: Dict[str, tuple] = {"png": ("PNG", {}), "jpeg95": ("JPEG", {"quality": 95}), "jpeg75": ("JPEG", {"quality": 75}),
+                            "jpeg50": ("JPEG", {"quality": 50}), "jpeg30": ("JPEG", {"quality": 30})}
+
+
+_blur = nuisance.blur
+
+
 TRANSFORMS: Dict[str, Callable] = {
-    "png": _codec("PNG"),
-    "jpeg95": _codec("JPEG", quality=95), "jpeg75": _codec("JPEG", quality=75),
-    "jpeg50": _codec("JPEG", quality=50), "jpeg30": _codec("JPEG", quality=30),
+    **{name: _codec(fmt, **kw) for name, (fmt, kw) in CODECS.items()},
     "downup0.75": _down_up(0.75), "downup0.5": _down_up(0.5),
-    "blur0.5": nuisance.blur(0.5),
+    "blur0.5": _blur(0.5),
     "brightness": _enhance(ImageEnhance.Brightness, 0.8, 1.2),
     "contrast": _enhance(ImageEnhance.Contrast, 0.8, 1.2),
     "saturation": _enhance(ImageEnhance.Color, 0.7, 1.3),
@@ -167,31 +173,43 @@ def clients_for(ds: Dataset, seed: int) -> List[Client]:
     return out
 
 
-def client_images(ds: Dataset, c: Client, n: int, seed: int) -> np.ndarray:
-    """The uint8 images client ``c`` sends, ``n`` of them (seeded)."""
-    rng = np.random.default_rng(seed)
-    idx_all = np.arange(len(ds.y))
+def client_indices(y: np.ndarray, c: Client, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Which of the images (labels ``y``) client ``c`` sends, ``n`` indices in order (drawn from ``rng``)."""
+    idx_all = np.arange(len(y))
     if c.repeat_one:
         idx = np.full(n, int(rng.integers(len(idx_all))))
     elif c.weights is not None:
         cls = rng.choice(len(c.weights), size=n, p=c.weights)
-        pools = {k: rng.permutation(np.flatnonzero(ds.y == k)) for k in range(len(c.weights))}
+        pools = {k: rng.permutation(np.flatnonzero(y == k)) for k in range(len(c.weights))}
         pos = {k: 0 for k in pools}
         idx = np.empty(n, dtype=np.int64)
         for i, k in enumerate(cls):
             idx[i] = pools[k][pos[k] % len(pools[k])]
             pos[k] += 1
     else:
-        pool = idx_all if c.classes is None else np.flatnonzero(np.isin(ds.y, c.classes))
+        pool = idx_all if c.classes is None else np.flatnonzero(np.isin(y, c.classes))
         order = np.concatenate([rng.permutation(pool) for _ in range(-(-n // len(pool)))])
         if c.burst is not None:
             reps = rng.integers(c.burst[0], c.burst[1] + 1, size=len(order))
             order = np.repeat(order, reps)
         idx = order[:n]
-    imgs = ds.x[idx]
+    return idx
+
+
+def client_transform(c: Client, transforms: Dict[str, Callable] = TRANSFORMS) -> Optional[Callable]:
+    """``f(PIL image, rng) -> PIL image`` for one query of client ``c`` (None: the images as stored)."""
     if c.transform is None and c.burst is None:
+        return None
+    return transforms[c.transform] if c.transform else _noise(2.0)
+
+
+def client_images(ds: Dataset, c: Client, n: int, seed: int) -> np.ndarray:
+    """The uint8 images client ``c`` sends, ``n`` of them (seeded)."""
+    rng = np.random.default_rng(seed)
+    imgs = ds.x[client_indices(ds.y, c, n, rng)]
+    tf = client_transform(c)
+    if tf is None:
         return imgs
-    tf = TRANSFORMS[c.transform] if c.transform else _noise(2.0)
     ch = imgs.shape[1]
     return np.stack([_arr(tf(_pil(a), rng), ch) for a in imgs])
 
@@ -332,22 +350,36 @@ def _git(*a) -> str:
         return ""
 
 
+IN_PROCESS_HOW = (f"{BATCH} images per request; in process (Guardian.admit_clients + inspect, EvalTarget)", "")
+SHIPPED_TEXT = ("`shipped` = GuardConfig defaults (rule tau auto / rho 0.5, window 200 / 0.3, quota 10,000 + 1,000 "
+                "flagged per day, distribution test on with reference.json, probation off); `defense_in_depth` = the "
+                "same + probation 200; `prada` = the PRADA baseline (inter-query distance test, delta from "
+                "benchmarks/results/prada_delta.json; docs/prada.md).")
+COLUMNS_TEXT = ("refused at query (the first query not answered; mechanism; `+susp` = the counted flags came from the "
+                "distribution test's suspicion), detector-flagged share, first suspect query, DPreds share, "
+                "probation answers, top-1 equal to the unprotected model.")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
 def markdown(result: dict) -> str:
+    """The report's Markdown. ``result`` may say how it was measured (``how``: one line, ``configurations_text``,
+    ``columns_text``; the served suite does); the defaults describe the in-process suite."""
     confs = list(result.get("configurations") or CONFIGURATIONS)
-    lines = [f"# Benign-traffic suite ({'quick' if result['quick'] else 'full'}"
+    lines = [f"# Benign-traffic suite ({result.get('title') or ('quick' if result['quick'] else 'full')}"
              f"{'' if result.get('complete', True) else '; INTERRUPTED: the runs listed only'})", "",
              f"Command: `{result['command']}`  ", f"Commit: {result['git_commit']}{' (+ uncommitted changes)' if result['dirty'] else ''}  ",
-             f"Seed: {result['seed']}; {BATCH} images per request; in process (Guardian.admit_clients + inspect, "
-             f"EvalTarget); {result['seconds']:.0f} s on {result['cpus']} CPUs (torch threads 1)", "",
-             "Configurations: `shipped` = GuardConfig defaults (rule tau auto / rho 0.5, window 200 / 0.3, quota "
-             "10,000 + 1,000 flagged per day, distribution test on with reference.json, probation off); "
-             "`defense_in_depth` = the same + probation 200; `prada` = the PRADA baseline (inter-query distance "
-             "test, delta from benchmarks/results/prada_delta.json; docs/prada.md).", "",
-             "Columns per configuration: refused at query (the first query not answered; mechanism; `+susp` = the counted flags came from the "
-             "distribution test's suspicion), detector-flagged share, first suspect query, DPreds share, "
-             "probation answers, top-1 equal to the unprotected model.", ""]
+             f"Seed: {result['seed']}; {result.get('how') or IN_PROCESS_HOW[0]}; {result['seconds']:.0f} s on "
+             f"{result['cpus']} CPUs (torch threads 1)", "",
+             "Configurations: " + (result.get("configurations_text") or SHIPPED_TEXT), "",
+             "Columns per configuration: " + (result.get("columns_text") or COLUMNS_TEXT), ""]
     for ds_name, d in result["datasets"].items():
-        lines += [f"## {ds_name}: {d['split']}, {d['queries']} queries per client", "",
+        lines += [f"## {ds_name}: {d['split']}, {d['queries']} queries per client", ""]
+        if d.get("distribution_test"):  # the served suite: what `guardian protect` said
+            lines += ["Distribution test (`guardian protect`): " + "; ".join(f"{c}: {v}" for c, v in d["distribution_test"].items()), ""]
+        lines += [
                   "| client | what | " + " | ".join(f"{c}: refused at | flagged | suspect from | DPreds | probation | top-1 eq"
                                                   for c in confs) + " |",
                   "|---|---|" + "---|" * (6 * len(confs))]
@@ -360,19 +392,19 @@ def markdown(result: dict) -> str:
                     continue
                 ref = r["refusal"]
                 why = ref and (f"prada: W {ref['prada_w']:.3f} < {ref['prada_delta']} at query {ref['prada_detected_at']}"
-                               if ref["mechanism"] == "prada" else ref["mechanism"] + ("+susp" if ref["via_suspicion"] else ""))
+                               if ref["mechanism"] == "prada" else ref["mechanism"] + ("+susp" if ref.get("via_suspicion") else ""))
+                suspect = r["first_suspect_query"] or (f"~{r['all_dpreds_from']}" if r.get("all_dpreds_from") else "-")
                 cells += [f"**{ref['at_query']}** ({why})" if ref else "never",
-                          f"{100 * r['detector_flagged_share']:.1f}%" if r["answered"] else "-",
-                          str(r["first_suspect_query"] or "-"),
-                          f"{100 * r['dpreds_share']:.1f}%" if r["answered"] else "-",
-                          str(r["probation_answers"]),
-                          f"{100 * r['top1_equal_share']:.1f}%" if r["answered"] else "-"]
+                          # the served suite sees the counted-flagged share only (its columns_text says so)
+                          _pct(r["detector_flagged_share"] if "counted_flagged_share" not in r else r["counted_flagged_share"]),
+                          str(suspect), _pct(r["dpreds_share"]),
+                          str(r["probation_answers"]), _pct(r["top1_equal_share"])]
             lines.append(f"| {name} | {row['what']} | " + " | ".join(cells) + " |")
         for conf in confs:
             runs = [r[conf] for r in d["clients"].values() if conf in r]
             refused = [f"{r['client']} at {r['refusal']['at_query']} ({r['refusal']['mechanism']}"
                        f"{', via suspicion' if r['refusal']['via_suspicion'] else ''})" for r in runs if r["refused"]]
-            dp = [f"{r['client']} {100 * r['dpreds_share']:.1f}%" for r in runs
+            dp = [f"{r['client']} {_pct(r['dpreds_share'])}" for r in runs
                   if r["answered"] and r["dpreds_share"] > 0.05]
             lines += ["", f"**{conf}**: {len(refused)} of {len(runs)} clients refused or limited"
                       + (": " + "; ".join(refused) if refused else "") + f". DPreds on more than 5% of the answers: "
@@ -462,12 +494,12 @@ def _prada_deltas() -> dict:
     return {k: {"delta": v["delta"], "rule": v["rule"], "data": v["data"]} for k, v in d["datasets"].items()}
 
 
-def write(result: dict, args, t0: float, done: bool) -> None:
+def write(result: dict, args, t0: float, done: bool, default_stem: Optional[str] = None) -> None:
     """The JSON and Markdown reports; rewritten after every run (``complete`` false until the end), so an
     interrupted run leaves what it measured."""
     result["seconds"] = round(time.time() - t0, 1)
     result["complete"] = done
-    stem = args.name or ("benign_suite_quick" if args.quick else "benign_suite")
+    stem = args.name or default_stem or ("benign_suite_quick" if args.quick else "benign_suite")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -82,14 +82,20 @@ def write_guard_yaml(path: str, ledger_uri: str, namespace: str) -> str:
     return path
 
 
-def protect_archive(mar: str, detector: str, guard_yaml: str, out: str, extra: Sequence[str] = ()) -> str:
-    """`guardian protect` as a user runs it (a subprocess), printing the command."""
+def protect_archive(mar: str, detector: str, guard_yaml: str, out: str, extra: Sequence[str] = (),
+                    log: Optional[str] = None) -> str:
+    """`guardian protect` as a user runs it (a subprocess), printing the command; its output goes to the
+    file ``log`` when given (else nowhere)."""
     cmd = [sys.executable, "-m", "guardian_plugin.cli", "protect", mar, "--detector", detector,
            "--config", guard_yaml, "-o", out, *extra]
     shown = os.path.relpath(detector, ROOT) if os.path.abspath(detector).startswith(ROOT + os.sep) else detector
     print(f"      guardian protect {os.path.basename(mar)} --detector {shown} "
           f"--config guard.yaml -o {os.path.basename(out)} {' '.join(extra)}".rstrip(), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if log is None:
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    else:
+        with open(log, "w") as f:
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=f)
     return out
 
 

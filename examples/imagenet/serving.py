@@ -95,3 +95,19 @@ def top1(responses, names: List[str]) -> List[int]:
         probs = json.loads(r.text)
         out.append(index[max(probs, key=probs.get)])
     return out
+
+
+def sample_photos(part: str) -> Tuple[List[bytes], List[int]]:
+    """The real ImageNet photos of ../shared/data/imagenet-samples (``part``: "train", 600 photos, or "val",
+    200; one photo per class, disjoint classes; README there): (the original JPEG files as published,
+    ImageNet class indices). A FileNotFoundError names the data folder when it is absent."""
+    import numpy as np
+
+    from guardian_plugin.training.data import data_path
+
+    if part not in ("train", "val"):
+        raise ValueError(f"imagenet-samples part {part!r}: use train or val")
+    with np.load(data_path("imagenet-samples", f"{part}.npz")) as d:
+        jpeg, offsets, labels = d["jpeg"], d["offsets"], d["labels"]
+        return ([jpeg[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(labels))],
+                [int(v) for v in labels])
