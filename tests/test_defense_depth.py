@@ -356,3 +356,35 @@ def test_one_big_request_buys_no_more_answers_than_single_image_requests(victim,
     # the request was not answered, so none of it is counted; the BatchNorm-eval client's first 200 rows are
     # (its distribution-test block had to complete before its crossing could be known)
     assert g.ledger.get("all-at-once").queries == (0 if kind == "dfme-like" else 200)
+
+
+def test_identical_queries_count_once(victim):
+    """A client re-sending one image (a retry, a cached photo) is not a distribution: identical served
+    inputs count once in the test. Even an image the test finds uncertain (a BatchNorm-eval generator's,
+    0% flagged per sample), sent 600 times, never completes a block; 600 distinct ones are refused."""
+    from examples.mnist import serving as ex
+
+    fakes = ex.as_input(ex.decode_pngs(ex.generator_images(600, seed=0, bn_eval=True)))
+    one = fakes[:1].repeat(600, 1, 1, 1)
+    g = depth_guardian()
+    t = ex.stream(g, victim, one, "retrying")
+    assert t.refused_at is None and t.suspect_answers == 0 and t.flagged == 0
+    assert g.ledger.get("retrying").dist_counts is None  # no block completed: 1 query counted
+    assert ex.stream(depth_guardian(), victim, fakes, "distinct").refused_at is not None
+
+
+def test_nuisance_specs_and_their_errors():
+    from guardian_plugin import nuisance
+
+    x = np.random.default_rng(0).integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
+    for spec in nuisance.DEFAULT_ENVELOPE + ("png", "brightness:0.2", "hue:0.05", "hflip"):
+        y = nuisance.apply(spec, x, seed=1)
+        assert y.shape == x.shape and y.dtype == np.uint8
+        assert np.array_equal(y, nuisance.apply(spec, x, seed=1))  # seeded
+    assert np.array_equal(nuisance.apply("png", x), x)  # lossless
+    for bad, msg in [("sharpen:2", "unknown kind"), ("jpeg", "needs a number"), ("downup:1.5", "must lie in"),
+                     ("png:3", "takes no parameter")]:
+        with pytest.raises(ConfigError, match=msg):
+            nuisance.parse(bad)
+    with pytest.raises(ConfigError, match="grayscale"):
+        nuisance.check(["hue:0.1"], channels=1)
