@@ -160,6 +160,8 @@ class TrainConfig(_Strict):
     # the benign envelope the reference's rates cover: the calibration images as they are and under each of
     # these nuisances (guardian_plugin.nuisance specs; docs/refusal-rule.md)
     reference_envelope: List[str] = Field(default_factory=lambda: list(DEFAULT_ENVELOPE))
+    # each nuisance is measured on the first this-many reference images (None: all of them)
+    reference_envelope_images: Optional[int] = Field(None, ge=50)
     cache: str = ".cache/guardian"
     # every image of every split (real and synthetic) first goes through the served model's own
     # preprocessing, e.g. {resize: 256, crop: 224} for TorchServe's image_classifier handler; crop = size

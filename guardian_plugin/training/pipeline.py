@@ -625,8 +625,8 @@ def _run_stages(cfg: TrainConfig, base_dir: str, out_dir: str, device: str | Non
 def distribution_reference(detector: Detector, victim: torch.nn.Module, x: np.ndarray, cfg: TrainConfig, device,
                            source: str, progress: bool = False):
     """The distribution test's reference: the victim's probabilities and the detector's scores on
-    benign uint8 images ``x``, as they are and under each nuisance of ``cfg.reference_envelope``
-    (guardian_plugin.distribution.build_reference)."""
+    benign uint8 images ``x``, as they are and under each nuisance of ``cfg.reference_envelope`` (on the
+    first ``cfg.reference_envelope_images`` of them) (guardian_plugin.distribution.build_reference)."""
     from tqdm import tqdm
 
     from guardian_plugin import nuisance
@@ -642,9 +642,10 @@ def distribution_reference(detector: Detector, victim: torch.nn.Module, x: np.nd
 
     probs, scores = features(x)
     envelope = {}
+    sub = x[:cfg.reference_envelope_images] if cfg.reference_envelope_images else x
     for i, spec in enumerate(tqdm(cfg.reference_envelope, desc="reference envelope", unit="nuisance",
                                   disable=not progress, leave=False)):
-        envelope[spec] = features(nuisance.apply(spec, x, seed=cfg.seed * 100 + i))
+        envelope[spec] = (*features(nuisance.apply(spec, sub, seed=cfg.seed * 100 + i)), np.arange(len(sub)))
     return build_reference(probs, scores, detector.thresholds.cpu(), source, envelope)
 
 
