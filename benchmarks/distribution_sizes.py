@@ -7,8 +7,9 @@ MNIST (in process, the committed example): the victim takes 28-31 px digits; the
 them to its 28 px. Through the shipped defense_in_depth guard settings (guard-config defaults +
 probation 200, memory ledger; examples.mnist.serving.stream, requests of 10 images), for each size and
 padding (the extra rows/columns before the digit, after it, or split):
-- the 1,000 held-out digits (never the reference's split) as one benign client: the block KLs against
-  the reference (blocks of 200; the test fails a block at KL >= t(200) = 0.294), the query at which it
+- the 1,000 held-out digits (never the reference's split) as one benign client: the block statistics against
+  the reference (blocks of 200; the test fails a block at n KL(k/n || s) >= ln(1/alpha) = 17.7,
+  guardian_plugin.distribution), the query at which it
   was refused (None: never), the victim's accuracy; and, as a control, the same digits at 28 px shifted
   inside the frame by the padding's offset;
 - a randomly initialised generator kept in BatchNorm eval mode (600 images, flagged 0% per sample): the
@@ -20,7 +21,7 @@ the same guard settings, once without ``--calibrate`` (the reference at 32 px: t
 test off, `enabled: auto`) and once with ``--calibrate`` on the first N calibration-split images (the
 reference rebuilt on the served path). The protected archive is loaded as a worker loads it, and
 benign clients send, through that worker's Guardian: the 1,000 test images, and the calibration
-images the served reference was not built on (the held-out half); the block KLs against the served
+images the served reference was not built on (the held-out half); the block statistics against the served
 reference and against the 32 px one, and when each client was refused. CPU, a few minutes.
 """
 
@@ -42,8 +43,8 @@ if ROOT not in sys.path:
 DEPTH = {"ledger": "memory://", "probation": {"queries": 200}}  # the shipped defense_in_depth settings
 
 
-def block_kls(test, probs: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor, block: int = 200):
-    """KL of each consecutive complete block of ``block`` rows against the test's reference, and t(block)."""
+def block_stats(test, probs: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor, block: int = 200):
+    """The test's statistic for each consecutive complete block of ``block`` rows, and its threshold."""
     bins = test.reference.bin_of(probs, scores, thresholds)
     out = [test.evaluate(test.reference.counts(bins[i:i + block])) for i in range(0, len(bins) - block + 1, block)]
     return [round(d, 4) for _, d, _ in out], (round(out[0][2], 4) if out else None)
@@ -68,8 +69,8 @@ def mnist(args) -> dict:
         with torch.no_grad():
             probs = torch.softmax(victim(inp), 1)
         _, scores = g.detector.flag(g.detector.to_pixels(inp))
-        kls, t = block_kls(g.distribution, probs, scores, g.detector.thresholds)
-        out = {"block_kl": kls, "t": t, "refused_at": ex.stream(g, victim, inp, "benign").refused_at}
+        kls, t = block_stats(g.distribution, probs, scores, g.detector.thresholds)
+        out = {"block_statistic": kls, "t": t, "refused_at": ex.stream(g, victim, inp, "benign").refused_at}
         if len(a) == len(y):
             out["accuracy"] = round(float((probs.argmax(1).numpy() == y).mean()), 4)
         return out
@@ -83,15 +84,15 @@ def mnist(args) -> dict:
                 row["benign_28px_shifted_control"] = benign(np.pad(digits, ((0, 0), (k, 0), (k, 0)))[:, :28, :28])
             f = ex.as_input(ex.pad_to(fakes, size, where))
             t = ex.stream(guardian(), victim, f, "bn-eval")
-            row["bn_eval"] = {"block_kl": benign(ex.pad_to(fakes, size, where))["block_kl"],
+            row["bn_eval"] = {"block_statistic": benign(ex.pad_to(fakes, size, where))["block_statistic"],
                               "refused_at": t.refused_at, "detector_flagged": t.flagged,
                               "suspect_answers": t.suspect_answers,
                               "refused_at_without_distribution_test": ex.stream(guardian(False), victim, f, "bn-eval").refused_at}
             rows.append(row)
             b, c = row["benign"], row.get("benign_28px_shifted_control")
-            print(f"MNIST {size} px {where:12s} benign KL {b['block_kl']} refused {b['refused_at']} acc {b['accuracy']:.3f}"
-                  + (f" | 28 px shifted {k}: KL max {max(c['block_kl']):.3f} refused {c['refused_at']}" if c else "")
-                  + f" | bn-eval KL {row['bn_eval']['block_kl']} refused {t.refused_at} (flagged {t.flagged}; without the test "
+            print(f"MNIST {size} px {where:12s} benign statistic {b["block_statistic"]} refused {b['refused_at']} acc {b['accuracy']:.3f}"
+                  + (f" | 28 px shifted {k}: statistic max {max(c["block_statistic"]):.3f} refused {c['refused_at']}" if c else "")
+                  + f" | bn-eval statistic {row['bn_eval']["block_statistic"]} refused {t.refused_at} (flagged {t.flagged}; without the test "
                     f"{row['bn_eval']['refused_at_without_distribution_test']})", flush=True)
     return {"rows": rows, "settings": DEPTH, "fakes": 600, "benign": int(len(digits))}
 
@@ -149,12 +150,12 @@ def cifar10(args) -> dict:
                             except QueryRefused:
                                 pass
                 p, s = torch.cat(probs), torch.cat(scores)
-                kl_served, t_served = block_kls(g.distribution, p, s, g.detector.thresholds)
-                kl_native, _ = block_kls(native, p, s, g.detector.thresholds)
+                kl_served, t_served = block_stats(g.distribution, p, s, g.detector.thresholds)
+                kl_native, _ = block_stats(native, p, s, g.detector.thresholds)
                 out[name] = {"n": int(len(xs)), "refused_at": t.refused_at, "suspect_answers": t.suspect_answers,
-                             "detector_flagged": t.flagged, "block_kl_served_reference": kl_served, "t": t_served,
-                             "block_kl_32px_reference": kl_native}
-                print(f"CIFAR-10 served, {name} ({len(xs)}): served-reference block KL {kl_served} (t {t_served}), "
+                             "detector_flagged": t.flagged, "block_statistic_served_reference": kl_served, "t": t_served,
+                             "block_statistic_32px_reference": kl_native}
+                print(f"CIFAR-10 served, {name} ({len(xs)}): served-reference block statistic {kl_served} (t {t_served}), "
                       f"32 px reference {kl_native}; refused at {t.refused_at}, suspect answers {t.suspect_answers}",
                       flush=True)
     return out
