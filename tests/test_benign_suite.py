@@ -1,6 +1,7 @@
 """The benign-traffic suite's machinery (benchmarks/benign_suite.py), on the committed MNIST example at a few
-hundred queries: client streams, the guard in process, and the report fields. What the full suite finds
-(which ordinary clients are refused) is measured, not asserted here (docs/refusal-rule.md)."""
+hundred queries: client streams, the guard in process, and the report fields, and the CI subset of the
+suite: the ordinary clients the earlier (two-sided) distribution test refused within a few hundred queries
+are not refused now. The full suite's figures: docs/refusal-rule.md."""
 
 from __future__ import annotations
 
@@ -79,3 +80,11 @@ def test_generators_are_refused_and_the_mechanism_is_named(mnist):
     r = bs.run_client(generator(True), c, "shipped", 400, seed=0)  # unflagged: the distribution test's suspicion
     assert r["refused"] and r["first_suspect_query"] == 201
     assert r["refusal"]["via_suspicion"] and r["refusal"]["at_query"] > 200
+
+
+# every client the two-sided KL test refused at 241-261 on MNIST (benign_suite_quick_final.md), and a mix
+@pytest.mark.parametrize("name", ["class3", "class9", "jpeg50", "downup0.5", "noise", "repeat_one", "near_dup_bursts"])
+def test_ci_subset_ordinary_clients_are_not_refused(mnist, name):
+    r = bs.run_client(mnist, _client(mnist, name), "shipped", 800, seed=0)
+    assert r["answered"] == 800 and not r["refused"], r["refusal"]
+    assert r["first_suspect_query"] is None and r["top1_equal_share"] == 1.0
