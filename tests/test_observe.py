@@ -195,6 +195,29 @@ def test_replay_reports_the_generator_refused_where_enforce_refuses_it_and_digit
     assert not os.path.exists(w / "production.db")  # a fresh memory:// ledger, never the archive's own
 
 
+def test_replay_of_two_benign_suite_clients(protected):
+    """Issue #26: `guardian replay` on two of the benign-traffic suite's clients (benchmarks/benign_suite.py:
+    up-scaled low-resolution digits and near-duplicate bursts, 400 queries each, as PNG files): neither
+    would be refused, limited or answered on probation."""
+    from benchmarks import benign_suite as bs
+
+    w, mar = protected
+    ds = bs.load_dataset("mnist")
+    traffic = w / "suite"
+    for name in ("downup0.5", "near_dup_bursts"):
+        c = next(c for c in bs.clients_for(ds, 0) if c.name == name)
+        (traffic / name).mkdir(parents=True)
+        for i, a in enumerate(bs.client_images(ds, c, 400, seed=1)):
+            (traffic / name / f"{i:05d}.png").write_bytes(ex.png(a[0]))
+    out = w / "suite.json"
+    r = subprocess.run([GUARDIAN, "replay", "--archive", mar, str(traffic), "--json", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())["clients"]
+    for name in ("downup0.5", "near_dup_bursts"):
+        assert rep[name]["answered"] == 400 and rep[name]["would_deny_first"] is None and not rep[name]["refused"], rep[name]
+
+
 @pytest.mark.parametrize("layout, message", [
     ({}, "no client folders"),
     ({"alice": []}, "the client folder is empty"),
