@@ -123,12 +123,37 @@ def cifar10_example(seed: int, calibration_images: int) -> Served:
     ds = bs.load_dataset("cifar10")
 
     def bodies(c, n, s):
+        if c.name == ATTACKER:
+            return iter(png_bodies(bn_eval_generator_images(n, s, ds.mean, ds.std)))
         return iter(png_bodies(bs.client_images(ds, c, n, s)))
 
-    return Served("cifar10", ds.split + "; sent as PNG files", len(ds.y), 10, bs.clients_for(ds, seed), bodies,
+    return Served("cifar10", ds.split + "; sent as PNG files", len(ds.y), 10,
+                  bs.clients_for(ds, seed) + [ATTACKER_CLIENT], bodies,
                   lambda work, store: cx.build_served_archive(work, store, name="cifar10"),
                   lambda folder: cx.calibration_folder(folder, calibration_images), cx.DETECTOR,
                   ["--input-fit", "area"])
+
+
+# the attacker control (CIFAR-10; only when --clients names it): what the suite's benign clients are judged
+# beside, and the served-path check of issue #26 that a generator client is refused over HTTP
+ATTACKER = "ATTACKER_bn_eval_generator"
+ATTACKER_CLIENT = bs.Client(ATTACKER, "NOT BENIGN: an untrained DFME generator (GeneratorA) kept in BatchNorm eval mode "
+                                      "(its images are not flagged per sample); must be refused")
+
+
+def bn_eval_generator_images(n: int, seed: int, mean, std) -> np.ndarray:
+    """uint8 (n, 3, 32, 32): a randomly initialised DFME generator in BatchNorm eval mode, its tanh output taken
+    as the victim's normalised input and mapped to 8-bit pixels, as an attacker's HTTP client sends it."""
+    import torch
+
+    from guardian_plugin.nets import GeneratorA
+
+    torch.manual_seed(seed)
+    gen = GeneratorA(nz=256, channels=3, size=32).eval()
+    with torch.no_grad():
+        x = torch.cat([gen(torch.randn(min(500, n - i), 256)) for i in range(0, n, 500)])
+    pix = (x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    return (pix * 255).round().to(torch.uint8).numpy()
 
 
 def photo_clients() -> List[bs.Client]:
@@ -461,7 +486,8 @@ def main(argv=None) -> int:
     for name in args.datasets.split(","):
         ex = EXAMPLES[name](args.seed, args.calibration_images)
         every = ex.clients
-        cl = bs.select(every, patterns)
+        # the attacker control runs only when named
+        cl = bs.select(every, patterns) if patterns else [c for c in every if c.name != ATTACKER]
         work = os.path.join(work_root, name)
         setup = prepare(ex, work, confs, calibrated=args.calibration_images > 0)
         ts = TorchServe(os.path.join(work, "store"), os.path.join(work, "server"),
