@@ -90,9 +90,9 @@ def mnist(args) -> dict:
                               "refused_at_without_distribution_test": ex.stream(guardian(False), victim, f, "bn-eval").refused_at}
             rows.append(row)
             b, c = row["benign"], row.get("benign_28px_shifted_control")
-            print(f"MNIST {size} px {where:12s} benign statistic {b["block_statistic"]} refused {b['refused_at']} acc {b['accuracy']:.3f}"
-                  + (f" | 28 px shifted {k}: statistic max {max(c["block_statistic"]):.3f} refused {c['refused_at']}" if c else "")
-                  + f" | bn-eval statistic {row['bn_eval']["block_statistic"]} refused {t.refused_at} (flagged {t.flagged}; without the test "
+            print(f"MNIST {size} px {where:12s} benign statistic {b['block_statistic']} refused {b['refused_at']} acc {b['accuracy']:.3f}"
+                  + (f" | 28 px shifted {k}: statistic max {max(c['block_statistic']):.3f} refused {c['refused_at']}" if c else "")
+                  + f" | bn-eval statistic {row['bn_eval']['block_statistic']} refused {t.refused_at} (flagged {t.flagged}; without the test "
                     f"{row['bn_eval']['refused_at_without_distribution_test']})", flush=True)
     return {"rows": rows, "settings": DEPTH, "fakes": 600, "benign": int(len(digits))}
 
