@@ -111,9 +111,6 @@ def load_dataset(name: str) -> Dataset:
 # ------------------------------------------------------------------------------ image transforms (PIL, uint8)
 # the changes themselves are guardian_plugin.nuisance's (the distribution reference's envelope is declared
 # with the same functions); the suite's parameters are its own
-_pil, _arr = nuisance.to_pil, nuisance.to_array
-_codec, _down_up, _enhance, _hue, _rotate = nuisance.codec, nuisance.down_up, nuisance.enhance, nuisance.hue, nuisance.rotate
-_zoom, _translate, _noise = nuisance.zoom, nuisance.translate, nuisance.noise
 
 
 # the compression clients: (PIL format, save options); the served suite sends these files as they are
@@ -121,21 +118,20 @@ CODECS: Dict[str, tuple] = {"png": ("PNG", {}), "jpeg95": ("JPEG", {"quality": 9
                             "jpeg50": ("JPEG", {"quality": 50}), "jpeg30": ("JPEG", {"quality": 30})}
 
 
-_blur = nuisance.blur
 
 
 TRANSFORMS: Dict[str, Callable] = {
-    **{name: _codec(fmt, **kw) for name, (fmt, kw) in CODECS.items()},
-    "downup0.75": _down_up(0.75), "downup0.5": _down_up(0.5),
-    "blur0.5": _blur(0.5),
-    "brightness": _enhance(ImageEnhance.Brightness, 0.8, 1.2),
-    "contrast": _enhance(ImageEnhance.Contrast, 0.8, 1.2),
-    "saturation": _enhance(ImageEnhance.Color, 0.7, 1.3),
-    "hue": _hue(0.05),
+    **{name: nuisance.codec(fmt, **kw) for name, (fmt, kw) in CODECS.items()},
+    "downup0.75": nuisance.down_up(0.75), "downup0.5": nuisance.down_up(0.5),
+    "blur0.5": nuisance.blur(0.5),
+    "brightness": nuisance.enhance(ImageEnhance.Brightness, 0.8, 1.2),
+    "contrast": nuisance.enhance(ImageEnhance.Contrast, 0.8, 1.2),
+    "saturation": nuisance.enhance(ImageEnhance.Color, 0.7, 1.3),
+    "hue": nuisance.hue(0.05),
     "hflip": nuisance.hflip(),
-    "rotate5": _rotate(5), "rotate10": _rotate(10),
-    "zoom": _zoom(0.85, 0.95), "translate2": _translate(2),
-    "noise": _noise(3.0),
+    "rotate5": nuisance.rotate(5), "rotate10": nuisance.rotate(10),
+    "zoom": nuisance.zoom(0.85, 0.95), "translate2": nuisance.translate(2),
+    "noise": nuisance.noise(3.0),
 }
 RGB_ONLY = {"saturation", "hue", "hflip"}  # a grayscale digit has no colour; a mirrored digit is not one
 
@@ -200,7 +196,7 @@ def client_transform(c: Client, transforms: Dict[str, Callable] = TRANSFORMS) ->
     """``f(PIL image, rng) -> PIL image`` for one query of client ``c`` (None: the images as stored)."""
     if c.transform is None and c.burst is None:
         return None
-    return transforms[c.transform] if c.transform else _noise(2.0)
+    return transforms[c.transform] if c.transform else nuisance.noise(2.0)
 
 
 def client_images(ds: Dataset, c: Client, n: int, seed: int) -> np.ndarray:
@@ -211,7 +207,7 @@ def client_images(ds: Dataset, c: Client, n: int, seed: int) -> np.ndarray:
     if tf is None:
         return imgs
     ch = imgs.shape[1]
-    return np.stack([_arr(tf(_pil(a), rng), ch) for a in imgs])
+    return np.stack([nuisance.to_array(tf(nuisance.to_pil(a), rng), ch) for a in imgs])
 
 
 # ------------------------------------------------------------------------------ the guard, in process

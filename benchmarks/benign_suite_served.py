@@ -76,6 +76,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import benign_suite as bs  # noqa: E402
+from guardian_plugin import nuisance  # noqa: E402
 
 QUERIES = 5000
 STEM = "benign_suite_served"
@@ -88,7 +89,7 @@ ALL_DPREDS_RUN = 20  # all_dpreds_from: the final unbroken run of DPreds answers
 PHOTO_TRANSFORMS: Dict[str, Callable] = {
     **{k: bs.TRANSFORMS[k] for k in bs.CODECS},
     "downup0.75": bs.TRANSFORMS["downup0.75"], "downup0.5": bs.TRANSFORMS["downup0.5"],
-    "blur1.5": bs._blur(1.5),
+    "blur1.5": nuisance.blur(1.5),
     **{k: bs.TRANSFORMS[k] for k in ("brightness", "contrast", "saturation", "hue", "hflip", "rotate5", "rotate10",
                                       "zoom", "noise")},
 }

@@ -133,7 +133,7 @@ class Reference:
         return path
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items()}, indent=1) + "\n"
+        return json.dumps(asdict(self), indent=1) + "\n"
 
 
 def upper_rate(k: int, n: int, level: float = UPPER) -> float:
@@ -167,9 +167,8 @@ def build_reference(probs: torch.Tensor, scores: torch.Tensor, thresholds: torch
     for g, k in enumerate(big):
         groups[k] = g
     rest = [k for k in range(num_classes) if k not in big]
-    if rest:
-        for k in rest:
-            groups[k] = len(big)
+    for k in rest:  # the small classes: one pooled group
+        groups[k] = len(big)
     ngroups = len(big) + (1 if rest else 0)
     ref = Reference(conf_edge, groups, [0.0] * ngroups, int(len(c)), m_edge, source, sorted(envelope or {}),
                     {"conf_quantile": conf_quantile, "margin_quantile": margin_quantile, "upper_level": UPPER,
